@@ -1,0 +1,281 @@
+//! The `CrashEvent`: one recognised crash or hang, as pure data.
+//!
+//! Field names are camelCase, addresses are `0x…` hex strings, and absent facts are omitted
+//! rather than faked.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What kind of fault or hang the kernel reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A user-space page fault that killed the task (`segfault at …`, arm64 translation faults).
+    Segfault,
+    /// A general protection fault in user space (`traps: … general protection fault`).
+    GeneralProtection,
+    /// An integer divide error (`trap divide error`).
+    DivideError,
+    /// An invalid opcode (`trap invalid opcode`, for example `ud2` or `__builtin_trap()`).
+    InvalidOpcode,
+    /// A breakpoint instruction with no debugger attached (`trap int3`).
+    Breakpoint,
+    /// A task stuck in uninterruptible sleep.
+    HungTask,
+    /// An error from the nbd block driver.
+    NbdError,
+    /// A process killed by the OOM killer.
+    OomKill,
+    /// A fault inside the kernel itself; never a user-space crash.
+    KernelOops,
+}
+
+impl EventKind {
+    /// The name used in JSON, metrics labels and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Segfault => "Segfault",
+            EventKind::GeneralProtection => "GeneralProtection",
+            EventKind::DivideError => "DivideError",
+            EventKind::InvalidOpcode => "InvalidOpcode",
+            EventKind::Breakpoint => "Breakpoint",
+            EventKind::HungTask => "HungTask",
+            EventKind::NbdError => "NbdError",
+            EventKind::OomKill => "OomKill",
+            EventKind::KernelOops => "KernelOops",
+        }
+    }
+
+    /// Whether this kind is a user-space crash (a fatal signal from a fault or trap).
+    pub fn is_user_crash(self) -> bool {
+        matches!(
+            self,
+            EventKind::Segfault
+                | EventKind::GeneralProtection
+                | EventKind::DivideError
+                | EventKind::InvalidOpcode
+                | EventKind::Breakpoint
+        )
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a hang was detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DetectedBy {
+    /// The kernel's hung-task detector (khungtaskd) printed a report.
+    KernelReport,
+    /// The agent's own `/proc` scan found the task in uninterruptible sleep.
+    ProcScan,
+}
+
+/// A 64-bit address, serialized as a `0x…` lowercase hex string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Address(pub u64);
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl Serialize for Address {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let digits = text.strip_prefix("0x").ok_or_else(|| {
+            serde::de::Error::custom(format!("address {text:?} lacks the 0x prefix"))
+        })?;
+        u64::from_str_radix(digits, 16)
+            .map(Address)
+            .map_err(|e| serde::de::Error::custom(format!("address {text:?}: {e}")))
+    }
+}
+
+/// One source-level frame of a symbolized address; inlined frames come first.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Frame {
+    /// The (demangled) function name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// The source file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The source line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// The source column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<u32>,
+    /// Whether this frame was inlined into the next one.
+    #[serde(default)]
+    pub inlined: bool,
+}
+
+/// One recognised crash or hang, built from one or more kernel log records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CrashEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The task name (`task->comm`, at most 15 bytes; the thread name for threads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// The id the kernel printed: for threads this is the thread id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The faulting data address (CR2 on x86, FAR on arm64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_address: Option<Address>,
+    /// The user instruction pointer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Address>,
+    /// The user stack pointer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sp: Option<Address>,
+    /// The architectural error code (x86 page-fault error code, arm64 ESR).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u64>,
+    /// The decoded error code, for example `["user", "read", "not-present"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_bits: Vec<String>,
+    /// The file name the kernel printed in brackets after ` in `.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// The file offset of `ip` inside `module`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module_offset: Option<Address>,
+    /// The start of the mapping that contains `ip`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vma_start: Option<Address>,
+    /// The length of that mapping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vma_size: Option<Address>,
+    /// The CPU the fault was taken on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    /// The `Code:` bytes as printed, with the faulting byte in `<…>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// How long a hung task had been blocked when it was reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_seconds: Option<u64>,
+    /// Where a hung task sleeps in the kernel (`/proc/PID/wchan`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wchan: Option<String>,
+    /// The kernel stack of a hung task or an oops, innermost first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_stack: Vec<String>,
+    /// How a hang was detected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detected_by: Option<DetectedBy>,
+    /// The block device of an nbd error, for example `nbd0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The pid the OOM killer killed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victim_pid: Option<u32>,
+    /// The name of the process the OOM killer killed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victim_comm: Option<String>,
+    /// The path of the binary used for symbolization.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binary_path: Option<String>,
+    /// The GNU build-id of that binary, in hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
+    /// Whether the `Code:` bytes equal the binary's bytes at `moduleOffset`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binary_matches: Option<bool>,
+    /// Source frames of `ip`, innermost (inlined) first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<Frame>,
+    /// The faulting instruction in Intel syntax.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
+    /// One or two plain sentences saying what went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
+    /// When the first record of the event was logged (RFC 3339), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// The `/dev/kmsg` sequence number of the event's first record, when read from there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kmsg_seq: Option<u64>,
+    /// The kernel lines the event was built from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw: Vec<String>,
+}
+
+impl CrashEvent {
+    /// A new event of `kind` with every fact absent.
+    pub fn new(kind: EventKind) -> Self {
+        CrashEvent {
+            kind,
+            comm: None,
+            pid: None,
+            fault_address: None,
+            ip: None,
+            sp: None,
+            error_code: None,
+            error_bits: Vec::new(),
+            module: None,
+            module_offset: None,
+            vma_start: None,
+            vma_size: None,
+            cpu: None,
+            code: None,
+            blocked_seconds: None,
+            wchan: None,
+            kernel_stack: Vec::new(),
+            detected_by: None,
+            device: None,
+            victim_pid: None,
+            victim_comm: None,
+            binary_path: None,
+            build_id: None,
+            binary_matches: None,
+            frames: Vec::new(),
+            instruction: None,
+            explanation: None,
+            timestamp: None,
+            kmsg_seq: None,
+            raw: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_as_prefixed_hex() {
+        let mut event = CrashEvent::new(EventKind::Segfault);
+        event.ip = Some(Address(0x561c_8817_d1c7));
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["ip"], "0x561c8817d1c7");
+        assert_eq!(json["kind"], "Segfault");
+        assert!(json.get("sp").is_none(), "absent facts are omitted: {json}");
+        let back: CrashEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn an_address_without_prefix_is_rejected() {
+        let err = serde_json::from_str::<Address>("\"1234\"").unwrap_err();
+        assert!(err.to_string().contains("0x prefix"), "{err}");
+    }
+}

@@ -1,0 +1,255 @@
+//! The agent daemon: follows the kernel log and scans `/proc`, and publishes what it finds.
+
+pub mod http;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crds::CrashEvent;
+use tokio::time::MissedTickBehavior;
+
+use crate::hangwatch::{HangWatcher, WatchConfig};
+use crate::kmsg::cursor::read_boot_id;
+use crate::kmsg::{
+    Cursor, CursorFile, KmsgReader, ReadOutcome, SeqTracker, SeqVerdict, parse_record,
+};
+use crate::metrics::AgentMetrics;
+use crate::pipeline::Pipeline;
+use crate::publish::Publish;
+use crate::recognise::{LogLine, Recognised, Recogniser};
+use crate::symbolize::Symbolize;
+
+/// How long the log must be quiet before an open report is closed (a segfault's `Code:`
+/// record and a hung task's stack follow their first record within microseconds).
+const QUIET_PERIOD: Duration = Duration::from_millis(250);
+/// The longest the cursor file may lag behind the records handled.
+const CURSOR_LAG: Duration = Duration::from_secs(1);
+
+/// Everything `crashwatch-agent run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The kernel log device.
+    pub kmsg_path: PathBuf,
+    /// Where the kmsg cursor is kept; without it every start reads the whole ring again.
+    pub state_dir: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// The `node` label and CrashReport node.
+    pub node_name: String,
+    /// The hang watcher's configuration.
+    pub watch: WatchConfig,
+    /// How often the hang watcher scans `/proc`.
+    pub hang_scan_interval: Duration,
+}
+
+/// Runs until `shutdown` completes, publishing every event to `publisher`.
+pub async fn run<S, P>(
+    config: RunConfig,
+    symbolizer: S,
+    mut publisher: P,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    S: Symbolize,
+    P: Publish,
+{
+    let metrics = Arc::new(AgentMetrics::new(&config.node_name));
+    let listener = http::bind(config.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(http::serve(listener, metrics.clone()));
+
+    let boot_id = read_boot_id(&config.watch.proc_root).context("cannot read the boot id")?;
+    let cursor_file = match &config.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+            Some(CursorFile::in_dir(dir))
+        }
+        None => None,
+    };
+    let stored = cursor_file.as_ref().and_then(|file| {
+        file.load()
+            .inspect_err(|err| tracing::error!(%err, "ignoring the kmsg cursor; starting from the oldest record"))
+            .ok()
+            .flatten()
+    });
+    let resume_after = CursorFile::resume_point(stored, &boot_id);
+    match resume_after {
+        Some(seq) => tracing::info!(seq, "resuming after the persisted kmsg cursor"),
+        None => tracing::info!(
+            "no kmsg cursor for this boot; reading from the oldest record in the ring"
+        ),
+    }
+
+    let mut reader = KmsgReader::open(&config.kmsg_path)?;
+    metrics.kmsg_reader_up.set(1);
+    let clock = Clock::now();
+    let mut state = ReadState {
+        seq: SeqTracker::resume_after(resume_after),
+        recogniser: Recogniser::new(),
+        pipeline: Pipeline::new(symbolizer),
+        metrics: metrics.clone(),
+        clock,
+    };
+    let mut watcher = HangWatcher::new(config.watch.clone());
+    let mut scan = tokio::time::interval(config.hang_scan_interval);
+    scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut persisted = resume_after;
+    let mut last_persist = Instant::now();
+    tokio::pin!(shutdown);
+
+    loop {
+        let mut published = false;
+        let open_report = state.recogniser.has_open_report();
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            outcome = reader.next() => match outcome.context("reading the kernel log")? {
+                ReadOutcome::Record(bytes) => {
+                    for event in state.handle_record(bytes) {
+                        publisher.publish(&event).context("publishing an event")?;
+                        published = true;
+                    }
+                }
+                ReadOutcome::Overrun => tracing::warn!("kernel log records were overwritten before they were read"),
+            },
+            () = tokio::time::sleep(QUIET_PERIOD), if open_report => {
+                if let Some(item) = state.recogniser.flush() {
+                    if let Some(event) = state.finish(item) {
+                        publisher.publish(&event).context("publishing an event")?;
+                        published = true;
+                    }
+                }
+            },
+            _ = scan.tick() => {
+                let now = monotonic_usec();
+                for event in watcher.scan(&mut state.pipeline.episodes, now) {
+                    let event = state.finish_event(event, Some(now));
+                    publisher.publish(&event).context("publishing an event")?;
+                }
+            },
+        }
+        let done = state.handled_through();
+        if let Some(file) = &cursor_file
+            && done != persisted
+            && (published || last_persist.elapsed() >= CURSOR_LAG)
+            && let Some(last_seq) = done
+        {
+            file.store(&Cursor {
+                boot_id: boot_id.clone(),
+                last_seq,
+            })
+            .context("persisting the kmsg cursor")?;
+            persisted = done;
+            last_persist = Instant::now();
+        }
+    }
+
+    if let (Some(file), Some(last_seq)) = (&cursor_file, state.handled_through()) {
+        file.store(&Cursor { boot_id, last_seq })
+            .context("persisting the kmsg cursor")?;
+    }
+    metrics.kmsg_reader_up.set(0);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct ReadState<S> {
+    seq: SeqTracker,
+    recogniser: Recogniser,
+    pipeline: Pipeline<S>,
+    metrics: Arc<AgentMetrics>,
+    clock: Clock,
+}
+
+impl<S: Symbolize> ReadState<S> {
+    fn handle_record(&mut self, bytes: &[u8]) -> Vec<CrashEvent> {
+        let record = match parse_record(bytes) {
+            Ok(record) => record,
+            Err(err) => {
+                self.metrics.kmsg_records_malformed.inc();
+                tracing::warn!(%err, "skipping a malformed kmsg record");
+                return Vec::new();
+            }
+        };
+        match self.seq.observe(record.seq) {
+            SeqVerdict::AlreadySeen => return Vec::new(),
+            SeqVerdict::New { lost } => {
+                self.metrics.kmsg_records.inc();
+                if lost > 0 {
+                    self.metrics.kmsg_records_lost.inc_by(lost);
+                    tracing::warn!(
+                        lost,
+                        seq = record.seq,
+                        "kernel log records were overwritten before they were read"
+                    );
+                }
+            }
+        }
+        let items = self.recogniser.feed(&LogLine::from_record(&record));
+        items
+            .into_iter()
+            .filter_map(|item| self.finish(item))
+            .collect()
+    }
+
+    fn finish(&mut self, item: Recognised) -> Option<CrashEvent> {
+        let usec = match &item {
+            Recognised::Event(found) => found.monotonic_usec,
+            _ => None,
+        };
+        let mut event = self.pipeline.handle(item, Some(&self.metrics))?;
+        event.timestamp = usec.map(|u| self.clock.wall_time(u));
+        Some(event)
+    }
+
+    fn finish_event(&mut self, event: CrashEvent, usec: Option<u64>) -> CrashEvent {
+        let mut event = self.pipeline.finish(event, Some(&self.metrics));
+        event.timestamp = usec.map(|u| self.clock.wall_time(u));
+        event
+    }
+
+    /// The last record whose events are all out: before any open report.
+    fn handled_through(&self) -> Option<u64> {
+        match self.recogniser.oldest_pending_seq() {
+            Some(pending) => pending.checked_sub(1),
+            None => self.seq.last_seq(),
+        }
+    }
+}
+
+/// Converts kernel timestamps (µs since boot) into wall-clock time.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    boot_unix_usec: i64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        let unix_usec = jiff::Timestamp::now().as_microsecond();
+        Clock {
+            boot_unix_usec: unix_usec - monotonic_usec() as i64,
+        }
+    }
+
+    fn wall_time(&self, monotonic_usec: u64) -> String {
+        jiff::Timestamp::from_microsecond(self.boot_unix_usec + monotonic_usec as i64)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Microseconds on `CLOCK_MONOTONIC`, the clock of kmsg timestamps and `se.exec_start`.
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}

@@ -1,0 +1,196 @@
+//! Finding hung tasks of watched processes by scanning `/proc`.
+//!
+//! The kernel stops printing hung-task reports after `kernel.hung_task_warnings` (10 per
+//! boot), may have detection disabled, and never reports tasks waiting on a synchronous bio.
+//! So the agent also looks for itself: every scan walks `/proc/*/task/*`, and a thread of a
+//! watched process that sits in uninterruptible sleep (`D`) without running for longer than
+//! the threshold becomes a `HungTask` event, once per stuck episode (see [`episodes`]).
+
+pub mod episodes;
+pub mod procfs;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crds::{CrashEvent, DetectedBy, EventKind};
+
+pub use episodes::{EpisodeVerdict, HangEpisodes};
+
+/// The longest task name the kernel keeps (`TASK_COMM_LEN - 1`).
+const COMM_LEN: usize = 15;
+
+/// What the watcher looks for.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// The proc filesystem to scan (the host's, with `hostPID`).
+    pub proc_root: PathBuf,
+    /// Process names to watch; matched against each thread's name as the kernel truncates it.
+    pub process_names: Vec<String>,
+    /// How long a thread must be blocked before it is reported.
+    pub threshold: Duration,
+}
+
+/// A watched thread found in uninterruptible sleep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sighting {
+    tid: u32,
+    comm: String,
+    switches: Option<u64>,
+    last_ran_usec: Option<u64>,
+}
+
+/// Scans `/proc` for stuck threads of watched processes.
+#[derive(Debug)]
+pub struct HangWatcher {
+    config: WatchConfig,
+    /// Per thread: the context-switch count and when the scan first saw it blocked with it,
+    /// the fallback when `se.exec_start` is not available.
+    first_seen: HashMap<u32, (Option<u64>, u64)>,
+}
+
+impl HangWatcher {
+    /// A watcher with the given configuration.
+    pub fn new(config: WatchConfig) -> Self {
+        HangWatcher {
+            config,
+            first_seen: HashMap::new(),
+        }
+    }
+
+    /// Whether `comm` (as the kernel prints it) is one of the watched process names.
+    pub fn is_watched(&self, comm: &str) -> bool {
+        self.config
+            .process_names
+            .iter()
+            .any(|name| truncate_comm(name) == comm)
+    }
+
+    /// Scans once at `now_usec` (monotonic clock) and returns the episodes to report.
+    pub fn scan(&mut self, episodes: &mut HangEpisodes, now_usec: u64) -> Vec<CrashEvent> {
+        let sightings = self.blocked_threads();
+        self.first_seen
+            .retain(|tid, _| sightings.iter().any(|s| s.tid == *tid));
+        let threshold = self.config.threshold.as_micros() as u64;
+        let mut events = Vec::new();
+        for sighting in sightings {
+            let first = self
+                .first_seen
+                .entry(sighting.tid)
+                .or_insert((sighting.switches, now_usec));
+            if first.0 != sighting.switches {
+                *first = (sighting.switches, now_usec);
+            }
+            let blocked_since = sighting.last_ran_usec.unwrap_or(first.1).min(now_usec);
+            let blocked_for = now_usec - blocked_since;
+            let due = blocked_for >= threshold;
+            if episodes.observe(sighting.tid, &sighting.comm, blocked_since, now_usec, due)
+                == Some(EpisodeVerdict::Report)
+            {
+                events.push(self.event(&sighting, blocked_for));
+            }
+        }
+        events
+    }
+
+    fn blocked_threads(&self) -> Vec<Sighting> {
+        let mut found = Vec::new();
+        let Ok(processes) = fs::read_dir(&self.config.proc_root) else {
+            return found;
+        };
+        for process in processes.flatten() {
+            if !is_number(&process.file_name()) {
+                continue;
+            }
+            let Ok(tasks) = fs::read_dir(process.path().join("task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                    continue;
+                };
+                let dir = task.path();
+                let Some(stat) = read(&dir, "stat").as_deref().and_then(procfs::parse_stat) else {
+                    continue;
+                };
+                if stat.state != 'D' || !self.is_watched(&stat.comm) {
+                    continue;
+                }
+                found.push(Sighting {
+                    tid,
+                    comm: stat.comm,
+                    switches: read(&dir, "status")
+                        .as_deref()
+                        .and_then(procfs::parse_context_switches),
+                    last_ran_usec: read(&dir, "sched")
+                        .as_deref()
+                        .and_then(procfs::parse_last_ran_usec),
+                });
+            }
+        }
+        found
+    }
+
+    fn event(&self, sighting: &Sighting, blocked_for_usec: u64) -> CrashEvent {
+        let mut event = CrashEvent::new(EventKind::HungTask);
+        event.comm = Some(sighting.comm.clone());
+        event.pid = Some(sighting.tid);
+        event.blocked_seconds = Some(blocked_for_usec / 1_000_000);
+        event.detected_by = Some(DetectedBy::ProcScan);
+        let task_dir = self.task_dir(sighting.tid);
+        event.wchan = task_dir
+            .as_deref()
+            .and_then(|dir| read(dir, "wchan"))
+            .map(|w| w.trim().to_owned())
+            .filter(|w| !w.is_empty() && w != "0");
+        event.kernel_stack = task_dir
+            .as_deref()
+            .and_then(|dir| read(dir, "stack"))
+            .map(|s| procfs::parse_stack(&s))
+            .unwrap_or_default();
+        event
+    }
+
+    fn task_dir(&self, tid: u32) -> Option<PathBuf> {
+        // /proc/TID works for any thread id, even though it is not listed.
+        let dir = self.config.proc_root.join(tid.to_string());
+        dir.exists().then_some(dir)
+    }
+}
+
+/// The name as the kernel keeps it: at most 15 bytes, cut at a character boundary.
+fn truncate_comm(name: &str) -> &str {
+    let mut end = name.len().min(COMM_LEN);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+fn is_number(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn read(dir: &Path, file: &str) -> Option<String> {
+    fs::read_to_string(dir.join(file)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_names_match_the_truncated_comm() {
+        let watcher = HangWatcher::new(WatchConfig {
+            proc_root: "/proc".into(),
+            process_names: vec!["qemu-nbd".into(), "qemu-storage-daemon".into()],
+            threshold: Duration::from_secs(1),
+        });
+        assert!(watcher.is_watched("qemu-nbd"));
+        assert!(watcher.is_watched("qemu-storage-da"));
+        assert!(!watcher.is_watched("qemu-nb"));
+        assert!(!watcher.is_watched("dd"));
+    }
+}

@@ -1,0 +1,17 @@
+//! crashwatch's node agent.
+//!
+//! The pipeline, one module per stage:
+//! [`kmsg`] (read the kernel log) → [`recognise`] (lines to events) → [`symbolize`]
+//! (addresses to source) → [`explain`] (plain words) → [`publish`] (stdout, metrics,
+//! CrashReports). [`hangwatch`] adds hangs the kernel did not report, and [`daemon`] runs it
+//! all; [`pipeline`] is the part shared by `run` and `explain`.
+
+pub mod daemon;
+pub mod explain;
+pub mod hangwatch;
+pub mod kmsg;
+pub mod metrics;
+pub mod pipeline;
+pub mod publish;
+pub mod recognise;
+pub mod symbolize;

@@ -1,0 +1,205 @@
+//! `crashwatch-agent`: the command line.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use node_agent::daemon::{self, RunConfig};
+use node_agent::explain;
+use node_agent::hangwatch::WatchConfig;
+use node_agent::pipeline::Pipeline;
+use node_agent::publish::{JsonLines, Publish};
+use node_agent::recognise::{LogLine, Recogniser};
+use node_agent::symbolize::NoSymbolizer;
+
+/// Recognises, explains and reports user-space crashes and hangs from the kernel log.
+#[derive(Parser)]
+#[command(name = "crashwatch-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Explains crashes and hangs in pasted kernel log text (arguments, or stdin).
+    Explain(ExplainArgs),
+    /// Follows this machine's kernel log and reports every crash and hang.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// Kernel log lines in any common format; none or `-` reads standard input.
+    lines: Vec<String>,
+    /// Print one JSON object per event (JSON Lines) instead of a report.
+    #[arg(long)]
+    json: bool,
+    /// Recognise and decode only; do not look for binaries or debug information.
+    #[arg(long)]
+    no_symbolize: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Print events as JSON Lines on stdout instead of publishing CrashReports.
+    #[arg(long)]
+    standalone: bool,
+    /// The kernel log device.
+    #[arg(long, default_value = "/dev/kmsg")]
+    kmsg: PathBuf,
+    /// Where the kmsg cursor is kept across restarts.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9477")]
+    metrics_addr: SocketAddr,
+    /// This node's name (default: $NODE_NAME, then the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The proc filesystem to scan for hung tasks.
+    #[arg(long, default_value = "/proc")]
+    proc: PathBuf,
+    /// A process name whose hung threads are reported even when the kernel stays silent.
+    #[arg(long = "watch-process", default_values_t = ["qemu-nbd".to_owned()])]
+    watch_processes: Vec<String>,
+    /// Seconds a watched thread must be stuck in uninterruptible sleep to be reported.
+    #[arg(long, default_value_t = 120.0)]
+    hang_threshold: f64,
+    /// Seconds between two scans of /proc.
+    #[arg(long, default_value_t = 1.0)]
+    hang_scan_interval: f64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Explain(args) => explain_command(args),
+        Command::Run(args) => run_command(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("crashwatch-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
+    let text = if args.lines.is_empty() || args.lines == ["-"] {
+        if io::stdin().is_terminal() {
+            eprintln!(
+                "crashwatch-agent: reading kernel log lines from standard input (end with Ctrl-D)"
+            );
+        }
+        let mut text = String::new();
+        for line in io::stdin().lock().lines() {
+            text.push_str(&line.context("cannot read standard input")?);
+            text.push('\n');
+        }
+        text
+    } else {
+        args.lines.join("\n")
+    };
+    if !args.no_symbolize {
+        tracing::debug!("symbolization is not available yet; decoding only");
+    }
+    let mut pipeline = Pipeline::new(NoSymbolizer);
+    let mut recogniser = Recogniser::new();
+    let mut items = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        items.extend(recogniser.feed(&LogLine::parse_text(line)));
+    }
+    items.extend(recogniser.flush());
+    let stdout = io::stdout();
+    let mut json = JsonLines::new(stdout.lock());
+    let mut found = 0;
+    let mut untrusted = 0;
+    for item in items {
+        if item == node_agent::recognise::Recognised::Untrusted {
+            untrusted += 1;
+        }
+        let Some(event) = pipeline.handle(item, None) else {
+            continue;
+        };
+        found += 1;
+        if args.json {
+            json.publish(&event)?;
+        } else {
+            let mut out = io::stdout().lock();
+            if found > 1 {
+                writeln!(out)?;
+            }
+            write!(out, "{}", explain::render_text(&event))?;
+        }
+    }
+    if untrusted > 0 {
+        eprintln!(
+            "crashwatch-agent: ignored {untrusted} line(s) that user space wrote into the kernel log"
+        );
+    }
+    if found == 0 {
+        eprintln!("crashwatch-agent: no crash or hang found in the input");
+    }
+    Ok(())
+}
+
+fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    if !args.standalone {
+        bail!("publishing CrashReports to Kubernetes is not built yet; use --standalone");
+    }
+    let positive = |name: &str, secs: f64| {
+        if secs.is_finite() && secs > 0.0 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(anyhow::anyhow!(
+                "--{name} must be a positive number of seconds, not {secs}"
+            ))
+        }
+    };
+    let node_name = match args.node_name {
+        Some(name) => name,
+        None => std::fs::read_to_string(args.proc.join("sys/kernel/hostname"))
+            .map(|h| h.trim().to_owned())
+            .context("no --node-name or NODE_NAME, and the host name is unreadable")?,
+    };
+    let config = RunConfig {
+        kmsg_path: args.kmsg,
+        state_dir: args.state_dir,
+        metrics_addr: args.metrics_addr,
+        node_name,
+        watch: WatchConfig {
+            proc_root: args.proc,
+            process_names: args.watch_processes,
+            threshold: positive("hang-threshold", args.hang_threshold)?,
+        },
+        hang_scan_interval: positive("hang-scan-interval", args.hang_scan_interval)?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
+        };
+        daemon::run(config, NoSymbolizer, JsonLines::new(io::stdout()), shutdown).await
+    })
+}

@@ -1,0 +1,108 @@
+//! What happens to every recognised item, in `run` and `explain` alike: hang episodes are
+//! deduplicated, events are symbolized and explained, and counters are kept.
+
+use crds::{CrashEvent, EventKind};
+
+use crate::explain;
+use crate::hangwatch::episodes::kernel_report_blocked_since;
+use crate::hangwatch::{EpisodeVerdict, HangEpisodes};
+use crate::metrics::AgentMetrics;
+use crate::recognise::{Found, Recognised};
+use crate::symbolize::Symbolize;
+
+/// Turns recognised items into finished events.
+pub struct Pipeline<S> {
+    symbolizer: S,
+    /// The hang episodes seen so far, shared with the `/proc` watcher.
+    pub episodes: HangEpisodes,
+}
+
+impl<S: Symbolize> Pipeline<S> {
+    /// A pipeline that symbolizes with `symbolizer`.
+    pub fn new(symbolizer: S) -> Self {
+        Pipeline {
+            symbolizer,
+            episodes: HangEpisodes::new(),
+        }
+    }
+
+    /// Handles one recognised item; returns the event to publish, if any.
+    pub fn handle(
+        &mut self,
+        item: Recognised,
+        metrics: Option<&AgentMetrics>,
+    ) -> Option<CrashEvent> {
+        match item {
+            Recognised::Event(found) => {
+                let Found {
+                    event,
+                    monotonic_usec,
+                } = *found;
+                if event.kind == EventKind::HungTask
+                    && !self.is_new_hang_episode(&event, monotonic_usec)
+                {
+                    return None;
+                }
+                Some(self.finish(event, metrics))
+            }
+            Recognised::CrashesSuppressed(count) => {
+                if let Some(m) = metrics {
+                    m.crashes_suppressed.inc_by(count);
+                }
+                tracing::warn!(count, "the kernel's rate limit dropped crash reports");
+                None
+            }
+            Recognised::HungTaskReportsSuppressed => {
+                if let Some(m) = metrics {
+                    m.hung_task_reports_suppressed.inc();
+                }
+                tracing::warn!(
+                    "the kernel stopped printing hung-task reports (kernel.hung_task_warnings); the /proc watcher still runs"
+                );
+                None
+            }
+            Recognised::Untrusted => {
+                if let Some(m) = metrics {
+                    m.kmsg_records_untrusted.inc();
+                }
+                None
+            }
+        }
+    }
+
+    /// Symbolizes, explains and counts an event that is to be published.
+    pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> CrashEvent {
+        let started = std::time::Instant::now();
+        self.symbolizer.symbolize(&mut event);
+        let text = explain::explanation(&event);
+        if !text.is_empty() {
+            event.explanation = Some(text);
+        }
+        if let Some(m) = metrics {
+            m.symbolization_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let process = event.comm.as_deref().unwrap_or("");
+            if event.kind == EventKind::HungTask {
+                m.count_hung_task(process);
+            } else {
+                m.count_crash(
+                    event.kind.as_str(),
+                    process,
+                    event.module.as_deref().unwrap_or(""),
+                );
+            }
+        }
+        event
+    }
+
+    fn is_new_hang_episode(&mut self, event: &CrashEvent, monotonic_usec: Option<u64>) -> bool {
+        let (Some(tid), Some(comm)) = (event.pid, event.comm.as_deref()) else {
+            return true;
+        };
+        let seconds = event.blocked_seconds.unwrap_or(0);
+        // Without timestamps (a pasted bare line), reports of one thread are one episode.
+        let seen_at = monotonic_usec.unwrap_or(seconds.saturating_mul(1_000_000));
+        let since = kernel_report_blocked_since(seen_at, seconds);
+        self.episodes.observe(tid, comm, since, seen_at, true) == Some(EpisodeVerdict::Report)
+    }
+}

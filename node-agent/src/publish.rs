@@ -1,0 +1,31 @@
+//! Stage 5 of the pipeline: where finished events go.
+
+use std::io::{self, Write};
+
+use crds::CrashEvent;
+
+/// A destination for finished events.
+pub trait Publish {
+    /// Publishes one event; an error means it was not delivered.
+    fn publish(&mut self, event: &CrashEvent) -> io::Result<()>;
+}
+
+/// Writes each event as one JSON line (JSON Lines) and flushes, so a reader sees it at once.
+pub struct JsonLines<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonLines<W> {
+    /// Writes to `out`.
+    pub fn new(out: W) -> Self {
+        JsonLines { out }
+    }
+}
+
+impl<W: Write> Publish for JsonLines<W> {
+    fn publish(&mut self, event: &CrashEvent) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, event)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}

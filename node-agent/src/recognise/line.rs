@@ -1,0 +1,284 @@
+//! One kernel log line, from a `/dev/kmsg` record or from pasted text in any common format.
+
+use crate::kmsg::{KmsgRecord, Level, parse_record};
+
+/// A kernel message with whatever metadata its source carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// The kernel's message text, all prefixes removed.
+    pub message: String,
+    /// Whether the line is known to come from user space rather than the kernel
+    /// (a kmsg facility other than 0, or a syslog tag other than `kernel`).
+    pub from_user_space: bool,
+    /// The syslog level, when the source carried it.
+    pub level: Option<Level>,
+    /// The kmsg sequence number, for records read from `/dev/kmsg`.
+    pub seq: Option<u64>,
+    /// Microseconds since boot, when the source carried it (kmsg, dmesg).
+    pub monotonic_usec: Option<u64>,
+    /// The line exactly as it was read (for kmsg, the message alone).
+    pub raw: String,
+}
+
+impl LogLine {
+    /// A line from a parsed `/dev/kmsg` record.
+    pub fn from_record(record: &KmsgRecord) -> Self {
+        LogLine {
+            message: record.message.clone(),
+            from_user_space: !record.is_from_kernel(),
+            level: Some(record.level),
+            seq: Some(record.seq),
+            monotonic_usec: Some(record.timestamp_usec),
+            raw: record.message.clone(),
+        }
+    }
+
+    /// A bare message with no metadata.
+    pub fn bare(message: &str) -> Self {
+        LogLine {
+            message: message.to_owned(),
+            from_user_space: false,
+            level: None,
+            seq: None,
+            monotonic_usec: None,
+            raw: message.to_owned(),
+        }
+    }
+
+    /// Parses one line of pasted text: raw kmsg (`6,346,605503265,-;…`), `<6>…`, `dmesg`
+    /// (`[  605.503265] …`), `dmesg -T` (`[Tue Nov 24 20:50:35 2026] …`), `dmesg -x`
+    /// (`kern  :info  : …`), syslog or `journalctl` (`Nov 24 20:50:35 host kernel: …`),
+    /// ISO timestamps (`2026-11-24T20:50:35.1+00:00 host kernel: …`), or a bare message.
+    pub fn parse_text(text: &str) -> Self {
+        let text = text.trim_end_matches(['\r', '\n']);
+        if looks_like_kmsg_header(text) {
+            if let Ok(record) = parse_record(text.as_bytes()) {
+                let mut line = LogLine::from_record(&record);
+                line.raw = text.to_owned();
+                return line;
+            }
+        }
+        let mut line = LogLine::bare(text);
+        let mut rest = text;
+        if let Some((after, from_kernel)) = strip_syslog_header(rest) {
+            rest = after;
+            line.from_user_space = !from_kernel;
+        }
+        if let Some((after, level)) = strip_dmesg_decode(rest) {
+            rest = after;
+            line.level = Some(level);
+        }
+        if let Some((after, level)) = strip_angle_level(rest) {
+            rest = after;
+            line.level = Some(level);
+        }
+        if let Some((after, usec)) = strip_bracket_timestamp(rest) {
+            rest = after;
+            line.monotonic_usec = usec;
+        }
+        // journalctl -o short-monotonic: "[  605.503265] host kernel: message"
+        if let Some((after, from_kernel)) = strip_host_tag(rest) {
+            if line.monotonic_usec.is_some() {
+                rest = after;
+                line.from_user_space = !from_kernel;
+            }
+        }
+        line.message = rest.to_owned();
+        line
+    }
+}
+
+fn looks_like_kmsg_header(text: &str) -> bool {
+    let Some((header, _)) = text.split_once(';') else {
+        return false;
+    };
+    let mut fields = header.split(',');
+    let numeric =
+        |f: Option<&str>| f.is_some_and(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
+    numeric(fields.next()) && numeric(fields.next()) && numeric(fields.next())
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `Nov 24 20:50:35 host TAG: ` or `2026-11-24T20:50:35… host TAG: `; returns the rest and
+/// whether TAG is the kernel.
+fn strip_syslog_header(text: &str) -> Option<(&str, bool)> {
+    let after_time = if MONTHS
+        .iter()
+        .any(|m| text.starts_with(m) && text[3..].starts_with(' '))
+    {
+        let rest = text[3..].trim_start_matches(' ');
+        let (day, rest) = rest.split_once(' ')?;
+        let (clock, rest) = rest.split_once(' ')?;
+        (day.len() <= 2 && day.bytes().all(|b| b.is_ascii_digit()) && is_clock(clock))
+            .then_some(rest)?
+    } else {
+        let (stamp, rest) = text.split_once(' ')?;
+        let bytes = stamp.as_bytes();
+        let iso = bytes.len() >= 19
+            && bytes[..4].iter().all(u8::is_ascii_digit)
+            && bytes[4] == b'-'
+            && bytes[7] == b'-'
+            && bytes[10] == b'T'
+            && is_clock(&stamp[11..19]);
+        iso.then_some(rest)?
+    };
+    strip_host_tag(after_time)
+}
+
+/// `host TAG: ` where TAG may carry `[pid]`; returns the rest and whether TAG is `kernel`.
+fn strip_host_tag(text: &str) -> Option<(&str, bool)> {
+    let (host, rest) = text.split_once(' ')?;
+    if host.is_empty() || host.contains(':') {
+        return None;
+    }
+    let (tag, rest) = rest
+        .split_once(": ")
+        .or_else(|| rest.strip_suffix(':').map(|t| (t, "")))?;
+    if tag.is_empty() || tag.contains(' ') {
+        return None;
+    }
+    Some((rest, tag == "kernel"))
+}
+
+fn is_clock(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 8
+        && b[2] == b':'
+        && b[5] == b':'
+        && [0, 1, 3, 4, 6, 7].iter().all(|&i| b[i].is_ascii_digit())
+}
+
+/// `dmesg -x`: `kern  :info  : `.
+fn strip_dmesg_decode(text: &str) -> Option<(&str, Level)> {
+    let (facility, rest) = text.split_once(':')?;
+    if facility.trim_end() != "kern" {
+        return None;
+    }
+    let (level, rest) = rest.split_once(':')?;
+    let level = match level.trim() {
+        "emerg" => Level::Emerg,
+        "alert" => Level::Alert,
+        "crit" => Level::Crit,
+        "err" => Level::Err,
+        "warn" => Level::Warning,
+        "notice" => Level::Notice,
+        "info" => Level::Info,
+        "debug" => Level::Debug,
+        _ => return None,
+    };
+    Some((rest.strip_prefix(' ').unwrap_or(rest), level))
+}
+
+/// `<6>message` as printk and `/dev/kmsg` writers use it.
+fn strip_angle_level(text: &str) -> Option<(&str, Level)> {
+    let rest = text.strip_prefix('<')?;
+    let (digits, rest) = rest.split_once('>')?;
+    let priority: u32 = digits.parse().ok().filter(|_| digits.len() <= 3)?;
+    Some((rest, Level::from_priority(priority)))
+}
+
+/// `[  605.503265] ` (dmesg) or `[Tue Nov 24 20:50:35 2026] ` (dmesg -T).
+fn strip_bracket_timestamp(text: &str) -> Option<(&str, Option<u64>)> {
+    let inner_and_rest = text.strip_prefix('[')?;
+    let (inner, rest) = inner_and_rest.split_once(']')?;
+    let rest = rest.strip_prefix(' ').unwrap_or(rest);
+    let inner = inner.trim();
+    if let Some((secs, frac)) = inner.split_once('.') {
+        if !secs.is_empty()
+            && secs.bytes().all(|b| b.is_ascii_digit())
+            && !frac.is_empty()
+            && frac.len() <= 9
+            && frac.bytes().all(|b| b.is_ascii_digit())
+        {
+            let secs: u64 = secs.parse().ok()?;
+            let micros: u64 = format!("{frac:0<6}")[..6].parse().ok()?;
+            return Some((
+                rest,
+                Some(secs.saturating_mul(1_000_000).saturating_add(micros)),
+            ));
+        }
+    }
+    let words: Vec<&str> = inner.split_whitespace().collect();
+    let human = words.len() == 5 && MONTHS.contains(&words[1]) && is_clock(words[3]);
+    human.then_some((rest, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSG: &str = "qemu-nbd[13647]: segfault at 100 ip 0000561c8817d1c7 sp 00007fc8f1ce9c00 error 4 in qemu-nbd[561c88107000+155000]";
+
+    #[test]
+    fn every_format_yields_the_same_message() {
+        let cases = [
+            (MSG.to_owned(), None, None),
+            (
+                format!("6,346,605503265,-;{MSG}"),
+                Some(Level::Info),
+                Some(605_503_265),
+            ),
+            (format!("<6>{MSG}"), Some(Level::Info), None),
+            (format!("[  605.503265] {MSG}"), None, Some(605_503_265)),
+            (format!("[Tue Nov 24 20:50:35 2026] {MSG}"), None, None),
+            (
+                format!("kern  :info  : [  605.503265] {MSG}"),
+                Some(Level::Info),
+                Some(605_503_265),
+            ),
+            (format!("Nov 24 20:50:35 node-7 kernel: {MSG}"), None, None),
+            (
+                format!("Nov  4 20:50:35 node-7 kernel: [  605.503265] {MSG}"),
+                None,
+                Some(605_503_265),
+            ),
+            (
+                format!("2026-11-24T20:50:35.123456+00:00 node-7 kernel: {MSG}"),
+                None,
+                None,
+            ),
+            (
+                format!("2026-11-24T20:50:35+0000 node-7 kernel: {MSG}"),
+                None,
+                None,
+            ),
+            (
+                format!("[  605.503265] node-7 kernel: {MSG}"),
+                None,
+                Some(605_503_265),
+            ),
+        ];
+        for (text, level, usec) in cases {
+            let line = LogLine::parse_text(&text);
+            assert_eq!(line.message, MSG, "from {text:?}");
+            assert_eq!(line.level, level, "level from {text:?}");
+            assert_eq!(line.monotonic_usec, usec, "timestamp from {text:?}");
+            assert!(!line.from_user_space, "{text:?}");
+            assert_eq!(line.raw, text);
+        }
+    }
+
+    #[test]
+    fn user_space_sources_are_marked() {
+        let line = LogLine::parse_text(&format!("14,8265,1,-;{MSG}"));
+        assert!(line.from_user_space);
+        let line = LogLine::parse_text(&format!("Nov 24 20:50:35 node-7 evil[99]: {MSG}"));
+        assert!(line.from_user_space);
+        assert_eq!(line.message, MSG);
+    }
+
+    #[test]
+    fn a_message_that_merely_looks_like_a_prefix_is_left_alone() {
+        for text in [
+            "[9]: segfault at 100",
+            "<not a level> x",
+            "kern: y",
+            "1,2;x",
+        ] {
+            assert_eq!(LogLine::parse_text(text).message, text);
+        }
+    }
+}

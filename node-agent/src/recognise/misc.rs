@@ -1,0 +1,309 @@
+//! One-line recognisers: nbd driver errors, OOM kills, kernel oops headers and rate-limit
+//! notices (pure).
+
+/// An nbd driver error, with the device and a plain-words summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdError {
+    /// The device, for example `nbd0`.
+    pub device: String,
+    /// What the line means, in plain words.
+    pub meaning: &'static str,
+}
+
+/// Recognises nbd driver errors: `block nbd0: …` messages and block-layer I/O errors on nbd.
+pub fn parse_nbd(message: &str) -> Option<NbdError> {
+    if let Some(rest) = message.strip_prefix("block nbd") {
+        let (number, text) = rest.split_once(": ")?;
+        number.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        let meaning = nbd_meaning(text)?;
+        return Some(NbdError {
+            device: format!("nbd{number}"),
+            meaning,
+        });
+    }
+    // "I/O error, dev nbd0, sector 0 op 0x0:(READ) …" with or without a
+    // "blk_update_request: " / "print_req_error: " prefix, and "Buffer I/O error on dev nbd0, …".
+    for (marker, meaning) in [
+        (
+            "I/O error, dev nbd",
+            "an I/O request to the NBD device failed",
+        ),
+        (
+            "Buffer I/O error on dev nbd",
+            "a buffered I/O request to the NBD device failed",
+        ),
+    ] {
+        if let Some(at) = message.find(marker) {
+            let number: String = message[at + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if !number.is_empty() {
+                return Some(NbdError {
+                    device: format!("nbd{number}"),
+                    meaning,
+                });
+            }
+        }
+    }
+    None
+}
+
+fn nbd_meaning(text: &str) -> Option<&'static str> {
+    const MEANINGS: [(&str, &str); 11] = [
+        (
+            "Connection timed out",
+            "the NBD server stopped answering and the request timed out",
+        ),
+        (
+            "Possible stuck request",
+            "a request to the NBD server has been outstanding for a long time",
+        ),
+        (
+            "Receive control failed",
+            "reading a reply from the NBD server failed",
+        ),
+        (
+            "Send control failed",
+            "sending a request to the NBD server failed",
+        ),
+        (
+            "Request send failed",
+            "sending a request to the NBD server failed",
+        ),
+        (
+            "Dead connection, failed to find a fallback",
+            "the connection to the NBD server died and no other connection is left",
+        ),
+        (
+            "shutting down sockets",
+            "the driver is shutting down the connections to the NBD server",
+        ),
+        (
+            "Other side returned error",
+            "the NBD server answered a request with an error",
+        ),
+        (
+            "Unexpected reply",
+            "the NBD server sent a reply the driver did not expect",
+        ),
+        (
+            "Attempted send on invalid socket",
+            "the driver tried to use a connection that is gone",
+        ),
+        (
+            "Double reply on req",
+            "the NBD server answered one request twice",
+        ),
+    ];
+    MEANINGS
+        .iter()
+        .find(|(prefix, _)| text.starts_with(prefix))
+        .map(|(_, meaning)| *meaning)
+}
+
+/// A process the OOM killer killed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OomVictim {
+    /// The victim's pid.
+    pub pid: u32,
+    /// The victim's name.
+    pub comm: String,
+}
+
+/// Recognises `[Memory cgroup ]Out of memory: Killed process PID (NAME) total-vm:…` and the
+/// older `Killed process PID (NAME) …` that followed `Out of memory: Kill process …`.
+pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
+    let at = message.find("Killed process ")?;
+    let prefix = &message[..at];
+    let allowed = ["", "Out of memory: ", "Memory cgroup out of memory: "];
+    if !allowed.contains(&prefix) {
+        return None;
+    }
+    let rest = &message[at + "Killed process ".len()..];
+    let (pid, rest) = rest.split_once(" (")?;
+    let close = match rest.find(") total-vm:") {
+        Some(i) => i,
+        None => rest.rfind(')')?,
+    };
+    Some(OomVictim {
+        pid: pid.parse().ok()?,
+        comm: rest[..close].to_owned(),
+    })
+}
+
+/// Recognises `NAME invoked oom-killer: gfp_mask=…`, the start of an OOM report.
+pub fn parse_oom_invoker(message: &str) -> Option<&str> {
+    message
+        .find(" invoked oom-killer: ")
+        .map(|at| &message[..at])
+}
+
+/// Whether a line opens a kernel oops (a fault or BUG inside the kernel itself).
+pub fn is_oops_header(message: &str) -> bool {
+    const HEADERS: [&str; 11] = [
+        "BUG: unable to handle ",
+        "BUG: kernel NULL pointer dereference",
+        "general protection fault, ",
+        "general protection fault: ",
+        "Oops: ",
+        "kernel BUG at ",
+        "Unable to handle kernel ",
+        "Internal error: Oops",
+        "stack segment: ",
+        "divide error: ",
+        "invalid opcode: ",
+    ];
+    HEADERS.iter().any(|h| message.starts_with(h))
+}
+
+/// Whether a line ends a kernel oops report.
+pub fn is_oops_end(message: &str) -> bool {
+    message.starts_with("---[ end trace") || message.starts_with("Kernel panic - not syncing")
+}
+
+/// `CPU: 1 PID: 123 Comm: insmod Tainted: …` (or `Not tainted`) inside an oops.
+pub fn parse_oops_task(message: &str) -> Option<(u32, u32, String)> {
+    let rest = message.strip_prefix("CPU: ")?;
+    let (cpu, rest) = rest.split_once(" PID: ")?;
+    let (pid, rest) = rest.split_once(" Comm: ")?;
+    let comm_end = [" Tainted", " Not tainted"]
+        .iter()
+        .filter_map(|t| rest.find(t))
+        .min()
+        .unwrap_or(rest.len());
+    Some((
+        cpu.trim().parse().ok()?,
+        pid.trim().parse().ok()?,
+        rest[..comm_end].to_owned(),
+    ))
+}
+
+/// The faulting kernel location from `RIP: 0010:func+0x…/0x…` (x86) or `pc : func+0x…` (arm64).
+pub fn parse_oops_location(message: &str) -> Option<&str> {
+    if let Some(rest) = message.strip_prefix("RIP: 0010:") {
+        return Some(rest.trim());
+    }
+    let rest = message.strip_prefix("pc : ")?;
+    rest.contains('+').then(|| rest.trim())
+}
+
+/// The count from a rate-limit notice of the user-fault printers
+/// (`show_signal_msg: 990 callbacks suppressed`, `show_signal: 10 callbacks suppressed`).
+pub fn parse_crash_suppression(message: &str) -> Option<u64> {
+    let (function, rest) = message.split_once(": ")?;
+    let count = rest.strip_suffix(" callbacks suppressed")?;
+    const CRASH_PRINTERS: [&str; 5] = [
+        "show_signal_msg",
+        "show_signal",
+        "do_trap",
+        "arm64_show_signal",
+        "__do_user_fault",
+    ];
+    CRASH_PRINTERS.contains(&function).then_some(())?;
+    count.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_errors() {
+        let e = parse_nbd("block nbd0: Connection timed out").unwrap();
+        assert_eq!(e.device, "nbd0");
+        assert!(e.meaning.contains("timed out"));
+        assert_eq!(
+            parse_nbd("block nbd12: Receive control failed (result -104)")
+                .unwrap()
+                .device,
+            "nbd12"
+        );
+        assert_eq!(
+            parse_nbd("blk_update_request: I/O error, dev nbd3, sector 0 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0").unwrap().device,
+            "nbd3"
+        );
+        assert!(
+            parse_nbd("Buffer I/O error on dev nbd0, logical block 0, async page read").is_some()
+        );
+        assert!(
+            parse_nbd("block nbd0: NBD_DISCONNECT").is_none(),
+            "not an error"
+        );
+        assert!(parse_nbd("I/O error, dev sda, sector 0").is_none());
+        assert!(parse_nbd("block nbdx: Connection timed out").is_none());
+    }
+
+    #[test]
+    fn oom_kills() {
+        let v = parse_oom_kill("Out of memory: Killed process 1234 (qemu-nbd) total-vm:1000kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:1kB oom_score_adj:0").unwrap();
+        assert_eq!(
+            v,
+            OomVictim {
+                pid: 1234,
+                comm: "qemu-nbd".into()
+            }
+        );
+        let v =
+            parse_oom_kill("Memory cgroup out of memory: Killed process 9 (a (b)) total-vm:1kB")
+                .unwrap();
+        assert_eq!(v.comm, "a (b)");
+        assert_eq!(
+            parse_oom_kill("Killed process 77 (java) total-vm:1kB")
+                .unwrap()
+                .pid,
+            77
+        );
+        assert!(
+            parse_oom_kill("Out of memory: Kill process 1 (x) score 9 or sacrifice child")
+                .is_none()
+        );
+        assert!(parse_oom_kill("someone said Killed process 1 (x)").is_none());
+        assert_eq!(
+            parse_oom_invoker("qemu-nbd invoked oom-killer: gfp_mask=0x0"),
+            Some("qemu-nbd")
+        );
+    }
+
+    #[test]
+    fn oopses() {
+        assert!(is_oops_header(
+            "BUG: kernel NULL pointer dereference, address: 0000000000000000"
+        ));
+        assert!(is_oops_header(
+            "general protection fault, probably for non-canonical address 0xdead000000000100: 0000 [#1] SMP NOPTI"
+        ));
+        assert!(!is_oops_header(
+            "traps: crashy[1] general protection fault ip:1 sp:2 error:0"
+        ));
+        assert_eq!(
+            parse_oops_task("CPU: 1 PID: 4242 Comm: insmod Tainted: G           O      6.1.0 #1"),
+            Some((1, 4242, "insmod".to_owned()))
+        );
+        assert_eq!(
+            parse_oops_location("RIP: 0010:nbd_queue_rq+0x12/0x340 [nbd]"),
+            Some("nbd_queue_rq+0x12/0x340 [nbd]")
+        );
+        assert_eq!(
+            parse_oops_location("RIP: 0033:0x7f00"),
+            None,
+            "a user RIP is not a kernel location"
+        );
+    }
+
+    #[test]
+    fn crash_suppression_notices() {
+        assert_eq!(
+            parse_crash_suppression("show_signal_msg: 990 callbacks suppressed"),
+            Some(990)
+        );
+        assert_eq!(
+            parse_crash_suppression("show_signal: 10 callbacks suppressed"),
+            Some(10)
+        );
+        assert_eq!(
+            parse_crash_suppression("net_ratelimit: 5 callbacks suppressed"),
+            None
+        );
+    }
+}

@@ -1,0 +1,442 @@
+//! Stage 2 of the pipeline: turning kernel log lines into [`CrashEvent`]s (pure, no I/O).
+//!
+//! Most reports span several records: a segfault is followed by its `Code:` record, a hung
+//! task by its state line and stack, an oops by dozens of lines. The [`Recogniser`] keeps at
+//! most one report open, adds the records that belong to it, and closes it when a record
+//! does not belong, when the report's last record arrives, or when the caller
+//! [flushes](Recogniser::flush) it after a quiet period.
+
+pub mod error_code;
+pub mod hung;
+pub mod line;
+pub mod misc;
+pub mod user_fault;
+
+use crds::{CrashEvent, DetectedBy, EventKind};
+
+pub use line::LogLine;
+
+/// The most records one oops report may take before it is closed regardless.
+const MAX_OOPS_RECORDS: usize = 400;
+
+/// Something the recogniser found in the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recognised {
+    /// A crash or hang.
+    Event(Box<Found>),
+    /// The kernel's rate limit dropped this many crash reports (`N callbacks suppressed`).
+    CrashesSuppressed(u64),
+    /// The kernel stopped printing hung-task reports (`hung_task_warnings` reached 0).
+    HungTaskReportsSuppressed,
+    /// A line user space wrote into the kernel log; never trusted as a report.
+    Untrusted,
+}
+
+/// A recognised event with where it was found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// The event.
+    pub event: CrashEvent,
+    /// Microseconds since boot of the event's first record, when the source carried it.
+    pub monotonic_usec: Option<u64>,
+}
+
+/// Groups kernel log lines into events. Feed lines in log order.
+#[derive(Debug, Default)]
+pub struct Recogniser {
+    open: Option<OpenReport>,
+    last_oom_invoker: Option<String>,
+}
+
+#[derive(Debug)]
+struct OpenReport {
+    shape: Shape,
+    found: Found,
+    first_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// An x86 user fault, waiting for its `Code:` record.
+    X86Fault,
+    /// An arm64 user fault, taking the register lines that follow.
+    Arm64Fault,
+    /// A hung-task report; `stack_done` once its own stack has ended.
+    Hung { stack_done: bool },
+    /// A kernel oops, until `---[ end trace`.
+    Oops { records: usize },
+    /// Consecutive nbd errors on one device.
+    Nbd,
+}
+
+enum Absorb {
+    Taken,
+    TakenAndComplete,
+    NotMine,
+}
+
+impl Recogniser {
+    /// A recogniser with nothing open.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the next line; returns whatever it completed or found.
+    pub fn feed(&mut self, line: &LogLine) -> Vec<Recognised> {
+        if line.from_user_space {
+            return vec![Recognised::Untrusted];
+        }
+        let mut out = Vec::new();
+        if let Some(open) = self.open.as_mut() {
+            match open.absorb(line) {
+                Absorb::Taken => return out,
+                Absorb::TakenAndComplete => {
+                    out.extend(self.flush());
+                    return out;
+                }
+                Absorb::NotMine => out.extend(self.flush()),
+            }
+        }
+        self.start(line, &mut out);
+        out
+    }
+
+    /// Closes the open report, if any (call after a quiet period or at the end of input).
+    pub fn flush(&mut self) -> Option<Recognised> {
+        self.open
+            .take()
+            .map(|open| Recognised::Event(Box::new(open.found)))
+    }
+
+    /// The sequence number of the oldest record not yet turned into output: a persisted
+    /// cursor must stay before it, or a restart would lose the open report.
+    pub fn oldest_pending_seq(&self) -> Option<u64> {
+        self.open.as_ref().and_then(|open| open.first_seq)
+    }
+
+    /// Whether a report is open.
+    pub fn has_open_report(&self) -> bool {
+        self.open.is_some()
+    }
+
+    fn start(&mut self, line: &LogLine, out: &mut Vec<Recognised>) {
+        let message = line.message.as_str();
+        let open = |shape, event| OpenReport::new(shape, event, line);
+        if let Some(event) = user_fault::parse_segfault(message) {
+            self.open = Some(open(Shape::X86Fault, event));
+        } else if let Some(event) = user_fault::parse_trap(message) {
+            out.push(found(event, line));
+        } else if let Some(event) = user_fault::parse_arm64_fault(message) {
+            self.open = Some(open(Shape::Arm64Fault, event));
+        } else if let Some(header) = hung::parse_header(message) {
+            let mut event = CrashEvent::new(EventKind::HungTask);
+            event.comm = Some(header.comm);
+            event.pid = Some(header.pid);
+            event.blocked_seconds = Some(header.blocked_seconds);
+            event.detected_by = Some(DetectedBy::KernelReport);
+            self.open = Some(open(Shape::Hung { stack_done: false }, event));
+        } else if hung::is_suppression_notice(message) {
+            out.push(Recognised::HungTaskReportsSuppressed);
+        } else if let Some(count) = misc::parse_crash_suppression(message) {
+            out.push(Recognised::CrashesSuppressed(count));
+        } else if let Some(error) = misc::parse_nbd(message) {
+            let mut event = CrashEvent::new(EventKind::NbdError);
+            event.explanation = Some(format!("{}: {}.", error.device, error.meaning));
+            event.device = Some(error.device);
+            self.open = Some(open(Shape::Nbd, event));
+        } else if let Some(invoker) = misc::parse_oom_invoker(message) {
+            self.last_oom_invoker = Some(invoker.to_owned());
+        } else if let Some(victim) = misc::parse_oom_kill(message) {
+            let mut event = CrashEvent::new(EventKind::OomKill);
+            event.comm = Some(
+                self.last_oom_invoker
+                    .take()
+                    .unwrap_or_else(|| victim.comm.clone()),
+            );
+            event.victim_pid = Some(victim.pid);
+            event.victim_comm = Some(victim.comm);
+            out.push(found(event, line));
+        } else if misc::is_oops_header(message) {
+            let event = CrashEvent::new(EventKind::KernelOops);
+            self.open = Some(open(Shape::Oops { records: 1 }, event));
+        }
+    }
+}
+
+fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
+    event.kmsg_seq = line.seq;
+    event.raw.push(line.raw.clone());
+    Recognised::Event(Box::new(Found {
+        event,
+        monotonic_usec: line.monotonic_usec,
+    }))
+}
+
+/// Whether a line starts a report of its own (and so cannot belong to an open oops).
+fn starts_report(message: &str) -> bool {
+    user_fault::parse_segfault(message).is_some()
+        || user_fault::parse_trap(message).is_some()
+        || hung::parse_header(message).is_some()
+        || misc::is_oops_header(message) && !message.starts_with("Oops: ")
+}
+
+impl OpenReport {
+    fn new(shape: Shape, mut event: CrashEvent, line: &LogLine) -> Self {
+        event.kmsg_seq = line.seq;
+        event.raw.push(line.raw.clone());
+        OpenReport {
+            shape,
+            found: Found {
+                event,
+                monotonic_usec: line.monotonic_usec,
+            },
+            first_seq: line.seq,
+        }
+    }
+
+    fn absorb(&mut self, line: &LogLine) -> Absorb {
+        let message = line.message.as_str();
+        let event = &mut self.found.event;
+        let verdict = match &mut self.shape {
+            Shape::X86Fault => match message.strip_prefix("Code: ") {
+                Some(code) => {
+                    if !code.starts_with("Unable to access opcode bytes") {
+                        event.code = Some(code.trim().to_owned());
+                    }
+                    Absorb::TakenAndComplete
+                }
+                None => Absorb::NotMine,
+            },
+            Shape::Arm64Fault => {
+                if user_fault::arm64_register(event, message) {
+                    Absorb::Taken
+                } else {
+                    Absorb::NotMine
+                }
+            }
+            Shape::Hung { stack_done } => {
+                if hung::parse_header(message).is_some() || !hung::is_report_continuation(message) {
+                    Absorb::NotMine
+                } else {
+                    if let Some(blocker) = hung::parse_blocker(message) {
+                        event.explanation.get_or_insert(blocker);
+                        *stack_done = true;
+                    } else if message.trim() == "</TASK>" {
+                        *stack_done = true;
+                    } else if let Some(frame) = hung::stack_frame(message).filter(|_| !*stack_done)
+                    {
+                        event.kernel_stack.push(frame.to_owned());
+                    }
+                    Absorb::Taken
+                }
+            }
+            Shape::Oops { records } => {
+                if starts_report(message) {
+                    Absorb::NotMine
+                } else {
+                    *records += 1;
+                    if let Some((cpu, pid, comm)) = misc::parse_oops_task(message) {
+                        event.cpu.get_or_insert(cpu);
+                        event.pid.get_or_insert(pid);
+                        event.comm.get_or_insert(comm);
+                    } else if let Some(location) = misc::parse_oops_location(message) {
+                        if event.kernel_stack.is_empty() {
+                            event.kernel_stack.push(location.to_owned());
+                        }
+                    }
+                    if misc::is_oops_end(message) || *records >= MAX_OOPS_RECORDS {
+                        Absorb::TakenAndComplete
+                    } else {
+                        Absorb::Taken
+                    }
+                }
+            }
+            Shape::Nbd => match misc::parse_nbd(message) {
+                Some(error) if Some(&error.device) == event.device.as_ref() => Absorb::Taken,
+                _ => Absorb::NotMine,
+            },
+        };
+        if !matches!(verdict, Absorb::NotMine) {
+            event.raw.push(line.raw.clone());
+        }
+        verdict
+    }
+}
+
+/// Recognises every event in a complete text (one log line per line), in order.
+pub fn recognise_text(text: &str) -> Vec<Recognised> {
+    let mut recogniser = Recogniser::new();
+    let mut out: Vec<Recognised> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .flat_map(|l| recogniser.feed(&LogLine::parse_text(l)))
+        .collect();
+    out.extend(recogniser.flush());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(text: &str) -> Vec<CrashEvent> {
+        recognise_text(text)
+            .into_iter()
+            .filter_map(|r| match r {
+                Recognised::Event(found) => Some(found.event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_segfault_is_paired_with_its_code_record() {
+        let text = "6,346,605503265,-;crashy[10504]: segfault at 100 ip 0000564bc14194f0 sp 00007ffc75ee83d8 error 4 in crashy[14f0,564bc1419000+1000] likely on CPU 0 (core 0, socket 0)
+6,347,605503279,-;Code: ff e8 64 ff ff ff c6 05 f5 2b 00 00 01 5d c3 0f 1f 00 c3 0f 1f 80 00 00 00 00 f3 0f 1e fa e9 77 ff ff ff 0f 1f 80 00 00 00 00 <48> 8b 87 00 01 00 00 c3 0f 1f 84 00 00 00 00 00 53 48 89 fb e8 d7
+6,350,605515912,-;crashy[10508]: segfault at 0 ip 0000000000000000 sp 00007ffdd7237068 error 14 likely on CPU 0 (core 0, socket 0)
+6,351,605515921,-;Code: Unable to access opcode bytes at 0xffffffffffffffd6.
+6,356,605535707,-;traps: crashy[10515] general protection fault ip:560331b03580 sp:7ffc62cb8048 error:0 in crashy[1580,560331b03000+1000]";
+        let found = events(text);
+        assert_eq!(found.len(), 3);
+        assert!(
+            found[0]
+                .code
+                .as_deref()
+                .unwrap()
+                .contains("<48> 8b 87 00 01 00 00")
+        );
+        assert_eq!(found[0].kmsg_seq, Some(346));
+        assert_eq!(found[0].raw.len(), 2);
+        assert_eq!(found[1].code, None, "unreadable opcode bytes are not code");
+        assert_eq!(found[1].raw.len(), 2);
+        assert_eq!(found[2].kind, EventKind::GeneralProtection);
+    }
+
+    #[test]
+    fn the_cursor_stays_before_an_open_report() {
+        let mut r = Recogniser::new();
+        let seg = LogLine::parse_text(
+            "6,10,1,-;a[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4",
+        );
+        assert!(r.feed(&seg).is_empty());
+        assert_eq!(r.oldest_pending_seq(), Some(10));
+        let out = r.feed(&LogLine::parse_text("6,11,2,-;Code: 90 <90> 90"));
+        assert_eq!(out.len(), 1);
+        assert_eq!(r.oldest_pending_seq(), None);
+    }
+
+    #[test]
+    fn a_hung_task_report_is_one_event_with_its_stack() {
+        let text = r#"3,8316,1299450327,-;INFO: task qemu-nbd:645 blocked for more than 2 seconds.
+3,8317,1299451112,-;      Not tainted 6.18.44-fc-v669 #1
+3,8318,1299451684,-;"echo 0 > /proc/sys/kernel/hung_task_timeout_secs" disables this message.
+6,8319,1299452574,-;task:qemu-nbd        state:D stack:0     pid:645   tgid:645   ppid:584    task_flags:0x400000 flags:0x00080001
+6,8320,1299452580,-;Call Trace:
+6,8321,1299452582,-; <TASK>
+6,8322,1299452602,-; __schedule+0x3cc/0xf50
+6,8323,1299452611,-; ? srso_alias_return_thunk+0x5/0xfbef5
+6,8324,1299452618,-; schedule+0x23/0xa0
+6,8326,1299452623,-; folio_wait_bit+0xd6/0x220
+6,8331,1299452654,-; blkdev_fsync+0x38/0x60
+6,8346,1299452713,-; entry_SYSCALL_64_after_hwframe+0x76/0x7e
+6,8347,1299452716,-;RIP: 0033:0x7fe35d664c20
+6,8348,1299452718,-;RSP: 002b:00007ffd6c974ea8 EFLAGS: 00000202 ORIG_RAX: 000000000000004a
+6,8354,1299452736,-; </TASK>
+6,8355,1299452800,-;crashy[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4"#;
+        let found = events(text);
+        assert_eq!(found.len(), 2);
+        let hung = &found[0];
+        assert_eq!(hung.kind, EventKind::HungTask);
+        assert_eq!(
+            (hung.comm.as_deref(), hung.pid, hung.blocked_seconds),
+            (Some("qemu-nbd"), Some(645), Some(2))
+        );
+        assert_eq!(
+            hung.kernel_stack,
+            [
+                "__schedule+0x3cc/0xf50",
+                "schedule+0x23/0xa0",
+                "folio_wait_bit+0xd6/0x220",
+                "blkdev_fsync+0x38/0x60",
+                "entry_SYSCALL_64_after_hwframe+0x76/0x7e"
+            ]
+        );
+        assert_eq!(hung.raw.len(), 15);
+        assert_eq!(found[1].kind, EventKind::Segfault);
+    }
+
+    #[test]
+    fn consecutive_hung_reports_are_separate_events() {
+        let text = "INFO: task a:1 blocked for more than 2 seconds.\n task:a state:D\nINFO: task b:2 blocked for more than 2 seconds.";
+        let found = events(text);
+        assert_eq!(
+            found.iter().map(|e| e.pid).collect::<Vec<_>>(),
+            [Some(1), Some(2)]
+        );
+    }
+
+    #[test]
+    fn user_written_lines_are_untrusted_and_break_nothing() {
+        let out = recognise_text(
+            "14,8265,1,-;faultlab-fake[123]: segfault at 100 ip 0000000000000001 sp 0000000000000002 error 4",
+        );
+        assert_eq!(out, [Recognised::Untrusted]);
+    }
+
+    #[test]
+    fn suppression_notices() {
+        let out = recognise_text(
+            "4,394,659669993,-;show_signal_msg: 990 callbacks suppressed\n6,8264,1,-;Future hung task reports are suppressed, see sysctl kernel.hung_task_warnings",
+        );
+        assert_eq!(
+            out,
+            [
+                Recognised::CrashesSuppressed(990),
+                Recognised::HungTaskReportsSuppressed
+            ]
+        );
+    }
+
+    #[test]
+    fn nbd_errors_on_one_device_group_into_one_incident() {
+        let text = "block nbd0: Connection timed out\nblock nbd0: shutting down sockets\nI/O error, dev nbd0, sector 0 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0\nblock nbd1: Connection timed out";
+        let found = events(text);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].raw.len(), 3);
+        assert_eq!(found[0].device.as_deref(), Some("nbd0"));
+        assert_eq!(found[1].device.as_deref(), Some("nbd1"));
+    }
+
+    #[test]
+    fn an_oops_is_never_a_user_crash() {
+        let text = "BUG: kernel NULL pointer dereference, address: 0000000000000008
+#PF: supervisor read access in kernel mode
+Oops: 0000 [#1] PREEMPT SMP NOPTI
+CPU: 1 PID: 4242 Comm: qemu-nbd Not tainted 6.1.0 #1
+RIP: 0010:nbd_queue_rq+0x12/0x340 [nbd]
+---[ end trace 0000000000000000 ]---
+qemu-nbd[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4";
+        let found = events(text);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].kind, EventKind::KernelOops);
+        assert_eq!(
+            (found[0].pid, found[0].comm.as_deref()),
+            (Some(4242), Some("qemu-nbd"))
+        );
+        assert_eq!(found[0].kernel_stack, ["nbd_queue_rq+0x12/0x340 [nbd]"]);
+        assert_eq!(found[0].raw.len(), 6);
+        assert_eq!(found[1].kind, EventKind::Segfault);
+    }
+
+    #[test]
+    fn oom_kill_names_the_invoker_and_the_victim() {
+        let text = "qemu-nbd invoked oom-killer: gfp_mask=0x140cca(GFP_HIGHUSER_MOVABLE|__GFP_COMP), order=0, oom_score_adj=0\nOut of memory: Killed process 4711 (java) total-vm:1kB, anon-rss:1kB";
+        let found = events(text);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].comm.as_deref(), Some("qemu-nbd"));
+        assert_eq!(
+            (found[0].victim_pid, found[0].victim_comm.as_deref()),
+            (Some(4711), Some("java"))
+        );
+    }
+}

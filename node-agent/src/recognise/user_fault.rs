@@ -1,0 +1,408 @@
+//! User-space crash lines: x86 `segfault at`, `traps:` and arm64 unhandled faults (pure).
+//!
+//! Process and file names may contain spaces, brackets and `: `, so every parser anchors on
+//! the fixed text the kernel prints and checks that everything after the anchor has the exact
+//! grammar of the kernel's format string before it accepts a match.
+
+use crds::{Address, CrashEvent, EventKind};
+
+use super::error_code;
+
+/// Parses an x86 `COMM[TID]: segfault at ADDR ip IP sp SP error ERR[ in FILE[…]][ likely on CPU …]`
+/// line of any kernel era (`rip`/`rsp` on old 64-bit kernels, 8-digit addresses on 32-bit).
+pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
+    const ANCHOR: &str = "]: segfault at ";
+    for (at, _) in message.match_indices(ANCHOR) {
+        let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
+            continue;
+        };
+        let Some(event) = segfault_tail(&message[at + ANCHOR.len()..]) else {
+            continue;
+        };
+        return Some(with_task(event, comm, pid));
+    }
+    None
+}
+
+fn segfault_tail(tail: &str) -> Option<CrashEvent> {
+    let mut words = tail.splitn(8, ' ');
+    let fault_address = hex(words.next()?)?;
+    let ip_word = words.next()?;
+    let ip = hex(words.next()?)?;
+    let sp_word = words.next()?;
+    let sp = hex(words.next()?)?;
+    let ok_words = matches!((ip_word, sp_word), ("ip", "sp") | ("rip", "rsp"));
+    if !ok_words || words.next()? != "error" {
+        return None;
+    }
+    let error_code = hex(words.next()?)?;
+    let rest = words.next().map_or("", |r| r);
+
+    let mut event = CrashEvent::new(EventKind::Segfault);
+    event.fault_address = Some(Address(fault_address));
+    event.ip = Some(Address(ip));
+    event.sp = Some(Address(sp));
+    event.error_code = Some(error_code);
+    event.error_bits = error_code::x86_page_fault_bits(error_code);
+    apply_location(&mut event, rest)?;
+    Some(event)
+}
+
+/// Parses `traps: COMM[TID] <what> ip:IP sp:SP error:E[ in FILE[…]]`, with or without the
+/// `traps: ` prefix (kernels before 3.x printed none).
+pub fn parse_trap(message: &str) -> Option<CrashEvent> {
+    let body = message.strip_prefix("traps: ").unwrap_or(message);
+    for (at, _) in body.match_indices("] ") {
+        let Some((comm, pid)) = comm_and_pid(&body[..at]) else {
+            continue;
+        };
+        let after = &body[at + 2..];
+        let Some(ip_at) = after.find(" ip:") else {
+            continue;
+        };
+        let Some(kind) = trap_kind(&after[..ip_at]) else {
+            continue;
+        };
+        let Some(event) = trap_tail(kind, &after[ip_at + 1..]) else {
+            continue;
+        };
+        return Some(with_task(event, comm, pid));
+    }
+    None
+}
+
+fn trap_kind(description: &str) -> Option<EventKind> {
+    Some(match description {
+        "general protection fault" | "general protection" | "trap stack segment" => {
+            EventKind::GeneralProtection
+        }
+        "trap divide error" => EventKind::DivideError,
+        "trap invalid opcode" => EventKind::InvalidOpcode,
+        "trap int3" => EventKind::Breakpoint,
+        _ => return None,
+    })
+}
+
+fn trap_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
+    let mut words = tail.splitn(4, ' ');
+    let ip = hex(words.next()?.strip_prefix("ip:")?)?;
+    let sp = hex(words.next()?.strip_prefix("sp:")?)?;
+    let error_code = hex(words.next()?.strip_prefix("error:")?)?;
+    let rest = words.next().map_or("", |r| r);
+    let mut event = CrashEvent::new(kind);
+    event.ip = Some(Address(ip));
+    event.sp = Some(Address(sp));
+    event.error_code = Some(error_code);
+    apply_location(&mut event, rest)?;
+    Some(event)
+}
+
+/// Parses the first line of an arm64 user fault report:
+/// `COMM[PID]: unhandled level N translation fault (11) at 0xADDR, esr 0xESR[, in FILE[…]]`
+/// (up to 4.x) or `COMM[PID]: unhandled exception: CLASS, ESR 0xESR, DESCRIPTION[ in FILE[…]]`
+/// (5.x on). The `pc :` and `sp :` register lines that follow are added by [`arm64_register`].
+pub fn parse_arm64_fault(message: &str) -> Option<CrashEvent> {
+    for (at, _) in message.match_indices("]: unhandled ") {
+        let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
+            continue;
+        };
+        let tail = &message[at + "]: unhandled ".len()..];
+        let event = if let Some(rest) = tail.strip_prefix("exception: ") {
+            arm64_exception(rest)
+        } else {
+            arm64_legacy(tail)
+        };
+        if let Some(event) = event {
+            return Some(with_task(event, comm, pid));
+        }
+    }
+    None
+}
+
+/// `level 1 translation fault (11) at 0x00000000, esr 0x92000005[, in FILE[…]]`
+fn arm64_legacy(tail: &str) -> Option<CrashEvent> {
+    let (description, rest) = tail.split_once(" (")?;
+    let (_signal, rest) = rest.split_once(") at ")?;
+    let (address, rest) = rest.split_once(", esr ")?;
+    let (esr, rest) = match rest.split_once(", in ") {
+        Some((esr, location)) => (esr, location),
+        None => (rest.trim_end(), ""),
+    };
+    let mut event = CrashEvent::new(arm64_kind(description));
+    event.fault_address = Some(Address(hex(address.strip_prefix("0x")?)?));
+    let esr = hex(esr.strip_prefix("0x")?)?;
+    event.error_code = Some(esr);
+    event.error_bits = error_code::arm64_esr_bits(esr);
+    if !rest.is_empty() {
+        apply_location(&mut event, &format!("in {rest}"))?;
+    }
+    Some(event)
+}
+
+/// `DABT (lower EL), ESR 0x92000006, level 2 translation fault[ in FILE[…]]`
+fn arm64_exception(tail: &str) -> Option<CrashEvent> {
+    let (esr, description_and_location) = match tail.split_once(", ESR 0x") {
+        Some((_class, rest)) => {
+            let (esr, rest) = rest.split_once(", ")?;
+            (Some(hex(esr)?), rest)
+        }
+        None => (None, tail),
+    };
+    let (description, location) = match description_and_location.find(" in ") {
+        Some(i) => (
+            &description_and_location[..i],
+            &description_and_location[i..],
+        ),
+        None => (description_and_location.trim_end(), ""),
+    };
+    let mut event = CrashEvent::new(arm64_kind(description));
+    if let Some(esr) = esr {
+        event.error_code = Some(esr);
+        event.error_bits = error_code::arm64_esr_bits(esr);
+    }
+    apply_location(&mut event, location)?;
+    Some(event)
+}
+
+fn arm64_kind(description: &str) -> EventKind {
+    if description.contains("undefined instruction")
+        || description.contains("Undefined instruction")
+    {
+        EventKind::InvalidOpcode
+    } else if description.contains("BRK") {
+        EventKind::Breakpoint
+    } else {
+        EventKind::Segfault
+    }
+}
+
+/// Adds an arm64 `pc : HEX` or `sp : HEX` register line to an open fault report; false when
+/// the line is not one of the register dump lines that follow such a report.
+pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
+    if message.starts_with('x') && message.as_bytes().get(1).is_some_and(u8::is_ascii_digit) {
+        return true; // general-purpose registers: x29: … x28: …
+    }
+    let Some((name, value)) = message.split_once(" : ") else {
+        return false;
+    };
+    let value = value.split_whitespace().next().and_then(hex);
+    match (name, value) {
+        ("pc", Some(pc)) => event.ip = Some(Address(pc)),
+        ("sp", Some(sp)) => event.sp = Some(Address(sp)),
+        ("lr" | "pstate", _) => {}
+        _ => return false,
+    }
+    true
+}
+
+/// Parses the `[ in FILE[OFF,START+SIZE]][ likely on CPU N (core C, socket S)]` tail.
+/// Returns None when the tail has some other shape.
+fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
+    let rest = rest.trim_end();
+    let rest = match strip_cpu_suffix(rest) {
+        Some((before, cpu)) => {
+            event.cpu = Some(cpu);
+            before
+        }
+        None => rest,
+    };
+    if rest.is_empty() {
+        return Some(());
+    }
+    let mapping = rest
+        .strip_prefix("in ")
+        .or_else(|| rest.strip_prefix(" in "))?;
+    let inner_start = mapping.rfind('[')?;
+    let inner = mapping[inner_start + 1..].strip_suffix(']')?;
+    let file = &mapping[..inner_start];
+    if file.is_empty() {
+        return None;
+    }
+    let (offset, range) = match inner.split_once(',') {
+        Some((offset, range)) => (Some(hex(offset)?), range),
+        None => (None, inner),
+    };
+    let (start, size) = range.split_once('+')?;
+    event.module = Some(file.to_owned());
+    event.module_offset = offset.map(Address);
+    event.vma_start = Some(Address(hex(start)?));
+    event.vma_size = Some(Address(hex(size)?));
+    Some(())
+}
+
+/// `… likely on CPU 0 (core 0, socket 0)` at the very end.
+fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
+    const MARKER: &str = "likely on CPU ";
+    let at = match text.strip_prefix(MARKER) {
+        Some(_) => 0,
+        None => text.rfind(&format!(" {MARKER}"))? + 1,
+    };
+    let suffix = &text[at + MARKER.len()..];
+    let (cpu, topology) = suffix.split_once(' ')?;
+    let topology = topology.strip_prefix("(core ")?.strip_suffix(')')?;
+    let (core, socket) = topology.split_once(", socket ")?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (numeric(core) && numeric(socket)).then_some(())?;
+    Some((text[..at].trim_end(), cpu.parse().ok()?))
+}
+
+/// Splits `COMM[PID` (the text before an anchor's `]`) at its last `[`.
+pub(crate) fn comm_and_pid(head: &str) -> Option<(&str, u32)> {
+    let open = head.rfind('[')?;
+    let digits = &head[open + 1..];
+    if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((&head[..open], digits.parse().ok()?))
+}
+
+fn with_task(mut event: CrashEvent, comm: &str, pid: u32) -> CrashEvent {
+    event.comm = Some(comm.to_owned());
+    event.pid = Some(pid);
+    event
+}
+
+/// Parses bare hex digits (no `0x`), as the kernel prints addresses.
+pub(crate) fn hex(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(line: &str) -> CrashEvent {
+        parse_segfault(line).unwrap_or_else(|| panic!("not recognised: {line}"))
+    }
+
+    #[test]
+    fn the_seed_line() {
+        let e = seg(
+            "qemu-nbd[13647]: segfault at 100 ip 0000561c8817d1c7 sp 00007fc8f1ce9c00 error 4 in qemu-nbd[561c88107000+155000]",
+        );
+        assert_eq!(e.comm.as_deref(), Some("qemu-nbd"));
+        assert_eq!(e.pid, Some(13647));
+        assert_eq!(e.fault_address, Some(Address(0x100)));
+        assert_eq!(e.ip, Some(Address(0x561c_8817_d1c7)));
+        assert_eq!(e.sp, Some(Address(0x7fc8_f1ce_9c00)));
+        assert_eq!(e.error_code, Some(4));
+        assert_eq!(e.error_bits, ["user", "read", "not-present"]);
+        assert_eq!(e.module.as_deref(), Some("qemu-nbd"));
+        assert_eq!(e.module_offset, None, "old kernels print no file offset");
+        assert_eq!(e.vma_start, Some(Address(0x561c_8810_7000)));
+        assert_eq!(e.vma_size, Some(Address(0x155000)));
+        assert_eq!(e.cpu, None);
+    }
+
+    #[test]
+    fn hostile_names_parse_from_the_anchors() {
+        let e = seg(
+            "x[9]: segfault[524]: segfault at 100 ip 000055c9990a5040 sp 00007ffd33ada978 error 4 in x[9]: segfault[1040,55c9990a5000+1000] likely on CPU 1 (core 1, socket 0)",
+        );
+        assert_eq!(
+            (e.comm.as_deref(), e.pid),
+            (Some("x[9]: segfault"), Some(524))
+        );
+        assert_eq!(e.module.as_deref(), Some("x[9]: segfault"));
+        assert_eq!(e.module_offset, Some(Address(0x1040)));
+        assert_eq!(e.cpu, Some(1));
+        let e = seg(
+            "my prog[523]: segfault at 100 ip 00005586d65ed040 sp 00007fffac0560e8 error 4 in my prog[1040,5586d65ed000+1000] likely on CPU 1 (core 1, socket 0)",
+        );
+        assert_eq!(
+            (e.comm.as_deref(), e.module.as_deref()),
+            (Some("my prog"), Some("my prog"))
+        );
+        // A comm that contains the anchor text itself.
+        let e = seg(
+            "a]: segfault at [7]: segfault at 0 ip 0000000000000000 sp 00007ffdd7237068 error 14",
+        );
+        assert_eq!(
+            (e.comm.as_deref(), e.pid),
+            (Some("a]: segfault at "), Some(7))
+        );
+    }
+
+    #[test]
+    fn no_location_part_for_anonymous_code() {
+        let e = seg(
+            "crashy[10508]: segfault at 0 ip 0000000000000000 sp 00007ffdd7237068 error 14 likely on CPU 0 (core 0, socket 0)",
+        );
+        assert_eq!(e.module, None);
+        assert_eq!(e.error_code, Some(0x14));
+        assert_eq!(e.error_bits, ["user", "instruction-fetch", "not-present"]);
+        assert_eq!(e.cpu, Some(0));
+    }
+
+    #[test]
+    fn traps_of_every_kind() {
+        let gp = parse_trap("traps: crashy[10515] general protection fault ip:560331b03580 sp:7ffc62cb8048 error:0 in crashy[1580,560331b03000+1000]").unwrap();
+        assert_eq!(gp.kind, EventKind::GeneralProtection);
+        assert_eq!(
+            (gp.pid, gp.ip, gp.module_offset),
+            (
+                Some(10515),
+                Some(Address(0x5603_31b0_3580)),
+                Some(Address(0x1580))
+            )
+        );
+        assert_eq!(gp.fault_address, None, "a GPF has no fault address");
+        let de = parse_trap("traps: crashy[10517] trap divide error ip:563e83462593 sp:7ffffb2f89a8 error:0 in crashy[1593,563e83462000+1000]").unwrap();
+        assert_eq!(de.kind, EventKind::DivideError);
+        let ud = parse_trap("traps: crashy[10519] trap invalid opcode ip:5570824a6130 sp:7ffe1c5c59b8 error:0 in crashy[1130,5570824a6000+1000]").unwrap();
+        assert_eq!(ud.kind, EventKind::InvalidOpcode);
+        let bp = parse_trap("traps: crashy[10883] trap int3 ip:55bbb1e093b8 sp:7ffc088673c0 error:0 in crashy[13b8,55bbb1e09000+1000]").unwrap();
+        assert_eq!(
+            (bp.kind, bp.sp),
+            (EventKind::Breakpoint, Some(Address(0x7ffc_0886_73c0)))
+        );
+        let old = parse_trap("a.out[2345] general protection ip:4004f4 sp:7fff5e0a4f50 error:0 in a.out[400000+1000]").unwrap();
+        assert_eq!(
+            (old.kind, old.comm.as_deref()),
+            (EventKind::GeneralProtection, Some("a.out"))
+        );
+        assert!(parse_trap("traps: x[1] trap something new ip:1 sp:2 error:0").is_none());
+    }
+
+    #[test]
+    fn arm64_faults() {
+        let old = parse_arm64_fault("crashy[1234]: unhandled level 1 translation fault (11) at 0x00000100, esr 0x92000005, in crashy[400000+1000]").unwrap();
+        assert_eq!(old.kind, EventKind::Segfault);
+        assert_eq!(old.fault_address, Some(Address(0x100)));
+        assert_eq!(old.error_code, Some(0x9200_0005));
+        assert_eq!(old.error_bits, ["user", "read", "not-present"]);
+        assert_eq!(old.module.as_deref(), Some("crashy"));
+        let new = parse_arm64_fault("crashy[77]: unhandled exception: DABT (lower EL), ESR 0x0000000092000046, level 2 translation fault in crashy[aaaab8a30000+1000]").unwrap();
+        assert_eq!(new.error_bits, ["user", "write", "not-present"]);
+        assert_eq!(new.vma_start, Some(Address(0xaaaa_b8a3_0000)));
+        let mut with_regs = new.clone();
+        assert!(arm64_register(&mut with_regs, "pc : 0000aaaab8a30714"));
+        assert!(arm64_register(&mut with_regs, "lr : 0000aaaab8a30700"));
+        assert!(arm64_register(&mut with_regs, "sp : 0000ffffd8ebd5a0"));
+        assert!(arm64_register(
+            &mut with_regs,
+            "x29: 0000ffffd8ebd5a0 x28: 0000000000000000"
+        ));
+        assert!(!arm64_register(&mut with_regs, "Code: bad"));
+        assert_eq!(with_regs.ip, Some(Address(0xaaaa_b8a3_0714)));
+        assert_eq!(with_regs.sp, Some(Address(0xffff_d8eb_d5a0)));
+    }
+
+    #[test]
+    fn near_misses_are_rejected() {
+        for line in [
+            "crashy[1]: segfault at zz ip 0 sp 0 error 4",
+            "crashy[]: segfault at 0 ip 0 sp 0 error 4",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in [1+2]",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in x[1+2",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 garbage",
+            "crashy[1]: segfault at 0 pc 0 sp 0 error 4",
+            "crashy[1]: segfault at 11112222333344445 ip 0 sp 0 error 4",
+        ] {
+            assert!(parse_segfault(line).is_none(), "{line}");
+        }
+    }
+}

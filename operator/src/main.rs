@@ -1,0 +1,23 @@
+//! `crashwatch-operator`: the command line. The controller itself is not built yet.
+
+use clap::{Parser, Subcommand};
+
+/// Turns repeated crashes and hangs on a node into safe, explainable remediation.
+#[derive(Parser)]
+#[command(name = "crashwatch-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watches CrashReports and RemediationPolicies and acts on them.
+    Run,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run => anyhow::bail!("the remediation controller is not built yet"),
+    }
+}
