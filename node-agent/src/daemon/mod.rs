@@ -118,12 +118,11 @@ where
                 ReadOutcome::Overrun => tracing::warn!("kernel log records were overwritten before they were read"),
             },
             () = tokio::time::sleep(QUIET_PERIOD), if open_report => {
-                if let Some(item) = state.recogniser.flush() {
-                    if let Some(event) = state.finish(item) {
+                if let Some(item) = state.recogniser.flush()
+                    && let Some(event) = state.finish(item) {
                         publisher.publish(&event).context("publishing an event")?;
                         published = true;
                     }
-                }
             },
             _ = scan.tick() => {
                 let now = monotonic_usec();

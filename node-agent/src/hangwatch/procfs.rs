@@ -23,7 +23,7 @@ pub fn parse_stat(text: &str) -> Option<TaskStat> {
 pub fn parse_last_ran_usec(sched: &str) -> Option<u64> {
     let line = sched.lines().find(|l| l.starts_with("se.exec_start"))?;
     let millis: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
-    (millis.is_finite() && millis >= 0.0).then(|| (millis * 1000.0) as u64)
+    (millis.is_finite() && millis >= 0.0).then_some((millis * 1000.0) as u64)
 }
 
 /// The total context switches from `/proc/PID/task/TID/status`: when it changes, the task ran.

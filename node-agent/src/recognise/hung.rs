@@ -34,6 +34,15 @@ pub fn parse_blocker(message: &str) -> Option<String> {
     Some(format!("blocked on {lock} likely owned by task {owner}"))
 }
 
+/// The blocked task of a lock-owner line: `INFO: task NAME:PID <writer> blocked on …`.
+pub fn parse_blocked_task(message: &str) -> Option<(String, u32)> {
+    let rest = message.strip_prefix("INFO: task ")?;
+    let (task, _) = rest.split_once(" blocked on ")?;
+    let task = task.split(" <").next().unwrap_or(task);
+    let (comm, pid) = task.rsplit_once(':')?;
+    Some((comm.to_owned(), pid.parse().ok()?))
+}
+
 /// Whether a record continues a hung-task report (banner, state line, call trace, registers).
 pub fn is_report_continuation(message: &str) -> bool {
     message.starts_with(' ')
@@ -62,7 +71,7 @@ fn is_old_state_line(message: &str) -> bool {
             .rev()
             .take(4)
             .all(|w| w.bytes().all(|b| b.is_ascii_alphanumeric()))
-        && words.iter().any(|w| *w == "D")
+        && words.contains(&"D")
 }
 
 /// A reliable kernel stack frame (`name+0x…/0x…`, optionally `[<addr>]`-prefixed), or None for

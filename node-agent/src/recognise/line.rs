@@ -51,18 +51,18 @@ impl LogLine {
     /// ISO timestamps (`2026-11-24T20:50:35.1+00:00 host kernel: …`), or a bare message.
     pub fn parse_text(text: &str) -> Self {
         let text = text.trim_end_matches(['\r', '\n']);
-        if looks_like_kmsg_header(text) {
-            if let Ok(record) = parse_record(text.as_bytes()) {
-                let mut line = LogLine::from_record(&record);
-                line.raw = text.to_owned();
-                return line;
-            }
+        if looks_like_kmsg_header(text)
+            && let Ok(record) = parse_record(text.as_bytes())
+        {
+            let mut line = LogLine::from_record(&record);
+            line.raw = text.to_owned();
+            return line;
         }
         let mut line = LogLine::bare(text);
         let mut rest = text;
         if let Some((after, from_kernel)) = strip_syslog_header(rest) {
             rest = after;
-            line.from_user_space = !from_kernel;
+            line.from_user_space = from_kernel == Some(false);
         }
         if let Some((after, level)) = strip_dmesg_decode(rest) {
             rest = after;
@@ -73,14 +73,11 @@ impl LogLine {
             line.level = Some(level);
         }
         if let Some((after, usec)) = strip_bracket_timestamp(rest) {
-            rest = after;
+            rest = strip_caller_id(after);
             line.monotonic_usec = usec;
-        }
-        // journalctl -o short-monotonic: "[  605.503265] host kernel: message"
-        if let Some((after, from_kernel)) = strip_host_tag(rest) {
-            if line.monotonic_usec.is_some() {
+            // journalctl -o short-monotonic: "[  605.503265] host kernel: message"
+            if let Some((after, true)) = strip_host_tag(rest) {
                 rest = after;
-                line.from_user_space = !from_kernel;
             }
         }
         line.message = rest.to_owned();
@@ -98,34 +95,41 @@ fn looks_like_kmsg_header(text: &str) -> bool {
     numeric(fields.next()) && numeric(fields.next()) && numeric(fields.next())
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-
-/// `Nov 24 20:50:35 host TAG: ` or `2026-11-24T20:50:35… host TAG: `; returns the rest and
-/// whether TAG is the kernel.
-fn strip_syslog_header(text: &str) -> Option<(&str, bool)> {
-    let after_time = if MONTHS
-        .iter()
-        .any(|m| text.starts_with(m) && text[3..].starts_with(' '))
-    {
-        let rest = text[3..].trim_start_matches(' ');
+/// `Nov 24 20:50:35 host TAG: ` (any month names, optional fractional seconds) or
+/// `2026-11-24T20:50:35… host TAG: `; returns the rest and, when a tag was present, whether it
+/// is the kernel.
+fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
+    let (first, rest) = text.split_once(' ')?;
+    let after_time = if is_month_name(first) {
+        let rest = rest.trim_start_matches(' ');
         let (day, rest) = rest.split_once(' ')?;
         let (clock, rest) = rest.split_once(' ')?;
-        (day.len() <= 2 && day.bytes().all(|b| b.is_ascii_digit()) && is_clock(clock))
-            .then_some(rest)?
+        let day_ok = (1..=2).contains(&day.len()) && day.bytes().all(|b| b.is_ascii_digit());
+        (day_ok && is_clock(clock)).then_some(rest)?
     } else {
-        let (stamp, rest) = text.split_once(' ')?;
-        let bytes = stamp.as_bytes();
+        let bytes = first.as_bytes();
         let iso = bytes.len() >= 19
             && bytes[..4].iter().all(u8::is_ascii_digit)
             && bytes[4] == b'-'
             && bytes[7] == b'-'
             && bytes[10] == b'T'
-            && is_clock(&stamp[11..19]);
+            && is_clock(&first[11..19]);
         iso.then_some(rest)?
     };
-    strip_host_tag(after_time)
+    let after_time = after_time.trim_start_matches(' ');
+    if after_time.starts_with('[') {
+        return Some((after_time, None)); // a dmesg timestamp follows, no host or tag
+    }
+    Some(match strip_host_tag(after_time) {
+        Some((rest, from_kernel)) => (rest, Some(from_kernel)),
+        None => (after_time, None),
+    })
+}
+
+/// A month name or abbreviation in any language (`Nov`, `vas.`, `may`).
+fn is_month_name(word: &str) -> bool {
+    let word = word.strip_suffix('.').unwrap_or(word);
+    (2..=5).contains(&word.chars().count()) && word.chars().all(char::is_alphabetic)
 }
 
 /// `host TAG: ` where TAG may carry `[pid]`; returns the rest and whether TAG is `kernel`.
@@ -143,12 +147,33 @@ fn strip_host_tag(text: &str) -> Option<(&str, bool)> {
     Some((rest, tag == "kernel"))
 }
 
+/// `HH:MM:SS`, optionally followed by `.fraction`.
 fn is_clock(text: &str) -> bool {
     let b = text.as_bytes();
-    b.len() == 8
+    b.len() >= 8
         && b[2] == b':'
         && b[5] == b':'
         && [0, 1, 3, 4, 6, 7].iter().all(|&i| b[i].is_ascii_digit())
+        && (b.len() == 8 || b[8] == b'.' && b[9..].iter().all(u8::is_ascii_digit))
+}
+
+/// printk's caller id after the timestamp: `[   T44] ` (task) or `[    C1] ` (CPU).
+fn strip_caller_id(text: &str) -> &str {
+    let Some(inner_and_rest) = text.strip_prefix('[') else {
+        return text;
+    };
+    let Some((inner, rest)) = inner_and_rest.split_once(']') else {
+        return text;
+    };
+    let id = inner.trim_start();
+    let is_id = id.len() >= 2
+        && matches!(id.as_bytes()[0], b'T' | b'C')
+        && id[1..].bytes().all(|b| b.is_ascii_digit());
+    if is_id {
+        rest.strip_prefix(' ').unwrap_or(rest)
+    } else {
+        text
+    }
 }
 
 /// `dmesg -x`: `kern  :info  : `.
@@ -186,23 +211,25 @@ fn strip_bracket_timestamp(text: &str) -> Option<(&str, Option<u64>)> {
     let (inner, rest) = inner_and_rest.split_once(']')?;
     let rest = rest.strip_prefix(' ').unwrap_or(rest);
     let inner = inner.trim();
-    if let Some((secs, frac)) = inner.split_once('.') {
-        if !secs.is_empty()
-            && secs.bytes().all(|b| b.is_ascii_digit())
-            && !frac.is_empty()
-            && frac.len() <= 9
-            && frac.bytes().all(|b| b.is_ascii_digit())
-        {
-            let secs: u64 = secs.parse().ok()?;
-            let micros: u64 = format!("{frac:0<6}")[..6].parse().ok()?;
-            return Some((
-                rest,
-                Some(secs.saturating_mul(1_000_000).saturating_add(micros)),
-            ));
-        }
+    if let Some((secs, frac)) = inner.split_once('.')
+        && !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
+        && frac.len() <= 9
+        && frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        let secs: u64 = secs.parse().ok()?;
+        let micros: u64 = format!("{frac:0<6}")[..6].parse().ok()?;
+        return Some((
+            rest,
+            Some(secs.saturating_mul(1_000_000).saturating_add(micros)),
+        ));
     }
+    // dmesg -T in any locale: "Tue Nov 24 20:50:35 2026", "lun may  5 18:11:41 2025"
     let words: Vec<&str> = inner.split_whitespace().collect();
-    let human = words.len() == 5 && MONTHS.contains(&words[1]) && is_clock(words[3]);
+    let human = words.len() == 5
+        && is_clock(words[3])
+        && words[4].len() == 4
+        && words[4].bytes().all(|b| b.is_ascii_digit());
     human.then_some((rest, None))
 }
 

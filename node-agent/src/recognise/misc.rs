@@ -76,7 +76,7 @@ fn nbd_meaning(text: &str) -> Option<&'static str> {
             "the connection to the NBD server died and no other connection is left",
         ),
         (
-            "shutting down sockets",
+            "shutting down socket",
             "the driver is shutting down the connections to the NBD server",
         ),
         (
@@ -157,15 +157,37 @@ pub fn is_oops_header(message: &str) -> bool {
     HEADERS.iter().any(|h| message.starts_with(h))
 }
 
+/// The faulting address a kernel oops header names, if any.
+pub fn parse_oops_address(message: &str) -> Option<u64> {
+    const PREFIXES: [&str; 7] = [
+        "BUG: kernel NULL pointer dereference, address: ",
+        "BUG: unable to handle page fault for address: ",
+        "BUG: unable to handle kernel NULL pointer dereference at ",
+        "BUG: unable to handle kernel paging request at ",
+        "Unable to handle kernel NULL pointer dereference at virtual address ",
+        "Unable to handle kernel paging request at virtual address ",
+        "general protection fault, probably for non-canonical address ",
+    ];
+    let rest = PREFIXES
+        .iter()
+        .find_map(|p| message.strip_prefix(p))?
+        .trim_start();
+    let rest = rest.strip_prefix("0x").unwrap_or(rest);
+    let digits: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    super::user_fault::hex(&digits)
+}
+
 /// Whether a line ends a kernel oops report.
 pub fn is_oops_end(message: &str) -> bool {
     message.starts_with("---[ end trace") || message.starts_with("Kernel panic - not syncing")
 }
 
-/// `CPU: 1 PID: 123 Comm: insmod Tainted: …` (or `Not tainted`) inside an oops.
+/// `CPU: 1 PID: 123 Comm: insmod Tainted: …` (or `Not tainted`; 6.x+ adds ` UID: N`) inside
+/// an oops or OOM report.
 pub fn parse_oops_task(message: &str) -> Option<(u32, u32, String)> {
     let rest = message.strip_prefix("CPU: ")?;
     let (cpu, rest) = rest.split_once(" PID: ")?;
+    let cpu = cpu.split_once(" UID: ").map_or(cpu, |(cpu, _)| cpu);
     let (pid, rest) = rest.split_once(" Comm: ")?;
     let comm_end = [" Tainted", " Not tainted"]
         .iter()

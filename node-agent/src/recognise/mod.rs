@@ -16,8 +16,9 @@ use crds::{CrashEvent, DetectedBy, EventKind};
 
 pub use line::LogLine;
 
-/// The most records one oops report may take before it is closed regardless.
-const MAX_OOPS_RECORDS: usize = 400;
+/// The most records one oops or OOM report may take before it is closed regardless
+/// (an OOM report lists every task, one record each).
+const MAX_REPORT_RECORDS: usize = 5000;
 
 /// Something the recogniser found in the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +46,6 @@ pub struct Found {
 #[derive(Debug, Default)]
 pub struct Recogniser {
     open: Option<OpenReport>,
-    last_oom_invoker: Option<String>,
 }
 
 #[derive(Debug)]
@@ -57,7 +57,7 @@ struct OpenReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
-    /// An x86 user fault, waiting for its `Code:` record.
+    /// An x86 user fault, waiting for its `Code:` record (or a location printed separately).
     X86Fault,
     /// An arm64 user fault, taking the register lines that follow.
     Arm64Fault,
@@ -65,6 +65,8 @@ enum Shape {
     Hung { stack_done: bool },
     /// A kernel oops, until `---[ end trace`.
     Oops { records: usize },
+    /// An OOM report, from `invoked oom-killer` until `Killed process`.
+    Oom { records: usize },
     /// Consecutive nbd errors on one device.
     Nbd,
 }
@@ -125,7 +127,7 @@ impl Recogniser {
         if let Some(event) = user_fault::parse_segfault(message) {
             self.open = Some(open(Shape::X86Fault, event));
         } else if let Some(event) = user_fault::parse_trap(message) {
-            out.push(found(event, line));
+            self.open = Some(open(Shape::X86Fault, event));
         } else if let Some(event) = user_fault::parse_arm64_fault(message) {
             self.open = Some(open(Shape::Arm64Fault, event));
         } else if let Some(header) = hung::parse_header(message) {
@@ -135,6 +137,17 @@ impl Recogniser {
             event.blocked_seconds = Some(header.blocked_seconds);
             event.detected_by = Some(DetectedBy::KernelReport);
             self.open = Some(open(Shape::Hung { stack_done: false }, event));
+        } else if let (Some(blocked), Some(blocker)) = (
+            hung::parse_blocked_task(message),
+            hung::parse_blocker(message),
+        ) {
+            // A lock-owner line whose hung-task header was not seen.
+            let mut event = CrashEvent::new(EventKind::HungTask);
+            event.comm = Some(blocked.0);
+            event.pid = Some(blocked.1);
+            event.detected_by = Some(DetectedBy::KernelReport);
+            event.explanation = Some(blocker);
+            self.open = Some(open(Shape::Hung { stack_done: true }, event));
         } else if hung::is_suppression_notice(message) {
             out.push(Recognised::HungTaskReportsSuppressed);
         } else if let Some(count) = misc::parse_crash_suppression(message) {
@@ -145,19 +158,18 @@ impl Recogniser {
             event.device = Some(error.device);
             self.open = Some(open(Shape::Nbd, event));
         } else if let Some(invoker) = misc::parse_oom_invoker(message) {
-            self.last_oom_invoker = Some(invoker.to_owned());
+            let mut event = CrashEvent::new(EventKind::OomKill);
+            event.comm = Some(invoker.to_owned());
+            self.open = Some(open(Shape::Oom { records: 1 }, event));
         } else if let Some(victim) = misc::parse_oom_kill(message) {
             let mut event = CrashEvent::new(EventKind::OomKill);
-            event.comm = Some(
-                self.last_oom_invoker
-                    .take()
-                    .unwrap_or_else(|| victim.comm.clone()),
-            );
+            event.comm = Some(victim.comm.clone());
             event.victim_pid = Some(victim.pid);
             event.victim_comm = Some(victim.comm);
             out.push(found(event, line));
         } else if misc::is_oops_header(message) {
-            let event = CrashEvent::new(EventKind::KernelOops);
+            let mut event = CrashEvent::new(EventKind::KernelOops);
+            event.fault_address = misc::parse_oops_address(message).map(crds::Address);
             self.open = Some(open(Shape::Oops { records: 1 }, event));
         }
     }
@@ -172,12 +184,12 @@ fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
     }))
 }
 
-/// Whether a line starts a report of its own (and so cannot belong to an open oops).
+/// Whether a line starts a user-space or hang report of its own, and so cannot belong to an
+/// open oops or OOM report (another CPU printed it in between).
 fn starts_report(message: &str) -> bool {
     user_fault::parse_segfault(message).is_some()
         || user_fault::parse_trap(message).is_some()
         || hung::parse_header(message).is_some()
-        || misc::is_oops_header(message) && !message.starts_with("Oops: ")
 }
 
 impl OpenReport {
@@ -205,6 +217,7 @@ impl OpenReport {
                     }
                     Absorb::TakenAndComplete
                 }
+                None if user_fault::trailing_location(event, message) => Absorb::Taken,
                 None => Absorb::NotMine,
             },
             Shape::Arm64Fault => {
@@ -243,8 +256,30 @@ impl OpenReport {
                         if event.kernel_stack.is_empty() {
                             event.kernel_stack.push(location.to_owned());
                         }
+                    } else if event.fault_address.is_none() {
+                        event.fault_address = misc::parse_oops_address(message).map(crds::Address);
                     }
-                    if misc::is_oops_end(message) || *records >= MAX_OOPS_RECORDS {
+                    if misc::is_oops_end(message) || *records >= MAX_REPORT_RECORDS {
+                        Absorb::TakenAndComplete
+                    } else {
+                        Absorb::Taken
+                    }
+                }
+            }
+            Shape::Oom { records } => {
+                if starts_report(message) || misc::parse_oom_invoker(message).is_some() {
+                    Absorb::NotMine
+                } else {
+                    *records += 1;
+                    if let Some((cpu, pid, _)) = misc::parse_oops_task(message) {
+                        event.cpu.get_or_insert(cpu);
+                        event.pid.get_or_insert(pid);
+                    }
+                    if let Some(victim) = misc::parse_oom_kill(message) {
+                        event.victim_pid = Some(victim.pid);
+                        event.victim_comm = Some(victim.comm);
+                        Absorb::TakenAndComplete
+                    } else if *records >= MAX_REPORT_RECORDS {
                         Absorb::TakenAndComplete
                     } else {
                         Absorb::Taken

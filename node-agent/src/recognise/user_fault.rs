@@ -57,7 +57,7 @@ pub fn parse_trap(message: &str) -> Option<CrashEvent> {
             continue;
         };
         let after = &body[at + 2..];
-        let Some(ip_at) = after.find(" ip:") else {
+        let Some(ip_at) = after.find(" ip:").or_else(|| after.find(" rip:")) else {
             continue;
         };
         let Some(kind) = trap_kind(&after[..ip_at]) else {
@@ -85,8 +85,14 @@ fn trap_kind(description: &str) -> Option<EventKind> {
 
 fn trap_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
     let mut words = tail.splitn(4, ' ');
-    let ip = hex(words.next()?.strip_prefix("ip:")?)?;
-    let sp = hex(words.next()?.strip_prefix("sp:")?)?;
+    let ip_word = words.next()?;
+    let ip = hex(ip_word
+        .strip_prefix("ip:")
+        .or_else(|| ip_word.strip_prefix("rip:"))?)?;
+    let sp_word = words.next()?;
+    let sp = hex(sp_word
+        .strip_prefix("sp:")
+        .or_else(|| sp_word.strip_prefix("rsp:"))?)?;
     let error_code = hex(words.next()?.strip_prefix("error:")?)?;
     let rest = words.next().map_or("", |r| r);
     let mut event = CrashEvent::new(kind);
@@ -193,6 +199,15 @@ pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
         _ => return false,
     }
     true
+}
+
+/// Adds a location that arrived as a record of its own (` in FILE[START+SIZE]`, printed as a
+/// continuation by some 4.x kernels) to an event that has none; false if it is not one.
+pub fn trailing_location(event: &mut CrashEvent, message: &str) -> bool {
+    event.module.is_none()
+        && message.trim_start().starts_with("in ")
+        && apply_location(event, message.trim_start()).is_some()
+        && event.module.is_some()
 }
 
 /// Parses the `[ in FILE[OFF,START+SIZE]][ likely on CPU N (core C, socket S)]` tail.
