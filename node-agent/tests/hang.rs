@@ -1,0 +1,265 @@
+//! Real hung tasks: qemu-nbd serves a disk on a unix socket, nbdfuse turns it into a FUSE
+//! file, qemu-nbd is stopped, and an O_DIRECT reader of that file (a copy of dd named
+//! `qemu-nbd`, the process the agent watches by default) sleeps uninterruptibly and cannot
+//! be killed until qemu-nbd continues. See the kernel fault lab, recipe 1.
+//!
+//! Needs root, FUSE, qemu-nbd and nbdfuse. Every test restores the hung-task sysctls and
+//! continues qemu-nbd before tearing anything down, also when it fails.
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crds::{DetectedBy, EventKind};
+use support::{Agent, Sysctl, have, kernel_lock, require, require_kernel};
+
+fn require_nbd_lab() -> bool {
+    require_kernel()
+        && require("needs /dev/fuse", Path::new("/dev/fuse").exists())
+        && require(
+            "needs hung-task detection",
+            Path::new("/proc/sys/kernel/hung_task_timeout_secs").exists(),
+        )
+        && require("needs qemu-nbd (qemu-utils)", have("qemu-nbd"))
+        && require("needs nbdfuse (libnbd-bin)", have("nbdfuse"))
+        && require("needs fusermount3 (fuse3)", have("fusermount3"))
+}
+
+/// A stopped qemu-nbd and a reader stuck on it; undone in the safe order when dropped.
+struct StuckReader {
+    dir: tempfile::TempDir,
+    qemu_nbd: Child,
+    nbdfuse: Child,
+    reader: Option<Child>,
+}
+
+fn in_new_session(command: &mut Command) -> &mut Command {
+    // SAFETY: setsid is async-signal-safe. A session of its own keeps a stopped server
+    // from receiving SIGHUP+SIGCONT when its process group is orphaned.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        })
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl StuckReader {
+    fn start() -> StuckReader {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        std::fs::File::create(path("disk.img"))
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        std::fs::create_dir(path("mnt")).unwrap();
+        let qemu_nbd = in_new_session(
+            Command::new("qemu-nbd")
+                .args(["-f", "raw", "-t", "-k"])
+                .arg(path("nbd.sock"))
+                .arg(path("disk.img")),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-nbd");
+        wait_until("the qemu-nbd socket", Duration::from_secs(10), || {
+            path("nbd.sock").exists()
+        });
+        let nbdfuse = in_new_session(
+            Command::new("nbdfuse")
+                .arg(path("mnt"))
+                .arg("--unix")
+                .arg(path("nbd.sock")),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nbdfuse");
+        wait_until("the nbdfuse file", Duration::from_secs(10), || {
+            path("mnt/nbd").exists()
+        });
+        std::fs::copy("/bin/dd", path("qemu-nbd")).unwrap();
+        let mut stuck = StuckReader {
+            dir,
+            qemu_nbd,
+            nbdfuse,
+            reader: None,
+        };
+        signal(stuck.qemu_nbd.id(), libc::SIGSTOP);
+        let reader = Command::new(stuck.path("qemu-nbd"))
+            .arg(format!("if={}", stuck.path("mnt/nbd").display()))
+            .args([
+                "of=/dev/null",
+                "bs=4k",
+                "count=1",
+                "iflag=direct",
+                "status=none",
+            ])
+            .spawn()
+            .expect("start the reader");
+        stuck.reader = Some(reader);
+        let stat = format!("/proc/{}/stat", stuck.reader_pid());
+        wait_until("the reader to block in D", Duration::from_secs(10), || {
+            std::fs::read_to_string(&stat).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('D'))
+            })
+        });
+        stuck
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn reader_pid(&self) -> u32 {
+        self.reader.as_ref().unwrap().id()
+    }
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
+impl Drop for StuckReader {
+    fn drop(&mut self) {
+        // 1. Continue qemu-nbd, so the pending read completes; 2. the reader exits;
+        // 3. unmount, so nbdfuse exits; 4. stop qemu-nbd.
+        signal(self.qemu_nbd.id(), libc::SIGCONT);
+        if let Some(reader) = &mut self.reader {
+            let _ = reader.wait();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(self.path("mnt"))
+            .status();
+        let _ = self.nbdfuse.wait();
+        signal(self.qemu_nbd.id(), libc::SIGTERM);
+        let _ = self.qemu_nbd.wait();
+    }
+}
+
+#[test]
+fn a_hung_qemu_nbd_reported_by_the_kernel_is_one_event() {
+    let _lock = kernel_lock();
+    if !require_nbd_lab() {
+        return;
+    }
+    let _timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
+    let _interval = Sysctl::set("kernel/hung_task_check_interval_secs", "1");
+    let _warnings = Sysctl::set("kernel/hung_task_warnings", "-1");
+    let state = tempfile::tempdir().unwrap();
+    // A long threshold keeps the /proc watcher out of this test: the kernel must report it.
+    let mut agent = Agent::start(state.path(), &["--hang-threshold", "600"]);
+    let stuck = StuckReader::start();
+    let pid = stuck.reader_pid();
+    let event = agent.wait_for("a HungTask from the kernel", Duration::from_secs(20), |e| {
+        e.kind == EventKind::HungTask && e.pid == Some(pid)
+    });
+    assert_eq!(event.comm.as_deref(), Some("qemu-nbd"));
+    assert_eq!(event.detected_by, Some(DetectedBy::KernelReport));
+    assert!(event.blocked_seconds.unwrap() >= 2, "{event:?}");
+    assert!(
+        event
+            .kernel_stack
+            .iter()
+            .any(|f| f.starts_with("fuse_direct_IO")),
+        "stack: {:?}",
+        event.kernel_stack
+    );
+    assert!(
+        event
+            .raw
+            .iter()
+            .any(|l| l.starts_with("INFO: task qemu-nbd:")),
+        "{:?}",
+        event.raw
+    );
+    // The kernel repeats the report every second; it is still one stuck episode.
+    agent.drain_for(Duration::from_secs(3));
+    let events = agent
+        .seen
+        .iter()
+        .filter(|e| e.kind == EventKind::HungTask && e.pid == Some(pid))
+        .count();
+    assert_eq!(events, 1, "one episode, one event");
+    drop(stuck);
+    // The ring may still hold reports of earlier episodes; the counter must agree with
+    // exactly the events printed.
+    let printed = agent
+        .seen
+        .iter()
+        .filter(|e| e.kind == EventKind::HungTask && e.comm.as_deref() == Some("qemu-nbd"))
+        .count();
+    let counted: f64 = agent
+        .metrics()
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("crashwatch_hung_tasks_total{") && k.contains("process=\"qemu-nbd\"")
+        })
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(counted, printed as f64);
+}
+
+#[test]
+fn with_kernel_reports_off_the_proc_watcher_reports_the_hang_once() {
+    let _lock = kernel_lock();
+    if !require_nbd_lab() {
+        return;
+    }
+    let _timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
+    let _interval = Sysctl::set("kernel/hung_task_check_interval_secs", "1");
+    let _silent = Sysctl::set("kernel/hung_task_warnings", "0");
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        state.path(),
+        &["--hang-threshold", "2", "--hang-scan-interval", "0.5"],
+    );
+    let stuck = StuckReader::start();
+    let pid = stuck.reader_pid();
+    let started = Instant::now();
+    let event = agent.wait_for(
+        "a HungTask from the /proc watcher",
+        Duration::from_secs(20),
+        |e| e.kind == EventKind::HungTask && e.pid == Some(pid),
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "reported before the threshold: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(event.detected_by, Some(DetectedBy::ProcScan));
+    assert_eq!(event.comm.as_deref(), Some("qemu-nbd"));
+    assert!(event.blocked_seconds.unwrap() >= 2, "{event:?}");
+    assert_eq!(event.wchan.as_deref(), Some("fuse_direct_IO"), "{event:?}");
+    assert!(
+        event
+            .kernel_stack
+            .iter()
+            .any(|f| f.starts_with("fuse_direct_IO")),
+        "{event:?}"
+    );
+    agent.drain_for(Duration::from_secs(3));
+    let events = agent
+        .seen
+        .iter()
+        .filter(|e| e.kind == EventKind::HungTask && e.pid == Some(pid))
+        .count();
+    assert_eq!(events, 1, "one episode, one event");
+}

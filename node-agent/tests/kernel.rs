@@ -1,0 +1,294 @@
+//! The agent against the real kernel: crashes caused here, read back from `/dev/kmsg`.
+//!
+//! Needs root. Run serially (the kernel log and sysctls are shared); each test takes the
+//! kernel lock and restores every sysctl it changes.
+
+mod support;
+
+use std::time::Duration;
+
+use crds::{Address, CrashEvent, EventKind};
+use support::{
+    Agent, Sysctl, crash, crashy, kernel_lock, require_kernel, symbol_range, write_kmsg,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn by_id(id: u32) -> impl Fn(&CrashEvent) -> bool {
+    move |e| e.pid == Some(id) && e.kind != EventKind::HungTask
+}
+
+fn offset_in(event: &CrashEvent, symbol: &str) {
+    let (start, end) = symbol_range(crashy(), symbol);
+    let offset = event.module_offset.expect("moduleOffset").0;
+    // crashy is PIE: its text segment has p_offset == p_vaddr, so a file offset is an address.
+    assert!(
+        (start..end).contains(&offset),
+        "offset {offset:#x} not in {symbol} [{start:#x}, {end:#x}): {event:?}"
+    );
+    let (vma_start, vma_size) = (event.vma_start.unwrap().0, event.vma_size.unwrap().0);
+    let ip = event.ip.unwrap().0;
+    assert!(
+        (vma_start..vma_start + vma_size).contains(&ip),
+        "ip outside its mapping: {event:?}"
+    );
+}
+
+#[test]
+fn every_kind_of_real_crash_yields_exactly_one_event() {
+    let _lock = kernel_lock();
+    if !require_kernel() {
+        return;
+    }
+    let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(state.path(), &[]);
+
+    let modes = [
+        "null", "rodata", "execnull", "libc", "thread", "gpf", "div", "ud2", "int3",
+    ];
+    let crashes: Vec<_> = modes.iter().map(|m| (*m, crash(m))).collect();
+    for (mode, crash) in &crashes {
+        let e = agent.wait_for(&format!("for crashy {mode}"), WAIT, by_id(crash.logged_id));
+        let comm = if *mode == "thread" {
+            "worker-7"
+        } else {
+            "crashy"
+        };
+        assert_eq!(e.comm.as_deref(), Some(comm), "{mode}: {e:?}");
+        assert!(e.ip.is_some() && e.sp.is_some(), "{mode}: {e:?}");
+        assert!(e.explanation.is_some(), "{mode}: {e:?}");
+        match *mode {
+            "null" | "thread" => {
+                assert_eq!(e.kind, EventKind::Segfault);
+                assert_eq!(
+                    e.fault_address,
+                    Some(Address(0x100)),
+                    "struct node puts next at 0x100"
+                );
+                assert_eq!(e.error_bits, ["user", "read", "not-present"]);
+                assert_eq!(e.module.as_deref(), Some("crashy"));
+                assert!(
+                    e.code.as_deref().is_some_and(|c| c.contains('<')),
+                    "{mode}: Code: record paired: {e:?}"
+                );
+                offset_in(&e, "read_null_offset");
+                assert!(
+                    e.explanation
+                        .as_deref()
+                        .unwrap()
+                        .starts_with("NULL pointer dereference"),
+                    "{e:?}"
+                );
+            }
+            "rodata" => {
+                assert_eq!(e.kind, EventKind::Segfault);
+                // The kernel's offset is ip - vma_start + pgoff: that gives the mapping's file
+                // offset, hence the load base of this PIE (file offset == address), hence the
+                // link-time address of what was written to, which must be ro_msg.
+                let (ip, vma_start) = (e.ip.unwrap().0, e.vma_start.unwrap().0);
+                let mapping_file_offset = e.module_offset.unwrap().0 - (ip - vma_start);
+                let load_base = vma_start - mapping_file_offset;
+                let (ro_start, _) = symbol_range(crashy(), "ro_msg");
+                assert_eq!(
+                    e.fault_address,
+                    Some(Address(load_base + ro_start)),
+                    "the write hit ro_msg: {e:?}"
+                );
+                assert_eq!(e.error_bits, ["user", "write", "protection-violation"]);
+                offset_in(&e, "write_ro");
+            }
+            "execnull" => {
+                assert_eq!(e.kind, EventKind::Segfault);
+                assert_eq!(
+                    (e.ip, e.fault_address),
+                    (Some(Address(0)), Some(Address(0)))
+                );
+                assert_eq!(e.error_bits, ["user", "instruction-fetch", "not-present"]);
+                assert_eq!(e.module, None, "no file maps address 0");
+                assert!(
+                    e.explanation
+                        .as_deref()
+                        .unwrap()
+                        .starts_with("Jump to NULL"),
+                    "{e:?}"
+                );
+            }
+            "libc" => {
+                assert_eq!(e.kind, EventKind::Segfault);
+                assert_eq!(e.fault_address, Some(Address(0)));
+                assert_eq!(e.module.as_deref(), Some("libc.so.6"));
+                assert!(e.module_offset.is_some());
+            }
+            "gpf" => {
+                assert_eq!(e.kind, EventKind::GeneralProtection);
+                assert_eq!(e.fault_address, None, "a #GP has no fault address");
+                offset_in(&e, "gpf");
+            }
+            "div" => {
+                assert_eq!(e.kind, EventKind::DivideError);
+                offset_in(&e, "divide");
+            }
+            "ud2" => {
+                assert_eq!(e.kind, EventKind::InvalidOpcode);
+                offset_in(&e, "ud2");
+            }
+            "int3" => {
+                assert_eq!(e.kind, EventKind::Breakpoint);
+                offset_in(&e, "int3");
+            }
+            _ => unreachable!(),
+        }
+    }
+    // Nothing arrives twice.
+    agent.drain_for(Duration::from_secs(1));
+    for (mode, crash) in &crashes {
+        let count = agent
+            .seen
+            .iter()
+            .filter(|e| by_id(crash.logged_id)(e))
+            .count();
+        assert_eq!(count, 1, "crashy {mode} reported {count} times");
+    }
+    let crashes_counted: f64 = agent
+        .metrics()
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("crashwatch_crashes_total{") && k.contains("process=\"crashy\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        crashes_counted >= 8.0,
+        "crashes_total for crashy: {crashes_counted}"
+    );
+}
+
+#[test]
+fn lines_user_space_writes_into_the_kernel_log_are_not_reported() {
+    let _lock = kernel_lock();
+    if !require_kernel() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(state.path(), &[]);
+    let untrusted_before = agent.counter("crashwatch_kmsg_records_untrusted_total");
+    let forged = format!("forged-{}", std::process::id() % 100_000);
+    write_kmsg(&format!(
+        "<6>{forged}[4242]: segfault at 100 ip 0000561c8817d1c7 sp 00007fc8f1ce9c00 error 4 in qemu-nbd[561c88107000+155000]\n"
+    ));
+    write_kmsg(&format!(
+        "<3>INFO: task {forged}:4243 blocked for more than 120 seconds.\n"
+    ));
+    // A real crash after the forged lines: once it is reported, the forged lines were read.
+    let barrier = crash("null");
+    agent.wait_for("for the barrier crash", WAIT, by_id(barrier.logged_id));
+    assert!(
+        !agent
+            .seen
+            .iter()
+            .any(|e| e.comm.as_deref() == Some(forged.as_str())),
+        "a forged line was reported: {:?}",
+        agent.seen
+    );
+    let untrusted = agent.counter("crashwatch_kmsg_records_untrusted_total") - untrusted_before;
+    assert_eq!(
+        untrusted, 2.0,
+        "both forged records are counted as untrusted"
+    );
+}
+
+#[test]
+fn a_restart_repeats_nothing_and_loses_nothing() {
+    let _lock = kernel_lock();
+    if !require_kernel() {
+        return;
+    }
+    let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
+    let state = tempfile::tempdir().unwrap();
+    let mut first = Agent::start(state.path(), &[]);
+    let before = crash("null");
+    let reported = first.wait_for("before the restart", WAIT, by_id(before.logged_id));
+    let last_seq_reported = first.seen.iter().filter_map(|e| e.kmsg_seq).max().unwrap();
+    let took = first.stop();
+    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+
+    let while_down = [crash("div"), crash("rodata")];
+
+    let mut second = Agent::start(state.path(), &[]);
+    for crash in &while_down {
+        second.wait_for(
+            "for a crash while the agent was down",
+            WAIT,
+            by_id(crash.logged_id),
+        );
+    }
+    second.drain_for(Duration::from_millis(500));
+    assert!(
+        second
+            .seen
+            .iter()
+            .all(|e| e.kmsg_seq.is_none_or(|seq| seq > last_seq_reported)),
+        "the restarted agent repeated records up to {last_seq_reported}: {:?}",
+        second
+            .seen
+            .iter()
+            .map(|e| (e.kmsg_seq, e.pid))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !second
+            .seen
+            .iter()
+            .any(|e| e.pid == reported.pid && e.kmsg_seq == reported.kmsg_seq)
+    );
+    assert_eq!(second.counter("crashwatch_kmsg_records_lost_total"), 0.0);
+}
+
+#[test]
+fn a_ring_overrun_while_the_agent_is_stopped_is_counted_exactly() {
+    let _lock = kernel_lock();
+    if !require_kernel() {
+        return;
+    }
+    let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
+    let state = tempfile::tempdir().unwrap();
+    let mut first = Agent::start(state.path(), &[]);
+    let barrier = crash("null");
+    first.wait_for("before the overrun", WAIT, by_id(barrier.logged_id));
+    first.stop();
+    let cursor: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state.path().join("kmsg-cursor.json")).unwrap(),
+    )
+    .unwrap();
+    let cursor_seq = cursor["lastSeq"].as_u64().unwrap();
+
+    // Fill the ring (128 KiB here) several times over while nobody reads.
+    let filler = "x".repeat(900);
+    for i in 0..600 {
+        write_kmsg(&format!("crashwatch-overrun-test {i} {filler}\n"));
+    }
+    let after = crash("div");
+    let oldest = support::oldest_kmsg_seq();
+    assert!(
+        oldest > cursor_seq + 1,
+        "the flood did not overrun the ring (oldest {oldest}, cursor {cursor_seq})"
+    );
+    let expected_lost = oldest - cursor_seq - 1;
+
+    let mut second = Agent::start(state.path(), &[]);
+    second.wait_for(
+        "for the crash after the overrun",
+        WAIT,
+        by_id(after.logged_id),
+    );
+    assert_eq!(
+        second.counter("crashwatch_kmsg_records_lost_total") as u64,
+        expected_lost
+    );
+    assert!(
+        second.log().contains("overwritten"),
+        "the loss is logged:\n{}",
+        second.log()
+    );
+}

@@ -1,0 +1,369 @@
+//! Shared helpers for tests that drive the real kernel and the real agent binary.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crds::CrashEvent;
+
+/// Kernel tests share sysctls and the kernel log: they run one at a time.
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether the kernel tests can run. Under `CI=true` a missing requirement fails the test
+/// instead of skipping it, so a skipped kernel test never passes CI.
+pub fn require(what: &str, ok: bool) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and this test cannot run: {what}");
+    }
+    eprintln!("SKIPPED (not CI): {what}");
+    false
+}
+
+/// Root, a readable `/dev/kmsg` and writable sysctls.
+pub fn require_kernel() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require("needs root", root)
+        && require(
+            "needs a readable /dev/kmsg",
+            fs::File::open("/dev/kmsg").is_ok(),
+        )
+        && require(
+            "needs writable sysctls",
+            fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/sys/kernel/printk_ratelimit")
+                .is_ok(),
+        )
+}
+
+/// Whether `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Sets a sysctl and restores the old value when dropped (also when a test panics).
+pub struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    /// `name` as under /proc/sys, for example `kernel/printk_ratelimit`.
+    pub fn set(name: &str, value: &str) -> Sysctl {
+        let path = Path::new("/proc/sys").join(name);
+        let old =
+            fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        fs::write(&path, value)
+            .unwrap_or_else(|e| panic!("write {value} to {}: {e}", path.display()));
+        Sysctl {
+            path,
+            old: old.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(&self.path, &self.old) {
+            eprintln!(
+                "FAILED to restore {} to {}: {e}",
+                self.path.display(),
+                self.old
+            );
+        }
+    }
+}
+
+/// The test program, compiled once per test process with gcc -O2 -g.
+pub fn crashy() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("crashwatch-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("crashy");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
+        let status = Command::new("gcc")
+            .args(["-O2", "-g", "-pthread", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .status()
+            .expect("gcc");
+        assert!(status.success(), "gcc failed");
+        binary
+    })
+}
+
+/// A crash caused for real: the ids the program printed before it died.
+#[derive(Debug, Clone, Copy)]
+pub struct Crash {
+    /// The process id.
+    pub pid: u32,
+    /// The id the kernel logs: the thread id for the thread mode, else the pid.
+    pub logged_id: u32,
+}
+
+/// Runs `crashy MODE` and returns its ids; asserts it died of a signal.
+pub fn crash(mode: &str) -> Crash {
+    let output = Command::new(crashy())
+        .arg(mode)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run crashy");
+    assert!(
+        output.status.code().is_none(),
+        "crashy {mode} did not die of a signal: {:?}",
+        output.status
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let id = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().parse().unwrap())
+    };
+    let pid = id("pid=").expect("crashy printed its pid");
+    Crash {
+        pid,
+        logged_id: id("tid=").unwrap_or(pid),
+    }
+}
+
+/// The `[start, end)` address range of `symbol` in `binary`, from binutils' `nm -S`.
+pub fn symbol_range(binary: &Path, symbol: &str) -> (u64, u64) {
+    let output = Command::new("nm")
+        .arg("-S")
+        .arg(binary)
+        .output()
+        .expect("nm");
+    let text = String::from_utf8_lossy(&output.stdout);
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() == 4 && fields[3] == symbol {
+            let start = u64::from_str_radix(fields[0], 16).unwrap();
+            let size = u64::from_str_radix(fields[1], 16).unwrap();
+            return (start, start + size);
+        }
+    }
+    panic!("{symbol} not in nm -S {}", binary.display());
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real agent, running `run --standalone` as a child process.
+pub struct Agent {
+    child: Child,
+    events: Receiver<CrashEvent>,
+    /// Every event received so far.
+    pub seen: Vec<CrashEvent>,
+    /// Where /metrics is served.
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent with a state dir and extra arguments.
+    pub fn start(state_dir: &Path, extra: &[&str]) -> Agent {
+        let metrics_port = free_port();
+        let log = state_dir.join(format!("agent-{metrics_port}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
+            .args([
+                "run",
+                "--standalone",
+                "--node-name",
+                "test-node",
+                "--state-dir",
+            ])
+            .arg(state_dir)
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start crashwatch-agent");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let event: CrashEvent = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"));
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Agent {
+            child,
+            events,
+            seen: Vec::new(),
+            metrics_port,
+            log,
+        };
+        agent.wait_until_ready();
+        agent
+    }
+
+    fn wait_until_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self
+                .get("/readyz")
+                .is_some_and(|body| body.starts_with("ok"))
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent not ready after 10 s:\n{}", self.log());
+    }
+
+    /// Waits up to `timeout` for an event matching `predicate` and returns it.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        predicate: impl Fn(&CrashEvent) -> bool,
+    ) -> CrashEvent {
+        if let Some(event) = self.seen.iter().find(|e| predicate(e)) {
+            return event.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) => {
+                    self.seen.push(event.clone());
+                    if predicate(&event) {
+                        return event;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no event {what} within {timeout:?}; agent log:\n{}",
+                    self.log()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "agent output ended before {what}; agent log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    /// Collects every event that arrives within `period`.
+    pub fn drain_for(&mut self, period: Duration) {
+        let deadline = Instant::now() + period;
+        while let Ok(event) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(event);
+        }
+    }
+
+    /// GETs a path from the agent's HTTP endpoint.
+    pub fn get(&self, path: &str) -> Option<String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+    }
+
+    /// The agent's metrics, `name{labels}` → value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let body = self.get("/metrics").expect("/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+            .collect()
+    }
+
+    /// One counter's value, ignoring labels other than `node`.
+    pub fn counter(&self, name: &str) -> f64 {
+        let key = format!("{name}{{node=\"test-node\"}}");
+        *self
+            .metrics()
+            .get(&key)
+            .unwrap_or_else(|| panic!("no metric {key}"))
+    }
+
+    /// Sends SIGTERM and returns how long the agent took to exit.
+    pub fn stop(mut self) -> Duration {
+        let started = Instant::now();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "agent exited with {status}:\n{}",
+            self.log()
+        );
+        started.elapsed()
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes one line into the kernel log as user space does (a new open per line, so the
+/// per-fd rate limit never applies).
+pub fn write_kmsg(line: &str) {
+    let mut kmsg = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg for writing");
+    kmsg.write_all(line.as_bytes()).expect("write /dev/kmsg");
+}
+
+/// The sequence number of the oldest record still in the kernel's ring.
+pub fn oldest_kmsg_seq() -> u64 {
+    let mut kmsg = fs::File::open("/dev/kmsg").unwrap();
+    let mut buffer = vec![0u8; 16384];
+    let n = kmsg.read(&mut buffer).unwrap();
+    let record = node_agent::kmsg::parse_record(&buffer[..n]).unwrap();
+    record.seq
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (run as root).
+# Idempotent: it only calls apt when a package is missing.
+set -euo pipefail
+
+packages=(
+  gcc binutils            # test programs are compiled and inspected (nm) at test time
+  qemu-utils              # qemu-nbd, for real hung-task tests
+  libnbd-bin fuse3        # nbdfuse and fusermount3
+  elfutils llvm-14        # eu-addr2line, llvm-symbolizer: symbolization oracles
+  libc6-dbg               # libc debug info by build-id
+  debuginfod              # a real debuginfod server on loopback
+  curl
+)
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for tool in cargo rustfmt cargo-clippy; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: install Rust with rustup (components rustfmt, clippy)" >&2; exit 1; }
+done
