@@ -1,6 +1,6 @@
 //! `crashwatch-agent`: the command line.
 
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,11 +103,13 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
                 "crashwatch-agent: reading kernel log lines from standard input (end with Ctrl-D)"
             );
         }
-        let mut text = String::new();
-        for line in io::stdin().lock().lines() {
-            text.push_str(&line.context("cannot read standard input")?);
-            text.push('\n');
-        }
+        // Kernel logs may carry any bytes (process names are not UTF-8 by contract).
+        let mut bytes = Vec::new();
+        io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .context("cannot read standard input")?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
         text
     } else {
         args.lines.join("\n")

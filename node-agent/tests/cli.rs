@@ -1,0 +1,116 @@
+//! `crashwatch-agent explain` as a user runs it.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+const SEED: &str = "qemu-nbd[13647]: segfault at 100 ip 0000561c8817d1c7 sp 00007fc8f1ce9c00 error 4 in qemu-nbd[561c88107000+155000]";
+
+fn agent(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn explains_a_line_given_as_an_argument() {
+    let out = agent(&["explain", "--no-symbolize", SEED], "");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("Segfault (NULL pointer dereference): qemu-nbd (pid 13647)"),
+        "{text}"
+    );
+    assert!(text.contains("0x4 (user, read, not-present)"), "{text}");
+}
+
+#[test]
+fn reads_standard_input_in_any_format_and_prints_json_lines() {
+    let input = format!(
+        "Nov 24 20:50:35 node-7 kernel: [  605.503265] {SEED}\nnoise line\n[  606.1] block nbd0: Connection timed out\n"
+    );
+    let out = agent(&["explain", "--json", "-"], &input);
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["kind"], "Segfault");
+    assert_eq!(events[0]["vmaStart"], "0x561c88107000");
+    assert_eq!(
+        events[0]["errorBits"],
+        serde_json::json!(["user", "read", "not-present"])
+    );
+    assert_eq!(events[1]["kind"], "NbdError");
+    assert_eq!(events[1]["device"], "nbd0");
+}
+
+#[test]
+fn input_without_crashes_is_not_an_error() {
+    let out = agent(&["explain"], "just some text\n");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no crash or hang found"));
+}
+
+#[test]
+fn bad_options_fail_with_a_clear_message() {
+    let out = agent(&["explain", "--no-such-option"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-option"));
+    let out = agent(&["run", "--standalone", "--hang-threshold=-1"], "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--hang-threshold must be a positive number"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent(
+        &[
+            "run",
+            "--standalone",
+            "--kmsg",
+            "/nonexistent/kmsg",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--node-name",
+            "n",
+        ],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot open /nonexistent/kmsg"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn invalid_utf8_input_is_read_not_rejected() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
+        .args(["explain", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line =
+        b"caf\xe9[7]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4\n".to_vec();
+    line.extend_from_slice(SEED.as_bytes());
+    child.stdin.take().unwrap().write_all(&line).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
+}
