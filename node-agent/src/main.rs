@@ -109,8 +109,7 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
             .lock()
             .read_to_end(&mut bytes)
             .context("cannot read standard input")?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        text
+        String::from_utf8_lossy(&bytes).into_owned()
     } else {
         args.lines.join("\n")
     };
