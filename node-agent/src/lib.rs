@@ -6,6 +6,8 @@
 //! CrashReports). [`hangwatch`] adds hangs the kernel did not report, and [`daemon`] runs it
 //! all; [`pipeline`] is the part shared by `run` and `explain`.
 
+#![warn(missing_docs)]
+
 pub mod daemon;
 pub mod explain;
 pub mod hangwatch;

@@ -74,6 +74,9 @@ impl<S: Symbolize> Pipeline<S> {
     pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> CrashEvent {
         let started = std::time::Instant::now();
         self.symbolizer.symbolize(&mut event);
+        if event.instruction.is_none() {
+            event.instruction = explain::faulting_instruction(&event).map(|i| i.text);
+        }
         let text = explain::explanation(&event);
         if !text.is_empty() {
             event.explanation = Some(text);

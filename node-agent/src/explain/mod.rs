@@ -1,5 +1,7 @@
 //! Stage 4 of the pipeline: saying in plain words what went wrong (pure).
 
+pub mod disasm;
+
 use std::fmt::Write as _;
 
 use crds::{CrashEvent, EventKind};
@@ -89,6 +91,40 @@ pub fn classify(event: &CrashEvent) -> Option<FaultClass> {
         }
         _ => return None,
     })
+}
+
+/// Decodes the faulting instruction from the event's `Code:` bytes (x86-64 only).
+pub fn faulting_instruction(event: &CrashEvent) -> Option<disasm::FaultingInstruction> {
+    let code = disasm::parse_code(event.code.as_deref()?).ok()?;
+    disasm::decode_faulting_instruction(&code, event.ip?.0)
+}
+
+/// What the memory operand says about the pointer: "the pointer in rdi, which was NULL".
+fn pointer_clause(event: &CrashEvent, instruction: &disasm::FaultingInstruction) -> Option<String> {
+    let memory = instruction.memory.as_ref()?;
+    let base = memory.base.as_deref().filter(|b| *b != "rip")?;
+    if memory.index.is_some() {
+        return None;
+    }
+    let fault = event.fault_address?.0;
+    let pointer = fault.wrapping_sub(memory.displacement as u64);
+    let offset = memory.displacement;
+    let what = match (memory.write, memory.size) {
+        (false, Some(1)) => "reads 1 byte".to_owned(),
+        (false, Some(n)) => format!("reads {n} bytes"),
+        (false, None) => "reads".to_owned(),
+        (true, Some(1)) => "writes 1 byte".to_owned(),
+        (true, Some(n)) => format!("writes {n} bytes"),
+        (true, None) => "writes".to_owned(),
+    };
+    let held = if pointer == 0 {
+        "which was NULL".to_owned()
+    } else {
+        format!("which held {pointer:#x}")
+    };
+    Some(format!(
+        "{what} at offset {offset:#x} from the pointer in {base}, {held}"
+    ))
 }
 
 /// One or two plain sentences about the event, from what it carries.
@@ -199,6 +235,16 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
         FaultClass::Breakpoint => "Breakpoint trap: an int3 instruction ran with no debugger attached".to_owned(),
     };
     let _ = write!(text, " in {}", task(event));
+    if let Some(instruction) = faulting_instruction(event) {
+        match pointer_clause(event, &instruction) {
+            Some(clause) => {
+                let _ = write!(text, ": `{}` {clause}", instruction.text);
+            }
+            None => {
+                let _ = write!(text, " at `{}`", instruction.text);
+            }
+        }
+    }
     if let Some(module) = &event.module {
         let _ = write!(text, ", in {module}");
         match (event.module_offset, event.ip, event.vma_start) {
@@ -357,6 +403,17 @@ mod tests {
                 "traps: crashy[10517] trap divide error ip:563e83462593 sp:7ffffb2f89a8 error:0 in crashy[1593,563e83462000+1000]"
             ),
             FaultClass::DivideError
+        );
+    }
+
+    #[test]
+    fn the_code_bytes_name_the_null_pointer() {
+        let mut event = parse_segfault("crashy[10504]: segfault at 100 ip 0000564bc14194f0 sp 00007ffc75ee83d8 error 4 in crashy[14f0,564bc1419000+1000] likely on CPU 0 (core 0, socket 0)").unwrap();
+        event.code = Some("ff e8 64 ff ff ff c6 05 f5 2b 00 00 01 5d c3 0f 1f 00 c3 0f 1f 80 00 00 00 00 f3 0f 1e fa e9 77 ff ff ff 0f 1f 80 00 00 00 00 <48> 8b 87 00 01 00 00 c3 0f 1f 84 00 00 00 00 00 53 48 89 fb e8 d7".into());
+        let text = explanation(&event);
+        assert!(
+            text.contains("`mov rax, [rdi+0x100]` reads 8 bytes at offset 0x100 from the pointer in rdi, which was NULL"),
+            "{text}"
         );
     }
 
