@@ -14,7 +14,8 @@ use node_agent::hangwatch::WatchConfig;
 use node_agent::pipeline::Pipeline;
 use node_agent::publish::{JsonLines, Publish};
 use node_agent::recognise::{LogLine, Recogniser};
-use node_agent::symbolize::NoSymbolizer;
+use node_agent::symbolize::locate::DEFAULT_SEARCH_PATHS;
+use node_agent::symbolize::{NoSymbolizer, Places, Symbolize, Symbolizer};
 
 /// Recognises, explains and reports user-space crashes and hangs from the kernel log.
 #[derive(Parser)]
@@ -42,6 +43,46 @@ struct ExplainArgs {
     /// Recognise and decode only; do not look for binaries or debug information.
     #[arg(long)]
     no_symbolize: bool,
+    #[command(flatten)]
+    symbols: SymbolArgs,
+}
+
+/// Where binaries and debug information are found.
+#[derive(Args)]
+struct SymbolArgs {
+    /// A binary to use for the module with the same file name (repeatable).
+    #[arg(long = "binary", value_name = "PATH")]
+    binaries: Vec<PathBuf>,
+    /// A directory to look for modules in by file name (repeatable; default: the usual bin and lib directories).
+    #[arg(long = "search-path", value_name = "DIR")]
+    search_paths: Vec<PathBuf>,
+    /// The host filesystem prefix: search paths and debug dirs are looked up under it.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// A root of .build-id/xx/rest.debug and debuglink files (repeatable).
+    #[arg(long = "debug-dir", value_name = "DIR", default_values_t = ["/usr/lib/debug".to_owned()])]
+    debug_dirs: Vec<String>,
+    /// How many MiB of parsed binaries and debug information to keep cached.
+    #[arg(long, default_value_t = 256)]
+    symbol_cache_mib: usize,
+}
+
+impl SymbolArgs {
+    fn symbolizer(&self, proc_root: PathBuf) -> Symbolizer {
+        let search_paths = if self.search_paths.is_empty() {
+            DEFAULT_SEARCH_PATHS.iter().map(PathBuf::from).collect()
+        } else {
+            self.search_paths.clone()
+        };
+        let places = Places {
+            root: self.root.clone(),
+            proc_root,
+            binaries: self.binaries.clone(),
+            search_paths,
+            debug_dirs: self.debug_dirs.iter().map(PathBuf::from).collect(),
+        };
+        Symbolizer::new(places, self.symbol_cache_mib << 20)
+    }
 }
 
 #[derive(Args)]
@@ -73,6 +114,8 @@ struct RunArgs {
     /// Seconds between two scans of /proc.
     #[arg(long, default_value_t = 1.0)]
     hang_scan_interval: f64,
+    #[command(flatten)]
+    symbols: SymbolArgs,
 }
 
 fn main() -> ExitCode {
@@ -113,10 +156,12 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     } else {
         args.lines.join("\n")
     };
-    if !args.no_symbolize {
-        tracing::debug!("symbolization is not available yet; decoding only");
-    }
-    let mut pipeline = Pipeline::new(NoSymbolizer);
+    let symbolizer: Box<dyn Symbolize> = if args.no_symbolize {
+        Box::new(NoSymbolizer)
+    } else {
+        Box::new(args.symbols.symbolizer(PathBuf::from("/proc")))
+    };
+    let mut pipeline = Pipeline::new(symbolizer);
     let mut recogniser = Recogniser::new();
     let mut items = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -169,6 +214,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             ))
         }
     };
+    let symbolizer = args.symbols.symbolizer(args.proc.clone());
     let node_name = match args.node_name {
         Some(name) => name,
         None => std::fs::read_to_string(args.proc.join("sys/kernel/hostname"))
@@ -201,6 +247,6 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
             }
         };
-        daemon::run(config, NoSymbolizer, JsonLines::new(io::stdout()), shutdown).await
+        daemon::run(config, symbolizer, JsonLines::new(io::stdout()), shutdown).await
     })
 }

@@ -13,6 +13,8 @@ use crate::symbolize::Symbolize;
 /// Turns recognised items into finished events.
 pub struct Pipeline<S> {
     symbolizer: S,
+    /// Why events could not be symbolized, for the caller to show (drained by the caller).
+    pub notes: Vec<String>,
     /// The hang episodes seen so far, shared with the `/proc` watcher.
     pub episodes: HangEpisodes,
 }
@@ -22,6 +24,7 @@ impl<S: Symbolize> Pipeline<S> {
     pub fn new(symbolizer: S) -> Self {
         Pipeline {
             symbolizer,
+            notes: Vec::new(),
             episodes: HangEpisodes::new(),
         }
     }
@@ -73,7 +76,15 @@ impl<S: Symbolize> Pipeline<S> {
     /// Symbolizes, explains and counts an event that is to be published.
     pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> CrashEvent {
         let started = std::time::Instant::now();
-        self.symbolizer.symbolize(&mut event);
+        if let Err(err) = self.symbolizer.symbolize(&mut event) {
+            tracing::info!(%err, "not symbolized");
+            if let Some(m) = metrics {
+                m.symbolization_failures
+                    .with_label_values(&[err.reason()])
+                    .inc();
+            }
+            self.notes.push(err.to_string());
+        }
         if event.instruction.is_none() {
             event.instruction = explain::faulting_instruction(&event).map(|i| i.text);
         }

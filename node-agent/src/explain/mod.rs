@@ -245,7 +245,23 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
             }
         }
     }
-    if let Some(module) = &event.module {
+    if let Some(innermost) = event.frames.first() {
+        let _ = write!(
+            text,
+            ", in {}()",
+            innermost.function.as_deref().unwrap_or("??")
+        );
+        if let (Some(file), Some(line)) = (&innermost.file, innermost.line) {
+            let _ = write!(text, " at {file}:{line}");
+        }
+        let callers: Vec<String> = event.frames[1..]
+            .iter()
+            .map(|f| format!("{}()", f.function.as_deref().unwrap_or("??")))
+            .collect();
+        if !callers.is_empty() {
+            let _ = write!(text, ", inlined into {}", callers.join(" ← "));
+        }
+    } else if let Some(module) = &event.module {
         let _ = write!(text, ", in {module}");
         match (event.module_offset, event.ip, event.vma_start) {
             (Some(offset), _, _) => {
@@ -323,6 +339,20 @@ pub fn render_text(event: &CrashEvent) -> String {
     }
     if let Some(instruction) = &event.instruction {
         field(&mut out, "instruction:", instruction.clone());
+    }
+    if let Some(path) = &event.binary_path {
+        let mut text = path.clone();
+        if let Some(id) = &event.build_id {
+            let _ = write!(text, " (build-id {id})");
+        }
+        match event.binary_matches {
+            Some(true) => text.push_str(", matches the Code: bytes"),
+            Some(false) => {
+                text.push_str(", DOES NOT match the Code: bytes: replaced since the crash?")
+            }
+            None => {}
+        }
+        field(&mut out, "binary:", text);
     }
     if let Some(code) = &event.code {
         field(&mut out, "code:", code.clone());

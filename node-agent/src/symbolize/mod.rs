@@ -1,14 +1,79 @@
-//! Stage 3 of the pipeline: from a module and an address to function, file and line.
+//! Stage 3 of the pipeline: from a module and an address to function, file, line and the
+//! inlined frames, even for stripped binaries.
 //!
-//! Symbolization is not built yet; this is the seam the pipeline calls, so that adding it
-//! changes no caller.
+//! [`locate`] finds the binary and its debug file, [`elf`] reads them (never mmapped),
+//! [`mapping`] turns the kernel's offset into a link-time address, and [`dwarf`] asks
+//! addr2line for the frames. Parsed files are cached, bounded by bytes.
 
-use crds::CrashEvent;
+pub mod dwarf;
+pub mod elf;
+pub mod locate;
+pub mod mapping;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crds::{CrashEvent, Frame};
+use thiserror::Error;
+
+use crate::explain::disasm;
+use dwarf::DebugInfo;
+use elf::ElfFile;
+pub use locate::Places;
+
+/// Why an event could not be symbolized.
+#[derive(Debug, Error)]
+pub enum SymbolizeError {
+    /// No candidate binary for the module exists.
+    #[error("no binary named {module} was found; pass --binary or --search-path")]
+    BinaryNotFound {
+        /// The module name.
+        module: String,
+    },
+    /// A candidate exists but is not usable.
+    #[error("{0}")]
+    BadBinary(#[from] elf::ElfError),
+    /// The kernel's offset does not map into the binary.
+    #[error("{0}")]
+    Mapping(#[from] mapping::MappingError),
+    /// Neither DWARF nor a symbol covers the address.
+    #[error(
+        "{binary} has no debug information for {address:#x} (build-id {build_id}); install its debug package or serve it by debuginfod"
+    )]
+    NoDebugInfo {
+        /// The binary.
+        binary: String,
+        /// The link-time address.
+        address: u64,
+        /// Its build-id, to look the debug file up by.
+        build_id: String,
+    },
+}
+
+impl SymbolizeError {
+    /// A short label for the failure metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SymbolizeError::BinaryNotFound { .. } => "binary_not_found",
+            SymbolizeError::BadBinary(_) => "bad_binary",
+            SymbolizeError::Mapping(_) => "address_not_mapped",
+            SymbolizeError::NoDebugInfo { .. } => "no_debug_info",
+        }
+    }
+}
 
 /// Fills in what can be learned about an event from binaries and debug information.
 pub trait Symbolize {
-    /// Adds `binaryPath`, `buildId`, `frames`, `instruction` … to the event where it can.
-    fn symbolize(&self, event: &mut CrashEvent);
+    /// Adds `binaryPath`, `buildId`, `binaryMatches`, `frames` … to the event where it can.
+    /// Ok(()) also when there is nothing to symbolize (no module).
+    fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError>;
+}
+
+impl<T: Symbolize + ?Sized> Symbolize for Box<T> {
+    fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        (**self).symbolize(event)
+    }
 }
 
 /// A symbolizer that adds nothing (`--no-symbolize`).
@@ -16,5 +81,225 @@ pub trait Symbolize {
 pub struct NoSymbolizer;
 
 impl Symbolize for NoSymbolizer {
-    fn symbolize(&self, _event: &mut CrashEvent) {}
+    fn symbolize(&self, _event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        Ok(())
+    }
+}
+
+/// A binary with its debug information, as cached. addr2line's context fills itself in
+/// lazily and is not `Sync`, hence the lock.
+struct Loaded {
+    binary: ElfFile,
+    debug: Option<Mutex<DebugInfo>>,
+    bytes: usize,
+}
+
+impl Loaded {
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// What identifies a file's content cheaply: a replaced or rewritten file gets a new entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            device: m.dev(),
+            inode: m.ino(),
+            size: m.size(),
+            modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+struct CacheEntry {
+    path: PathBuf,
+    stamp: Stamp,
+    loaded: Arc<Loaded>,
+    last_used: u64,
+}
+
+/// A least-recently-used cache bounded by the bytes its entries hold.
+struct Cache {
+    entries: Vec<CacheEntry>,
+    limit_bytes: usize,
+    clock: u64,
+}
+
+impl Cache {
+    fn get(&mut self, path: &Path, stamp: &Stamp) -> Option<Arc<Loaded>> {
+        self.clock += 1;
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|e| e.path == path && &e.stamp == stamp)?;
+        entry.last_used = self.clock;
+        Some(entry.loaded.clone())
+    }
+
+    fn insert(&mut self, path: PathBuf, stamp: Stamp, loaded: Arc<Loaded>) {
+        self.clock += 1;
+        self.entries.retain(|e| e.path != path);
+        self.entries.push(CacheEntry {
+            path,
+            stamp,
+            loaded,
+            last_used: self.clock,
+        });
+        while self.entries.len() > 1
+            && self.entries.iter().map(|e| e.loaded.bytes()).sum::<usize>() > self.limit_bytes
+        {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+                .expect("non-empty");
+            self.entries.remove(oldest);
+        }
+    }
+}
+
+/// Symbolizes against the files of this node.
+pub struct Symbolizer {
+    places: Places,
+    cache: Mutex<Cache>,
+}
+
+impl Symbolizer {
+    /// A symbolizer looking in `places`, caching up to `cache_bytes` of parsed files.
+    pub fn new(places: Places, cache_bytes: usize) -> Self {
+        Symbolizer {
+            places,
+            cache: Mutex::new(Cache {
+                entries: Vec::new(),
+                limit_bytes: cache_bytes,
+                clock: 0,
+            }),
+        }
+    }
+
+    fn load(&self, path: &Path) -> Result<Arc<Loaded>, elf::ElfError> {
+        let stamp = Stamp::of(path);
+        if let Some(stamp) = &stamp
+            && let Some(hit) = self.cache.lock().expect("cache lock").get(path, stamp)
+        {
+            return Ok(hit);
+        }
+        let binary = ElfFile::read(path)?;
+        let debug = self.places.debug_file(&binary).and_then(|(file, how)| {
+            tracing::debug!(binary = %path.display(), debug = %file.path.display(), how, "debug information found");
+            DebugInfo::load(&file).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
+        });
+        let debug = match debug {
+            Some(debug) => Some(debug),
+            // Symbols only: the binary's own .symtab/.dynsym.
+            None => DebugInfo::load(&binary).ok(),
+        };
+        let bytes = binary.data.len() + debug.as_ref().map_or(0, |d| d.bytes);
+        let loaded = Arc::new(Loaded {
+            binary,
+            debug: debug.map(Mutex::new),
+            bytes,
+        });
+        if let Some(stamp) = stamp {
+            self.cache
+                .lock()
+                .expect("cache lock")
+                .insert(path.to_owned(), stamp, loaded.clone());
+        }
+        Ok(loaded)
+    }
+}
+
+/// Whether the `Code:` bytes equal the binary's bytes around `file_offset` (None without Code).
+fn code_matches(event: &CrashEvent, binary: &ElfFile, file_offset: u64) -> Option<bool> {
+    let code = disasm::parse_code(event.code.as_deref()?).ok()?;
+    let start = file_offset.checked_sub(code.fault_index as u64)?;
+    Some(binary.bytes_at(start, code.bytes.len()) == Some(&code.bytes[..]))
+}
+
+impl Symbolize for Symbolizer {
+    fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        let Some(module) = event.module.clone() else {
+            return Ok(());
+        };
+        let mut chosen: Option<(Arc<Loaded>, u64, Option<bool>)> = None;
+        let mut last_error = None;
+        for path in self.places.binary_candidates(event) {
+            let loaded = match self.load(&path) {
+                Ok(loaded) => loaded,
+                Err(err) => {
+                    last_error = Some(SymbolizeError::from(err));
+                    continue;
+                }
+            };
+            let offset = match event.module_offset {
+                Some(offset) => offset.0,
+                None => match mapping::vma_to_file_offset(
+                    &loaded.binary.segments,
+                    event.ip.map_or(0, |a| a.0),
+                    event.vma_start.map_or(0, |a| a.0),
+                ) {
+                    Ok(offset) => offset,
+                    Err(err) => {
+                        last_error = Some(err.into());
+                        continue;
+                    }
+                },
+            };
+            let matches = code_matches(event, &loaded.binary, offset);
+            let good = matches != Some(false);
+            if good || chosen.is_none() {
+                chosen = Some((loaded, offset, matches));
+            }
+            if good {
+                break;
+            }
+        }
+        let Some((loaded, offset, matches)) = chosen else {
+            return Err(last_error.unwrap_or(SymbolizeError::BinaryNotFound { module }));
+        };
+        let binary = &loaded.binary;
+        event.binary_path = Some(binary.path.display().to_string());
+        event.build_id = binary.build_id.as_deref().map(elf::hex);
+        event.binary_matches = matches;
+        event.module_offset.get_or_insert(crds::Address(offset));
+        let vaddr = mapping::file_offset_to_vaddr(&binary.segments, offset)?;
+        let no_debug_info = || SymbolizeError::NoDebugInfo {
+            binary: binary.path.display().to_string(),
+            address: vaddr,
+            build_id: event.build_id.clone().unwrap_or_else(|| "none".into()),
+        };
+        let debug = loaded
+            .debug
+            .as_ref()
+            .ok_or_else(no_debug_info)?
+            .lock()
+            .expect("debug info lock");
+        let frames = debug.frames(vaddr).unwrap_or_default();
+        event.frames = if frames
+            .iter()
+            .any(|f| f.function.is_some() || f.line.is_some())
+        {
+            frames
+        } else {
+            let (name, _) = debug.symbol(vaddr).ok_or_else(no_debug_info)?;
+            vec![Frame {
+                function: Some(name),
+                ..Frame::default()
+            }]
+        };
+        Ok(())
+    }
 }

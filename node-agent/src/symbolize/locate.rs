@@ -1,0 +1,139 @@
+//! Finding a crashed module's binary and its debug information on the node.
+
+use std::path::{Path, PathBuf};
+
+use crds::CrashEvent;
+
+use super::elf::{ElfFile, debuglink_crc32, hex};
+
+/// Where binaries and debug files are looked for.
+#[derive(Debug, Clone)]
+pub struct Places {
+    /// The host filesystem prefix (`/`, or where the DaemonSet mounts the host).
+    pub root: PathBuf,
+    /// The proc filesystem of the host's pid namespace.
+    pub proc_root: PathBuf,
+    /// Binaries named explicitly (`--binary`): used for modules of the same file name.
+    pub binaries: Vec<PathBuf>,
+    /// Directories searched for a module by file name (under `root`).
+    pub search_paths: Vec<PathBuf>,
+    /// Roots holding `.build-id/xx/rest.debug` and debuglink files (under `root`).
+    pub debug_dirs: Vec<PathBuf>,
+}
+
+/// The default search path for modules, as on Debian.
+pub const DEFAULT_SEARCH_PATHS: [&str; 9] = [
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/lib/x86_64-linux-gnu",
+    "/usr/libexec",
+];
+
+impl Places {
+    /// `path` as seen from the agent: under `root`.
+    pub fn under_root(&self, path: &Path) -> PathBuf {
+        self.root.join(path.strip_prefix("/").unwrap_or(path))
+    }
+
+    /// Candidate paths for the event's module, best first: `--binary`, the live process's
+    /// mappings (hung processes still exist, also inside containers), then the search path.
+    pub fn binary_candidates(&self, event: &CrashEvent) -> Vec<PathBuf> {
+        let Some(module) = event.module.as_deref() else {
+            return Vec::new();
+        };
+        let mut candidates: Vec<PathBuf> = self
+            .binaries
+            .iter()
+            .filter(|b| b.file_name().is_some_and(|n| n == module))
+            .cloned()
+            .collect();
+        if let Some(pid) = event.pid {
+            candidates.extend(self.mapped_by_live_process(pid, event.comm.as_deref(), module));
+        }
+        for dir in &self.search_paths {
+            let path = self.under_root(&dir.join(module));
+            if path.is_file() {
+                candidates.push(path);
+            }
+        }
+        candidates.dedup();
+        candidates
+    }
+
+    /// The module as mapped by a process that still runs (`/proc/PID/root` + the mapped path).
+    fn mapped_by_live_process(
+        &self,
+        pid: u32,
+        comm: Option<&str>,
+        module: &str,
+    ) -> Option<PathBuf> {
+        let task = self.proc_root.join(pid.to_string());
+        // The pid may have been reused since the crash: the name must still match.
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        let live_comm = crate::hangwatch::procfs::parse_stat(&stat)?.comm;
+        if comm.is_some_and(|c| c != live_comm) {
+            return None;
+        }
+        let maps = std::fs::read_to_string(task.join("maps")).ok()?;
+        let mapped = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| Path::new(p).file_name().is_some_and(|n| n == module))?;
+        Some(task.join("root").join(mapped.trim_start_matches('/')))
+    }
+
+    /// The file holding `binary`'s DWARF: itself, a build-id file, or a debuglink target.
+    /// Returns the file and how it was found.
+    pub fn debug_file(&self, binary: &ElfFile) -> Option<(ElfFile, &'static str)> {
+        if binary.has_dwarf {
+            return Some((binary.clone(), "own DWARF"));
+        }
+        if let Some(id) = binary.build_id.as_deref().filter(|id| id.len() >= 2) {
+            let id_hex = hex(id);
+            for dir in &self.debug_dirs {
+                let path = self.under_root(
+                    &dir.join(".build-id")
+                        .join(&id_hex[..2])
+                        .join(format!("{}.debug", &id_hex[2..])),
+                );
+                if let Ok(file) = ElfFile::read(&path)
+                    && file.build_id.as_deref() == Some(id)
+                    && file.has_dwarf
+                {
+                    return Some((file, "build-id"));
+                }
+            }
+        }
+        if let Some((name, crc)) = &binary.debuglink {
+            let name = Path::new(name).file_name()?;
+            let dir = binary.path.parent().unwrap_or(Path::new("/"));
+            let mut places = vec![dir.join(name), dir.join(".debug").join(name)];
+            for debug_dir in &self.debug_dirs {
+                // GDB's layout: DEBUGDIR/<the binary's directory on the host>/NAME.
+                let host_dir = dir.strip_prefix(&self.root).unwrap_or(dir);
+                places.push(
+                    self.under_root(
+                        &debug_dir
+                            .join(host_dir.strip_prefix("/").unwrap_or(host_dir))
+                            .join(name),
+                    ),
+                );
+            }
+            for path in places {
+                if let Ok(bytes) = std::fs::read(&path)
+                    && debuglink_crc32(&bytes) == *crc
+                    && let Ok(file) = ElfFile::parse(&path, bytes.into())
+                    && file.has_dwarf
+                {
+                    return Some((file, "debuglink"));
+                }
+            }
+        }
+        None
+    }
+}
