@@ -47,6 +47,7 @@ struct Symbol {
     address: u64,
     size: u64,
     name: String,
+    file: Option<String>,
 }
 
 /// Parsed debug information of one file.
@@ -79,18 +80,36 @@ impl DebugInfo {
         } else {
             None
         };
-        let mut symbols: Vec<Symbol> = object
-            .symbols()
-            .chain(object.dynamic_symbols())
-            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
-            .filter_map(|s| {
-                Some(Symbol {
-                    address: s.address(),
-                    size: s.size(),
-                    name: s.name().ok()?.to_owned(),
-                })
-            })
-            .collect();
+        // Local symbols follow the STT_FILE symbol of their source file, which names the
+        // file when there is no DWARF (llvm-symbolizer reports it too).
+        let mut symbols = Vec::new();
+        let mut current_file: Option<String> = None;
+        for symbol in object.symbols().chain(object.dynamic_symbols()) {
+            match symbol.kind() {
+                SymbolKind::File => {
+                    current_file = symbol
+                        .name()
+                        .ok()
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_owned)
+                }
+                SymbolKind::Text if symbol.address() != 0 => {
+                    let Ok(name) = symbol.name() else { continue };
+                    let file = if symbol.is_local() {
+                        current_file.clone()
+                    } else {
+                        None
+                    };
+                    symbols.push(Symbol {
+                        address: symbol.address(),
+                        size: symbol.size(),
+                        name: name.to_owned(),
+                        file,
+                    });
+                }
+                _ => {}
+            }
+        }
         symbols.sort_by_key(|s| (s.address, std::cmp::Reverse(s.size)));
         symbols.dedup_by_key(|s| s.address);
         Ok(DebugInfo {
@@ -133,8 +152,9 @@ impl DebugInfo {
         Ok(frames)
     }
 
-    /// The symbol containing `vaddr` and the offset into it, from `.symtab`/`.dynsym`.
-    pub fn symbol(&self, vaddr: u64) -> Option<(String, u64)> {
+    /// The symbol containing `vaddr`, the offset into it, and its source file when the
+    /// symbol table names one, from `.symtab`/`.dynsym`.
+    pub fn symbol(&self, vaddr: u64) -> Option<(String, u64, Option<String>)> {
         let index = self
             .symbols
             .partition_point(|s| s.address <= vaddr)
@@ -145,6 +165,7 @@ impl DebugInfo {
             (
                 addr2line::demangle_auto(Cow::Borrowed(&symbol.name), None).into_owned(),
                 vaddr - symbol.address,
+                symbol.file.clone(),
             )
         })
     }

@@ -287,19 +287,24 @@ impl Symbolize for Symbolizer {
             .ok_or_else(no_debug_info)?
             .lock()
             .expect("debug info lock");
-        let frames = debug.frames(vaddr).unwrap_or_default();
-        event.frames = if frames
+        let mut frames = debug.frames(vaddr).unwrap_or_default();
+        let symbol = debug.symbol(vaddr);
+        if !frames
             .iter()
             .any(|f| f.function.is_some() || f.line.is_some())
         {
-            frames
-        } else {
-            let (name, _) = debug.symbol(vaddr).ok_or_else(no_debug_info)?;
-            vec![Frame {
+            let (name, _, file) = symbol.ok_or_else(no_debug_info)?;
+            frames = vec![Frame {
                 function: Some(name),
+                file,
                 ..Frame::default()
-            }]
-        };
+            }];
+        } else if let (Some(outermost), Some((name, _, _))) = (frames.last_mut(), symbol) {
+            // As llvm-symbolizer does: the symbol table names the outermost function, which
+            // tells split parts apart (main.cold) where DWARF has one name for all.
+            outermost.function = Some(name);
+        }
+        event.frames = frames;
         Ok(())
     }
 }
