@@ -42,7 +42,8 @@ fn every_kind_of_real_crash_yields_exactly_one_event() {
     }
     let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
     let state = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(state.path(), &[]);
+    let binary = crashy().to_str().unwrap().to_owned();
+    let mut agent = Agent::start(state.path(), &["--binary", &binary]);
 
     let modes = [
         "null", "rodata", "execnull", "libc", "thread", "gpf", "div", "ud2", "int3",
@@ -78,6 +79,18 @@ fn every_kind_of_real_crash_yields_exactly_one_event() {
                         .as_deref()
                         .unwrap()
                         .starts_with("NULL pointer dereference"),
+                    "{e:?}"
+                );
+                // Symbolized in the daemon too: the function, and the Code: bytes checked.
+                assert_eq!(
+                    e.frames.first().and_then(|f| f.function.as_deref()),
+                    Some("read_null_offset"),
+                    "{e:?}"
+                );
+                assert_eq!(e.binary_matches, Some(true), "{e:?}");
+                assert_eq!(
+                    e.instruction.as_deref(),
+                    Some("mov rax, [rdi+0x100]"),
                     "{e:?}"
                 );
             }
@@ -291,4 +304,44 @@ fn a_ring_overrun_while_the_agent_is_stopped_is_counted_exactly() {
         "the loss is logged:\n{}",
         second.log()
     );
+}
+
+#[test]
+fn a_binary_replaced_after_the_crash_is_flagged() {
+    let _lock = kernel_lock();
+    if !require_kernel() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(state.path(), &[]);
+    let real = crash("null");
+    let event = agent.wait_for("for the crash", WAIT, by_id(real.logged_id));
+    let lines = event.raw.join("\n");
+    let explain = |binary: &std::path::Path| -> CrashEvent {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
+            .args(["explain", "--json", "--binary"])
+            .arg(binary)
+            .arg(&lines)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(explain(crashy()).binary_matches, Some(true));
+    // "Upgrade" the binary: same name, different code.
+    let dir = tempfile::tempdir().unwrap();
+    let upgraded = dir.path().join("crashy");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
+    assert!(
+        std::process::Command::new("gcc")
+            .args(["-O0", "-g", "-pthread", "-o"])
+            .arg(&upgraded)
+            .arg(&source)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let flagged = explain(&upgraded);
+    assert_eq!(flagged.binary_matches, Some(false), "{flagged:?}");
+    assert_eq!(flagged.binary_path.as_deref(), upgraded.to_str());
 }
