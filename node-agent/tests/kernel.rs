@@ -8,9 +8,7 @@ mod support;
 use std::time::Duration;
 
 use crds::{Address, CrashEvent, EventKind};
-use support::{
-    Agent, Sysctl, crash, crashy, kernel_lock, require_kernel, symbol_range, write_kmsg,
-};
+use support::{Agent, KernelTest, crash, crashy, symbol_range, write_kmsg};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -36,12 +34,10 @@ fn offset_in(event: &CrashEvent, symbol: &str) {
 
 #[test]
 fn every_kind_of_real_crash_yields_exactly_one_event() {
-    let _lock = kernel_lock();
-    if !require_kernel() {
+    let Some(test) = KernelTest::begin() else {
         return;
-    }
-    let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     let binary = crashy().to_str().unwrap().to_owned();
     let mut agent = Agent::start(state.path(), &["--binary", &binary]);
 
@@ -179,11 +175,10 @@ fn every_kind_of_real_crash_yields_exactly_one_event() {
 
 #[test]
 fn lines_user_space_writes_into_the_kernel_log_are_not_reported() {
-    let _lock = kernel_lock();
-    if !require_kernel() {
+    let Some(test) = KernelTest::begin() else {
         return;
-    }
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     let mut agent = Agent::start(state.path(), &[]);
     let untrusted_before = agent.counter("crashwatch_kmsg_records_untrusted_total");
     let forged = format!("forged-{}", std::process::id() % 100_000);
@@ -213,12 +208,10 @@ fn lines_user_space_writes_into_the_kernel_log_are_not_reported() {
 
 #[test]
 fn a_restart_repeats_nothing_and_loses_nothing() {
-    let _lock = kernel_lock();
-    if !require_kernel() {
+    let Some(test) = KernelTest::begin() else {
         return;
-    }
-    let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     let mut first = Agent::start(state.path(), &[]);
     let before = crash("null");
     let reported = first.wait_for("before the restart", WAIT, by_id(before.logged_id));
@@ -260,12 +253,10 @@ fn a_restart_repeats_nothing_and_loses_nothing() {
 
 #[test]
 fn a_ring_overrun_while_the_agent_is_stopped_is_counted_exactly() {
-    let _lock = kernel_lock();
-    if !require_kernel() {
+    let Some(test) = KernelTest::begin() else {
         return;
-    }
-    let _unlimited = Sysctl::set("kernel/printk_ratelimit", "0");
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     let mut first = Agent::start(state.path(), &[]);
     let barrier = crash("null");
     first.wait_for("before the overrun", WAIT, by_id(barrier.logged_id));
@@ -308,11 +299,10 @@ fn a_ring_overrun_while_the_agent_is_stopped_is_counted_exactly() {
 
 #[test]
 fn a_binary_replaced_after_the_crash_is_flagged() {
-    let _lock = kernel_lock();
-    if !require_kernel() {
+    let Some(test) = KernelTest::begin() else {
         return;
-    }
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     let mut agent = Agent::start(state.path(), &[]);
     let real = crash("null");
     let event = agent.wait_for("for the crash", WAIT, by_id(real.logged_id));

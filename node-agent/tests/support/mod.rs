@@ -367,3 +367,28 @@ pub fn oldest_kmsg_seq() -> u64 {
     let record = node_agent::kmsg::parse_record(&buffer[..n]).unwrap();
     record.seq
 }
+
+/// The common start of a crash test: the kernel lock, the requirements, an unlimited printk
+/// rate (restored when dropped) and a fresh state dir. None when the test is skipped.
+/// Fields drop in order: the state dir, then the sysctl, then the lock.
+pub struct KernelTest {
+    /// The agent's state dir.
+    pub state: tempfile::TempDir,
+    _unlimited: Sysctl,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl KernelTest {
+    /// Takes the lock and checks the requirements.
+    pub fn begin() -> Option<KernelTest> {
+        let lock = kernel_lock();
+        if !require_kernel() {
+            return None;
+        }
+        Some(KernelTest {
+            state: tempfile::tempdir().unwrap(),
+            _unlimited: Sysctl::set("kernel/printk_ratelimit", "0"),
+            _lock: lock,
+        })
+    }
+}
