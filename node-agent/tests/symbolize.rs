@@ -356,3 +356,95 @@ fn libc_resolves_through_libc6_dbg_by_build_id() {
     }
     assert!(compared > 100, "{compared}");
 }
+
+/// Builds crashy with zlib-compressed DWARF into `dir`.
+fn compressed_build(dir: &Path) -> PathBuf {
+    let binary = dir.join("crashy");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-gz=zlib", "-pthread", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    binary
+}
+
+#[test]
+fn truncated_binaries_give_errors_never_panics() {
+    use node_agent::symbolize::dwarf::DebugInfo;
+    use node_agent::symbolize::elf::ElfFile;
+    if !require("needs gcc", have("gcc")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read(compressed_build(dir.path())).unwrap();
+    // The section headers sit at the end of the file, so every cut copy is refused whole.
+    for len in (0..data.len()).step_by(61) {
+        let err = ElfFile::parse(Path::new("cut"), data[..len].into())
+            .err()
+            .unwrap_or_else(|| panic!("a {len}-byte cut parsed"));
+        assert!(
+            err.to_string().starts_with("cut is not a valid ELF file"),
+            "{err}"
+        );
+    }
+    // Damage inside the file (headers intact): DWARF and symbols are parsed from garbage.
+    let mut loaded = 0;
+    for at in (0x40..data.len() - 0x1000).step_by(53) {
+        let mut damaged = data.clone();
+        damaged[at..at + 16].fill(0xff);
+        let Ok(file) = ElfFile::parse(Path::new("damaged"), damaged.into()) else {
+            continue;
+        };
+        if let Ok(info) = DebugInfo::load(&file) {
+            loaded += 1;
+            for vaddr in (0x1000..0x1400).step_by(7) {
+                let _ = info.frames(vaddr);
+                let _ = info.symbol(vaddr);
+            }
+        }
+    }
+    assert!(
+        loaded > 100,
+        "only {loaded} damaged copies loaded: the loop tested little"
+    );
+    let whole = ElfFile::parse(Path::new("whole"), data.clone().into()).unwrap();
+    assert!(DebugInfo::load(&whole).unwrap().has_dwarf());
+}
+
+#[test]
+fn a_compressed_section_that_lies_about_its_size_is_rejected() {
+    use node_agent::symbolize::dwarf::{DebugInfo, DebugInfoError};
+    use node_agent::symbolize::elf::ElfFile;
+    use object::{Object, ObjectSection};
+    if !require("needs gcc", have("gcc")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = std::fs::read(compressed_build(dir.path())).unwrap();
+    let offset = {
+        let object = object::File::parse(&*data).unwrap();
+        let section = object.section_by_name(".debug_info").unwrap();
+        assert_eq!(
+            section.compressed_file_range().unwrap().format,
+            object::CompressionFormat::Zlib
+        );
+        section.file_range().unwrap().0 as usize
+    };
+    // Elf64_Chdr: ch_type (4), ch_reserved (4), ch_size (8): claim 1 TiB.
+    data[offset + 8..offset + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let file = ElfFile::parse(Path::new("liar"), data.into()).unwrap();
+    match DebugInfo::load(&file) {
+        Err(err @ DebugInfoError::CompressedSizeLie { .. }) => {
+            assert!(
+                err.to_string()
+                    .contains(".debug_info claims 1099511627776 bytes"),
+                "{err}"
+            )
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a 1 TiB claim was accepted"),
+    }
+}
