@@ -7,7 +7,7 @@ packages=(
   gcc binutils            # test programs are compiled and inspected (nm) at test time
   qemu-utils              # qemu-nbd, for real hung-task tests
   libnbd-bin fuse3        # nbdfuse and fusermount3
-  elfutils llvm-14        # eu-addr2line, llvm-symbolizer: symbolization oracles
+  elfutils llvm           # eu-addr2line, llvm-symbolizer: symbolization oracles
   libc6-dbg               # libc debug info by build-id
   debuginfod              # a real debuginfod server on loopback
   curl
