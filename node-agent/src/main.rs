@@ -176,10 +176,14 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
         if item == node_agent::recognise::Recognised::Untrusted {
             untrusted += 1;
         }
-        let Some(event) = pipeline.handle(item, None) else {
+        let Some(finished) = pipeline.handle(item, None) else {
             continue;
         };
         found += 1;
+        if let Some(err) = &finished.not_symbolized {
+            eprintln!("crashwatch-agent: not symbolized: {err}");
+        }
+        let event = finished.event;
         if args.json {
             json.publish(&event)?;
         } else {

@@ -8,13 +8,19 @@ use crate::hangwatch::episodes::kernel_report_blocked_since;
 use crate::hangwatch::{EpisodeVerdict, HangEpisodes};
 use crate::metrics::AgentMetrics;
 use crate::recognise::{Found, Recognised};
-use crate::symbolize::Symbolize;
+use crate::symbolize::{Symbolize, SymbolizeError};
+
+/// A finished event, and why it could not be symbolized when it could not.
+pub struct Finished {
+    /// The symbolized, explained event.
+    pub event: CrashEvent,
+    /// Why symbolization failed; the caller decides whether to log or show it.
+    pub not_symbolized: Option<SymbolizeError>,
+}
 
 /// Turns recognised items into finished events.
 pub struct Pipeline<S> {
     symbolizer: S,
-    /// Why events could not be symbolized, for the caller to show (drained by the caller).
-    pub notes: Vec<String>,
     /// The hang episodes seen so far, shared with the `/proc` watcher.
     pub episodes: HangEpisodes,
 }
@@ -24,17 +30,12 @@ impl<S: Symbolize> Pipeline<S> {
     pub fn new(symbolizer: S) -> Self {
         Pipeline {
             symbolizer,
-            notes: Vec::new(),
             episodes: HangEpisodes::new(),
         }
     }
 
     /// Handles one recognised item; returns the event to publish, if any.
-    pub fn handle(
-        &mut self,
-        item: Recognised,
-        metrics: Option<&AgentMetrics>,
-    ) -> Option<CrashEvent> {
+    pub fn handle(&mut self, item: Recognised, metrics: Option<&AgentMetrics>) -> Option<Finished> {
         match item {
             Recognised::Event(found) => {
                 let Found {
@@ -74,16 +75,17 @@ impl<S: Symbolize> Pipeline<S> {
     }
 
     /// Symbolizes, explains and counts an event that is to be published.
-    pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> CrashEvent {
+    pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> Finished {
         let started = std::time::Instant::now();
-        if let Err(err) = self.symbolizer.symbolize(&mut event) {
-            tracing::info!(%err, "not symbolized");
-            if let Some(m) = metrics {
+        let not_symbolized = self.symbolizer.symbolize(&mut event).err();
+        if let Some(m) = metrics {
+            m.symbolization_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if let Some(err) = &not_symbolized {
                 m.symbolization_failures
                     .with_label_values(&[err.reason()])
                     .inc();
             }
-            self.notes.push(err.to_string());
         }
         if event.instruction.is_none() {
             event.instruction = explain::faulting_instruction(&event).map(|i| i.text);
@@ -93,8 +95,6 @@ impl<S: Symbolize> Pipeline<S> {
             event.explanation = Some(text);
         }
         if let Some(m) = metrics {
-            m.symbolization_seconds
-                .observe(started.elapsed().as_secs_f64());
             let process = event.comm.as_deref().unwrap_or("");
             if event.kind == EventKind::HungTask {
                 m.count_hung_task(process);
@@ -106,7 +106,10 @@ impl<S: Symbolize> Pipeline<S> {
                 );
             }
         }
-        event
+        Finished {
+            event,
+            not_symbolized,
+        }
     }
 
     fn is_new_hang_episode(&mut self, event: &CrashEvent, monotonic_usec: Option<u64>) -> bool {

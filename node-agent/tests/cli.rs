@@ -114,3 +114,26 @@ fn invalid_utf8_input_is_read_not_rejected() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
 }
+
+#[test]
+fn a_failed_symbolization_is_said_once_and_the_event_still_printed() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = agent(
+        &[
+            "explain",
+            "--json",
+            "--search-path",
+            empty.path().to_str().unwrap(),
+            SEED,
+        ],
+        "",
+    );
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.matches("not symbolized").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no binary named qemu-nbd was found; pass --binary or --search-path"),
+        "{stderr}"
+    );
+}

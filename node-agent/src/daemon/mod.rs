@@ -18,7 +18,7 @@ use crate::kmsg::{
     Cursor, CursorFile, KmsgReader, ReadOutcome, SeqTracker, SeqVerdict, parse_record,
 };
 use crate::metrics::AgentMetrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Finished, Pipeline};
 use crate::publish::Publish;
 use crate::recognise::{LogLine, Recognised, Recogniser};
 use crate::symbolize::Symbolize;
@@ -201,13 +201,21 @@ impl<S: Symbolize> ReadState<S> {
             Recognised::Event(found) => found.monotonic_usec,
             _ => None,
         };
-        let mut event = self.pipeline.handle(item, Some(&self.metrics))?;
-        event.timestamp = usec.map(|u| self.clock.wall_time(u));
-        Some(event)
+        let finished = self.pipeline.handle(item, Some(&self.metrics))?;
+        Some(self.stamped(finished, usec))
     }
 
     fn finish_event(&mut self, event: CrashEvent, usec: Option<u64>) -> CrashEvent {
-        let mut event = self.pipeline.finish(event, Some(&self.metrics));
+        let finished = self.pipeline.finish(event, Some(&self.metrics));
+        self.stamped(finished, usec)
+    }
+
+    /// Logs why an event was not symbolized and gives it its wall-clock time.
+    fn stamped(&self, finished: Finished, usec: Option<u64>) -> CrashEvent {
+        if let Some(err) = &finished.not_symbolized {
+            tracing::info!(%err, "not symbolized");
+        }
+        let mut event = finished.event;
         event.timestamp = usec.map(|u| self.clock.wall_time(u));
         event
     }
