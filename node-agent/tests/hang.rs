@@ -154,16 +154,39 @@ impl Drop for StuckReader {
     }
 }
 
+/// The common start of a hang test: the kernel lock, the requirements, and hung-task
+/// detection after 2 s, checked every second, with `warnings` reports printed; restored when
+/// dropped. A test's `StuckReader` is declared later, so it is continued before this goes.
+struct HangTest {
+    state: tempfile::TempDir,
+    _sysctls: [Sysctl; 3],
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl HangTest {
+    fn begin(warnings: &str) -> Option<HangTest> {
+        let lock = kernel_lock();
+        if !require_nbd_lab() {
+            return None;
+        }
+        Some(HangTest {
+            state: tempfile::tempdir().unwrap(),
+            _sysctls: [
+                Sysctl::set("kernel/hung_task_timeout_secs", "2"),
+                Sysctl::set("kernel/hung_task_check_interval_secs", "1"),
+                Sysctl::set("kernel/hung_task_warnings", warnings),
+            ],
+            _lock: lock,
+        })
+    }
+}
+
 #[test]
 fn a_hung_qemu_nbd_reported_by_the_kernel_is_one_event() {
-    let _lock = kernel_lock();
-    if !require_nbd_lab() {
+    let Some(test) = HangTest::begin("-1") else {
         return;
-    }
-    let _timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
-    let _interval = Sysctl::set("kernel/hung_task_check_interval_secs", "1");
-    let _warnings = Sysctl::set("kernel/hung_task_warnings", "-1");
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     // A long threshold keeps the /proc watcher out of this test: the kernel must report it.
     let mut agent = Agent::start(state.path(), &["--hang-threshold", "600"]);
     let stuck = StuckReader::start();
@@ -206,27 +229,17 @@ fn a_hung_qemu_nbd_reported_by_the_kernel_is_one_event() {
         .iter()
         .filter(|e| e.kind == EventKind::HungTask && e.comm.as_deref() == Some("qemu-nbd"))
         .count();
-    let counted: f64 = agent
-        .metrics()
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with("crashwatch_hung_tasks_total{") && k.contains("process=\"qemu-nbd\"")
-        })
-        .map(|(_, v)| *v)
-        .sum();
+    let counted = agent.process_counter("crashwatch_hung_tasks_total", "qemu-nbd");
     assert_eq!(counted, printed as f64);
 }
 
 #[test]
 fn with_kernel_reports_off_the_proc_watcher_reports_the_hang_once() {
-    let _lock = kernel_lock();
-    if !require_nbd_lab() {
+    // hung_task_warnings=0: the kernel detects but prints nothing.
+    let Some(test) = HangTest::begin("0") else {
         return;
-    }
-    let _timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
-    let _interval = Sysctl::set("kernel/hung_task_check_interval_secs", "1");
-    let _silent = Sysctl::set("kernel/hung_task_warnings", "0");
-    let state = tempfile::tempdir().unwrap();
+    };
+    let state = &test.state;
     let mut agent = Agent::start(
         state.path(),
         &["--hang-threshold", "2", "--hang-scan-interval", "0.5"],

@@ -159,14 +159,7 @@ fn every_kind_of_real_crash_yields_exactly_one_event() {
             .count();
         assert_eq!(count, 1, "crashy {mode} reported {count} times");
     }
-    let crashes_counted: f64 = agent
-        .metrics()
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with("crashwatch_crashes_total{") && k.contains("process=\"crashy\"")
-        })
-        .map(|(_, v)| v)
-        .sum();
+    let crashes_counted = agent.process_counter("crashwatch_crashes_total", "crashy");
     assert!(
         crashes_counted >= 8.0,
         "crashes_total for crashy: {crashes_counted}"

@@ -152,16 +152,14 @@ mod tests {
         // objdump -D -b binary -mi386:x86-64 on these bytes: "mov 0x100(%rdi),%rax".
         assert_eq!(insn.text, "mov rax, [rdi+0x100]");
         assert_eq!(insn.length, 7);
-        let memory = insn.memory.unwrap();
-        assert_eq!(
-            (
-                memory.base.as_deref(),
-                memory.displacement,
-                memory.write,
-                memory.size
-            ),
-            (Some("rdi"), 0x100, false, Some(8))
-        );
+        let rdi = |displacement, write, size| MemoryAccess {
+            base: Some("rdi".into()),
+            index: None,
+            displacement,
+            write,
+            size,
+        };
+        assert_eq!(insn.memory, Some(rdi(0x100, false, Some(8))));
     }
 
     #[test]
@@ -169,16 +167,14 @@ mod tests {
         let insn =
             decode_faulting_instruction(&parse_code(RO_WRITE).unwrap(), 0x55f3_8132_6540).unwrap();
         assert_eq!(insn.text, "mov byte ptr [rdi], 0x52");
-        let memory = insn.memory.unwrap();
-        assert_eq!(
-            (
-                memory.base.as_deref(),
-                memory.displacement,
-                memory.write,
-                memory.size
-            ),
-            (Some("rdi"), 0, true, Some(1))
-        );
+        let rdi = |displacement, write, size| MemoryAccess {
+            base: Some("rdi".into()),
+            index: None,
+            displacement,
+            write,
+            size,
+        };
+        assert_eq!(insn.memory, Some(rdi(0, true, Some(1))));
     }
 
     #[test]

@@ -313,6 +313,17 @@ impl Agent {
             .collect()
     }
 
+    /// The sum of a labelled counter over every series of one process.
+    pub fn process_counter(&self, name: &str, process: &str) -> f64 {
+        let prefix = format!("{name}{{");
+        let label = format!("process=\"{process}\"");
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix) && k.contains(&label))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// One counter's value, ignoring labels other than `node`.
     pub fn counter(&self, name: &str) -> f64 {
         let key = format!("{name}{{node=\"test-node\"}}");
