@@ -314,16 +314,7 @@ fn a_binary_replaced_after_the_crash_is_flagged() {
     // "Upgrade" the binary: same name, different code.
     let dir = tempfile::tempdir().unwrap();
     let upgraded = dir.path().join("crashy");
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
-    assert!(
-        std::process::Command::new("gcc")
-            .args(["-O0", "-g", "-pthread", "-o"])
-            .arg(&upgraded)
-            .arg(&source)
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::compile_crashy(&upgraded, &["-O0"]);
     let flagged = explain(&upgraded);
     assert_eq!(flagged.binary_matches, Some(false), "{flagged:?}");
     assert_eq!(flagged.binary_path.as_deref(), upgraded.to_str());

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crds::{Address, CrashEvent, EventKind};
 use node_agent::symbolize::{Places, Symbolize, Symbolizer};
-use support::{have, require};
+use support::{compile_crashy, have, require};
 
 fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)
@@ -141,37 +141,27 @@ struct Build {
     oracle_file: PathBuf,
 }
 
-fn builds(dir: &Path) -> Vec<Build> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
-    let path = |name: &str| dir.join(name);
-    let gcc = |out: &str, extra: &[&str]| {
-        let status = Command::new("gcc")
-            .args(["-O2", "-g", "-pthread"])
-            .args(extra)
-            .arg("-o")
-            .arg(path(out))
-            .arg(&source)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    gcc("pie/crashy", &[]);
-    gcc("nopie/crashy", &["-no-pie"]);
-    gcc("compressed/crashy", &["-gz=zlib"]);
-    // Stripped, with the debug file found by build-id under a debug dir.
-    gcc("buildid/crashy", &[]);
+/// Moves `binary`'s debug information into `debug_file` and strips `binary`.
+fn split_debug(binary: &Path, debug_file: &Path) {
     run(
         "objcopy",
         &[
             "--only-keep-debug",
-            path("buildid/crashy").to_str().unwrap(),
-            path("buildid/crashy.debug").to_str().unwrap(),
+            binary.to_str().unwrap(),
+            debug_file.to_str().unwrap(),
         ],
     );
-    run(
-        "strip",
-        &["--strip-all", path("buildid/crashy").to_str().unwrap()],
-    );
+    run("strip", &["--strip-all", binary.to_str().unwrap()]);
+}
+
+fn builds(dir: &Path) -> Vec<Build> {
+    let path = |name: &str| dir.join(name);
+    compile_crashy(&path("pie/crashy"), &[]);
+    compile_crashy(&path("nopie/crashy"), &["-no-pie"]);
+    compile_crashy(&path("compressed/crashy"), &["-gz=zlib"]);
+    // Stripped, with the debug file found by build-id under a debug dir.
+    compile_crashy(&path("buildid/crashy"), &[]);
+    split_debug(&path("buildid/crashy"), &path("buildid/crashy.debug"));
     let id = run("readelf", &["-n", path("buildid/crashy").to_str().unwrap()]);
     let id = id
         .lines()
@@ -186,29 +176,16 @@ fn builds(dir: &Path) -> Vec<Build> {
         .join(format!("{}.debug", &id[2..]));
     std::fs::rename(path("buildid/crashy.debug"), &by_build_id).unwrap();
     // Stripped, with a .gnu_debuglink to a debug file beside it.
-    gcc("debuglink/crashy", &[]);
-    run(
-        "objcopy",
-        &[
-            "--only-keep-debug",
-            path("debuglink/crashy").to_str().unwrap(),
-            path("debuglink/crashy.debug").to_str().unwrap(),
-        ],
-    );
-    run(
-        "strip",
-        &["--strip-all", path("debuglink/crashy").to_str().unwrap()],
-    );
+    compile_crashy(&path("debuglink/crashy"), &[]);
+    split_debug(&path("debuglink/crashy"), &path("debuglink/crashy.debug"));
     let link = format!(
         "--add-gnu-debuglink={}",
         path("debuglink/crashy.debug").display()
     );
-    Command::new("objcopy")
-        .arg(&link)
-        .arg(path("debuglink/crashy"))
-        .current_dir(path("debuglink"))
-        .status()
-        .unwrap();
+    run(
+        "objcopy",
+        &[&link, path("debuglink/crashy").to_str().unwrap()],
+    );
     vec![
         Build {
             name: "pie",
@@ -360,14 +337,7 @@ fn libc_resolves_through_libc6_dbg_by_build_id() {
 /// Builds crashy with zlib-compressed DWARF into `dir`.
 fn compressed_build(dir: &Path) -> PathBuf {
     let binary = dir.join("crashy");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
-    let status = Command::new("gcc")
-        .args(["-O2", "-g", "-gz=zlib", "-pthread", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    compile_crashy(&binary, &["-gz=zlib"]);
     binary
 }
 

@@ -99,16 +99,24 @@ pub fn crashy() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("crashwatch-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let binary = dir.join("crashy");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
-        let status = Command::new("gcc")
-            .args(["-O2", "-g", "-pthread", "-o"])
-            .arg(&binary)
-            .arg(&source)
-            .status()
-            .expect("gcc");
-        assert!(status.success(), "gcc failed");
+        compile_crashy(&binary, &[]);
         binary
     })
+}
+
+/// Compiles the test program to `out` with `gcc -O2 -g -pthread` and `extra` flags (later
+/// flags win, so `-O0` in `extra` overrides `-O2`).
+pub fn compile_crashy(out: &Path, extra: &[&str]) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/crashy.c");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-pthread"])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .arg(&source)
+        .status()
+        .expect("gcc");
+    assert!(status.success(), "gcc {extra:?} failed");
 }
 
 /// A crash caused for real: the ids the program printed before it died.
