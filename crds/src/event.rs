@@ -124,6 +124,24 @@ pub struct Frame {
     pub inlined: bool,
 }
 
+/// A memory access in source terms: which member was read or written through which
+/// pointer expression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PointerAccess {
+    /// The C expression of the pointer, for example `bs->drv`, when it could be traced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<String>,
+    /// The member accessed through it, for example `bdrv_co_flush` or `stats.writes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// The offset of the access from the pointer.
+    pub offset: Address,
+    /// Whether the access wrote (else it read).
+    #[serde(default)]
+    pub write: bool,
+}
+
 /// One recognised crash or hang, built from one or more kernel log records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -205,6 +223,10 @@ pub struct CrashEvent {
     /// The faulting instruction in Intel syntax.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instruction: Option<String>,
+    /// What the faulting instruction accessed, in source terms, when debug information
+    /// tells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<PointerAccess>,
     /// One or two plain sentences saying what went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explanation: Option<String>,
@@ -249,6 +271,7 @@ impl CrashEvent {
             binary_matches: None,
             frames: Vec::new(),
             instruction: None,
+            access: None,
             explanation: None,
             timestamp: None,
             kmsg_seq: None,

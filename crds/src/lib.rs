@@ -7,4 +7,4 @@
 
 pub mod event;
 
-pub use event::{Address, CrashEvent, DetectedBy, EventKind, Frame};
+pub use event::{Address, CrashEvent, DetectedBy, EventKind, Frame, PointerAccess};

@@ -319,3 +319,91 @@ fn a_binary_replaced_after_the_crash_is_flagged() {
     assert_eq!(flagged.binary_matches, Some(false), "{flagged:?}");
     assert_eq!(flagged.binary_path.as_deref(), upgraded.to_str());
 }
+
+/// The source line of the `crash:MODE` marker in the member test program.
+fn marker_line(source: &str, mode: &str) -> u32 {
+    let marker = format!("/* crash:{mode} */");
+    source
+        .lines()
+        .position(|l| l.contains(&marker))
+        .map(|i| i as u32 + 1)
+        .unwrap_or_else(|| panic!("no {marker} in the source"))
+}
+
+#[test]
+fn a_stripped_optimised_binary_names_the_member_and_the_null_pointer() {
+    let Some(test) = KernelTest::begin() else {
+        return;
+    };
+    // The seed crash rebuilt: a stripped -O2 -fomit-frame-pointer `qemu-nbd` whose DWARF
+    // lives only in a separate file, found by build-id.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let binary = bin.join("qemu-nbd");
+    let source_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/nullmember.c");
+    support::run(
+        "gcc",
+        &[
+            "-O2",
+            "-fomit-frame-pointer",
+            "-g",
+            "-o",
+            binary.to_str().unwrap(),
+            source_path.to_str().unwrap(),
+        ],
+    );
+    let debug_file = dir.path().join("qemu-nbd.debug");
+    support::split_debug(&binary, &debug_file);
+    let debug_dir = dir.path().join("debug");
+    support::install_by_build_id(&binary, &debug_file, &debug_dir);
+    let source = std::fs::read_to_string(&source_path).unwrap();
+
+    let mut agent = Agent::start(
+        test.state.path(),
+        &[
+            "--search-path",
+            bin.to_str().unwrap(),
+            "--debug-dir",
+            debug_dir.to_str().unwrap(),
+        ],
+    );
+    // (mode, the function, the pointer expression and the member, as in the source)
+    let cases = [
+        ("chain", "bdrv_co_flush", "bs->drv", "bdrv_co_flush", false),
+        ("direct", "bdrv_flushes", "bs", "stats.flushes", false),
+        ("nested", "job_count_write", "job->bs", "stats.writes", true),
+    ];
+    for (mode, function, pointer, member, write) in cases {
+        let output = support::run_to_crash(&binary, mode);
+        let pid: u32 = support::printed(&output, "pid").unwrap().parse().unwrap();
+        // The compiler's offsetof, printed by the program.
+        let offset = support::printed(&output, "offset").unwrap().to_owned();
+        let e = agent.wait_for(&format!("qemu-nbd {mode}"), WAIT, by_id(pid));
+        assert_eq!(e.binary_matches, Some(true), "{mode}: {e:?}");
+        let innermost = e.frames.first().unwrap_or_else(|| panic!("{mode}: {e:?}"));
+        assert_eq!(innermost.function.as_deref(), Some(function), "{mode}");
+        let line = marker_line(&source, mode);
+        assert_eq!(innermost.line, Some(line), "{mode}: {e:?}");
+        let access = e.access.clone().unwrap_or_else(|| panic!("{mode}: {e:?}"));
+        assert_eq!(access.pointer.as_deref(), Some(pointer), "{mode}: {e:?}");
+        assert_eq!(access.member.as_deref(), Some(member), "{mode}: {e:?}");
+        assert_eq!(access.offset.to_string(), offset, "{mode}");
+        assert_eq!(access.write, write, "{mode}");
+        let verb = if write { "write" } else { "read" };
+        let expected = format!(
+            "NULL pointer dereference: {verb} of member `{member}` (offset {offset}) through `{pointer}`, which was NULL, in {function}() at {}:{line}",
+            innermost.file.as_deref().unwrap()
+        );
+        let explanation = e.explanation.as_deref().unwrap();
+        assert!(
+            explanation.starts_with(&expected),
+            "{mode}:\n  got      {explanation}\n  expected {expected}…"
+        );
+        assert!(
+            innermost.file.as_deref().unwrap().ends_with("nullmember.c"),
+            "{e:?}"
+        );
+    }
+}

@@ -8,20 +8,7 @@ use std::process::Command;
 
 use crds::{Address, CrashEvent, EventKind};
 use node_agent::symbolize::{Places, Symbolize, Symbolizer};
-use support::{compile_crashy, have, require};
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
+use support::{compile_crashy, have, install_by_build_id, require, run, split_debug};
 
 /// `(p_offset, p_vaddr)` of each PT_LOAD, from binutils' readelf.
 fn loads(binary: &Path) -> Vec<(u64, u64, u64)> {
@@ -141,19 +128,6 @@ struct Build {
     oracle_file: PathBuf,
 }
 
-/// Moves `binary`'s debug information into `debug_file` and strips `binary`.
-fn split_debug(binary: &Path, debug_file: &Path) {
-    run(
-        "objcopy",
-        &[
-            "--only-keep-debug",
-            binary.to_str().unwrap(),
-            debug_file.to_str().unwrap(),
-        ],
-    );
-    run("strip", &["--strip-all", binary.to_str().unwrap()]);
-}
-
 fn builds(dir: &Path) -> Vec<Build> {
     let path = |name: &str| dir.join(name);
     compile_crashy(&path("pie/crashy"), &[]);
@@ -162,19 +136,11 @@ fn builds(dir: &Path) -> Vec<Build> {
     // Stripped, with the debug file found by build-id under a debug dir.
     compile_crashy(&path("buildid/crashy"), &[]);
     split_debug(&path("buildid/crashy"), &path("buildid/crashy.debug"));
-    let id = run("readelf", &["-n", path("buildid/crashy").to_str().unwrap()]);
-    let id = id
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: "))
-        .unwrap()
-        .to_owned();
-    let debug_dir = path("buildid/debug");
-    std::fs::create_dir_all(debug_dir.join(".build-id").join(&id[..2])).unwrap();
-    let by_build_id = debug_dir
-        .join(".build-id")
-        .join(&id[..2])
-        .join(format!("{}.debug", &id[2..]));
-    std::fs::rename(path("buildid/crashy.debug"), &by_build_id).unwrap();
+    install_by_build_id(
+        &path("buildid/crashy"),
+        &path("buildid/crashy.debug"),
+        &path("buildid/debug"),
+    );
     // Stripped, with a .gnu_debuglink to a debug file beside it.
     compile_crashy(&path("debuglink/crashy"), &[]);
     split_debug(&path("debuglink/crashy"), &path("debuglink/crashy.debug"));

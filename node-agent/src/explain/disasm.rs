@@ -85,7 +85,11 @@ pub struct FaultingInstruction {
 
 /// Decodes the instruction at the marked byte, as if it were at address `ip`.
 pub fn decode_faulting_instruction(code: &CodeBytes, ip: u64) -> Option<FaultingInstruction> {
-    let bytes = code.bytes.get(code.fault_index..)?;
+    decode_at(code.bytes.get(code.fault_index..)?, ip)
+}
+
+/// Decodes the instruction that starts `bytes`, as if it were at address `ip`.
+pub fn decode_at(bytes: &[u8], ip: u64) -> Option<FaultingInstruction> {
     let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
     let instruction = decoder.decode();
     if instruction.is_invalid() {

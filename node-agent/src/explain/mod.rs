@@ -1,5 +1,6 @@
 //! Stage 4 of the pipeline: saying in plain words what went wrong (pure).
 
+pub mod access;
 pub mod disasm;
 
 use std::fmt::Write as _;
@@ -234,6 +235,18 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
         }
         FaultClass::Breakpoint => "Breakpoint trap: an int3 instruction ran with no debugger attached".to_owned(),
     };
+    if let Some(traced) = traced_access(event, class) {
+        text = traced;
+        if let Some(innermost) = event.frames.first() {
+            write_frames(&mut text, event, innermost);
+        }
+        let _ = write!(text, ". It happened in {}", task(event));
+        if let Some(instruction) = &event.instruction {
+            let _ = write!(text, " at `{instruction}`");
+        }
+        text.push('.');
+        return text;
+    }
     let _ = write!(text, " in {}", task(event));
     if let Some(instruction) = faulting_instruction(event) {
         match pointer_clause(event, &instruction) {
@@ -246,21 +259,7 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
         }
     }
     if let Some(innermost) = event.frames.first() {
-        let _ = write!(
-            text,
-            ", in {}()",
-            innermost.function.as_deref().unwrap_or("??")
-        );
-        if let (Some(file), Some(line)) = (&innermost.file, innermost.line) {
-            let _ = write!(text, " at {file}:{line}");
-        }
-        let callers: Vec<String> = event.frames[1..]
-            .iter()
-            .map(|f| format!("{}()", f.function.as_deref().unwrap_or("??")))
-            .collect();
-        if !callers.is_empty() {
-            let _ = write!(text, ", inlined into {}", callers.join(" ← "));
-        }
+        write_frames(&mut text, event, innermost);
     } else if let Some(module) = &event.module {
         let _ = write!(text, ", in {module}");
         match (event.module_offset, event.ip, event.vma_start) {
@@ -279,6 +278,57 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
     }
     text.push('.');
     text
+}
+
+/// ", in f() at file.c:12, inlined into g() ← h()".
+fn write_frames(text: &mut String, event: &CrashEvent, innermost: &crds::Frame) {
+    let _ = write!(
+        text,
+        ", in {}()",
+        innermost.function.as_deref().unwrap_or("??")
+    );
+    if let (Some(file), Some(line)) = (&innermost.file, innermost.line) {
+        let _ = write!(text, " at {file}:{line}");
+    }
+    let callers: Vec<String> = event.frames[1..]
+        .iter()
+        .map(|f| format!("{}()", f.function.as_deref().unwrap_or("??")))
+        .collect();
+    if !callers.is_empty() {
+        let _ = write!(text, ", inlined into {}", callers.join(" ← "));
+    }
+}
+
+/// "NULL pointer dereference: read of member `x` (offset 0x10) through `a->b`, which was
+/// NULL", when the member analysis traced the pointer or the member.
+fn traced_access(event: &CrashEvent, class: FaultClass) -> Option<String> {
+    let access = event.access.as_ref()?;
+    if access.pointer.is_none() && access.member.is_none() {
+        return None;
+    }
+    let pointer_value = event.fault_address?.0.wrapping_sub(access.offset.0);
+    let verb = if access.write { "write" } else { "read" };
+    let what = match &access.member {
+        Some(member) => format!("{verb} of member `{member}` (offset {})", access.offset),
+        None => format!("{verb} at offset {}", access.offset),
+    };
+    let held = if pointer_value == 0 {
+        "which was NULL".to_owned()
+    } else {
+        format!("which held {pointer_value:#x}")
+    };
+    let through = match &access.pointer {
+        Some(pointer) => format!("through `{pointer}`, {held}"),
+        None if pointer_value == 0 => "through a NULL pointer".to_owned(),
+        None => format!("through a pointer {held}"),
+    };
+    match class {
+        FaultClass::NullDereference => Some(format!("NULL pointer dereference: {what} {through}")),
+        FaultClass::WildPointer => Some(format!(
+            "Access to unmapped memory: {what} {through}, a wild, freed or corrupted pointer"
+        )),
+        _ => None,
+    }
 }
 
 /// The human-readable report `crashwatch-agent explain` prints for one event.

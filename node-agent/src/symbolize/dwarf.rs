@@ -124,6 +124,14 @@ impl DebugInfo {
         self.context.is_some()
     }
 
+    /// The DWARF unit covering `vaddr`.
+    pub fn unit_at(&self, vaddr: u64) -> Option<gimli::UnitRef<'_, Reader>> {
+        self.context
+            .as_ref()?
+            .find_dwarf_and_unit(vaddr)
+            .skip_all_loads()
+    }
+
     /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none.
     pub fn frames(&self, vaddr: u64) -> Result<Vec<Frame>, gimli::Error> {
         let Some(context) = &self.context else {

@@ -44,6 +44,14 @@ pub fn file_offset_to_vaddr(
         .ok_or(MappingError::OutsideSegments(file_offset))
 }
 
+/// Maps a link-time virtual address back to its file offset (None outside the file's bytes).
+pub fn vaddr_to_file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|s| s.vaddr <= vaddr && vaddr < s.vaddr.saturating_add(s.file_size))
+        .map(|s| vaddr - s.vaddr + s.offset)
+}
+
 /// Derives the file offset of `ip` for kernels that print only `FILE[START+SIZE]`.
 ///
 /// `ip` lies in an executable mapping, which maps the binary's executable segment from its

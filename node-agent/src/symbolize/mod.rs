@@ -9,6 +9,7 @@ pub mod dwarf;
 pub mod elf;
 pub mod locate;
 pub mod mapping;
+pub mod variables;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use crds::{CrashEvent, Frame};
 use thiserror::Error;
 
-use crate::explain::disasm;
+use crate::explain::{access, disasm};
 use dwarf::DebugInfo;
 use elf::ElfFile;
 pub use locate::Places;
@@ -222,6 +223,25 @@ impl Symbolizer {
     }
 }
 
+/// The longest x86-64 instruction.
+const MAX_INSTRUCTION_LENGTH: usize = 15;
+
+/// The largest function whose code the member analysis decodes.
+const MAX_FUNCTION_BYTES: u64 = 1 << 20;
+
+/// Which member was accessed through which pointer at `vaddr`, from the function's code in
+/// `binary` and the variables and types in `debug`.
+fn trace_access(binary: &ElfFile, debug: &DebugInfo, vaddr: u64) -> Option<crds::PointerAccess> {
+    let (facts, function) = variables::UnitFacts::at(debug, vaddr)?;
+    let length = function.end.checked_sub(function.start)?;
+    if length > MAX_FUNCTION_BYTES {
+        return None;
+    }
+    let start = mapping::vaddr_to_file_offset(&binary.segments, function.start)?;
+    let code = binary.bytes_at(start, usize::try_from(length).ok()?)?;
+    access::trace_access(&facts, code, function.start, vaddr)
+}
+
 /// Whether the `Code:` bytes equal the binary's bytes around `file_offset` (None without Code).
 fn code_matches(event: &CrashEvent, binary: &ElfFile, file_offset: u64) -> Option<bool> {
     let code = disasm::parse_code(event.code.as_deref()?).ok()?;
@@ -305,6 +325,15 @@ impl Symbolize for Symbolizer {
             outermost.function = Some(name);
         }
         event.frames = frames;
+        if matches != Some(false) {
+            if event.instruction.is_none() {
+                event.instruction = binary
+                    .bytes_at(offset, MAX_INSTRUCTION_LENGTH)
+                    .and_then(|bytes| disasm::decode_at(bytes, vaddr))
+                    .map(|i| i.text);
+            }
+            event.access = trace_access(binary, &debug, vaddr);
+        }
         Ok(())
     }
 }

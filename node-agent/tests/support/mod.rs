@@ -119,6 +119,73 @@ pub fn compile_crashy(out: &Path, extra: &[&str]) {
     assert!(status.success(), "gcc {extra:?} failed");
 }
 
+/// Runs `program` with `args`, asserts it succeeded, and returns its stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Moves `binary`'s debug information into `debug_file` and strips `binary`.
+pub fn split_debug(binary: &Path, debug_file: &Path) {
+    run(
+        "objcopy",
+        &[
+            "--only-keep-debug",
+            binary.to_str().unwrap(),
+            debug_file.to_str().unwrap(),
+        ],
+    );
+    run("strip", &["--strip-all", binary.to_str().unwrap()]);
+}
+
+/// Moves `debug_file` (split from `binary`) to `DEBUG_DIR/.build-id/xx/rest.debug`.
+pub fn install_by_build_id(binary: &Path, debug_file: &Path, debug_dir: &Path) -> PathBuf {
+    let notes = run("readelf", &["-n", binary.to_str().unwrap()]);
+    let id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("the binary has a build-id");
+    let place = debug_dir
+        .join(".build-id")
+        .join(&id[..2])
+        .join(format!("{}.debug", &id[2..]));
+    fs::create_dir_all(place.parent().unwrap()).unwrap();
+    fs::rename(debug_file, &place).unwrap();
+    place
+}
+
+/// Runs `binary ARG` until it dies of a signal; returns what it printed.
+pub fn run_to_crash(binary: &Path, arg: &str) -> String {
+    let output = Command::new(binary)
+        .arg(arg)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run the crashing program");
+    assert!(
+        output.status.code().is_none(),
+        "{} {arg} did not die of a signal: {:?}",
+        binary.display(),
+        output.status
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The value of `KEY=value` in a program's output.
+pub fn printed<'a>(output: &'a str, key: &str) -> Option<&'a str> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
+}
+
 /// A crash caused for real: the ids the program printed before it died.
 #[derive(Debug, Clone, Copy)]
 pub struct Crash {
@@ -130,26 +197,12 @@ pub struct Crash {
 
 /// Runs `crashy MODE` and returns its ids; asserts it died of a signal.
 pub fn crash(mode: &str) -> Crash {
-    let output = Command::new(crashy())
-        .arg(mode)
-        .stderr(Stdio::null())
-        .output()
-        .expect("run crashy");
-    assert!(
-        output.status.code().is_none(),
-        "crashy {mode} did not die of a signal: {:?}",
-        output.status
-    );
-    let text = String::from_utf8_lossy(&output.stdout);
-    let id = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.trim().parse().unwrap())
-    };
-    let pid = id("pid=").expect("crashy printed its pid");
+    let output = run_to_crash(crashy(), mode);
+    let id = |key: &str| printed(&output, key).map(|v| v.parse().unwrap());
+    let pid = id("pid").expect("crashy printed its pid");
     Crash {
         pid,
-        logged_id: id("tid=").unwrap_or(pid),
+        logged_id: id("tid").unwrap_or(pid),
     }
 }
 
