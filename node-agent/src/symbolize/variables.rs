@@ -104,10 +104,10 @@ impl<'a> UnitFacts<'a> {
             match entry.tag() {
                 gimli::DW_TAG_subprogram
                 | gimli::DW_TAG_inlined_subroutine
-                | gimli::DW_TAG_lexical_block => {
-                    if depth < 64 && self.range_containing(entry, pc)?.is_some() {
-                        self.find_variable(child, pc, register, depth + 1, best)?;
-                    }
+                | gimli::DW_TAG_lexical_block
+                    if depth < 64 && self.range_containing(entry, pc)?.is_some() =>
+                {
+                    self.find_variable(child, pc, register, depth + 1, best)?;
                 }
                 gimli::DW_TAG_namespace
                 | gimli::DW_TAG_structure_type
