@@ -136,10 +136,11 @@ fn builds(dir: &Path) -> Vec<Build> {
     // Stripped, with the debug file found by build-id under a debug dir.
     compile_crashy(&path("buildid/crashy"), &[]);
     split_debug(&path("buildid/crashy"), &path("buildid/crashy.debug"));
-    install_by_build_id(
+    let debug_dir = path("buildid/debug");
+    let by_build_id = install_by_build_id(
         &path("buildid/crashy"),
         &path("buildid/crashy.debug"),
-        &path("buildid/debug"),
+        &debug_dir,
     );
     // Stripped, with a .gnu_debuglink to a debug file beside it.
     compile_crashy(&path("debuglink/crashy"), &[]);
