@@ -4,6 +4,7 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,6 +15,7 @@ use node_agent::hangwatch::WatchConfig;
 use node_agent::pipeline::Pipeline;
 use node_agent::publish::{JsonLines, Publish};
 use node_agent::recognise::{LogLine, Recogniser};
+use node_agent::symbolize::debuginfod::Debuginfod;
 use node_agent::symbolize::locate::DEFAULT_SEARCH_PATHS;
 use node_agent::symbolize::{NoSymbolizer, Places, Symbolize, Symbolizer};
 
@@ -65,10 +67,25 @@ struct SymbolArgs {
     /// How many MiB of parsed binaries and debug information to keep cached.
     #[arg(long, default_value_t = 256)]
     symbol_cache_mib: usize,
+    /// A debuginfod server to fetch debug files from by build-id (repeatable).
+    #[arg(
+        long = "debuginfod",
+        value_name = "URL",
+        env = "DEBUGINFOD_URLS",
+        value_delimiter = ' '
+    )]
+    debuginfod_urls: Vec<String>,
+    /// Where fetched debug files are cached (default: STATE_DIR/debuginfod for run,
+    /// ~/.cache/crashwatch/debuginfod for explain).
+    #[arg(long, value_name = "DIR")]
+    debuginfod_cache: Option<PathBuf>,
+    /// Seconds one debuginfod request may take.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    debuginfod_timeout: u64,
 }
 
 impl SymbolArgs {
-    fn symbolizer(&self, proc_root: PathBuf) -> Symbolizer {
+    fn symbolizer(&self, proc_root: PathBuf, default_cache: PathBuf) -> Symbolizer {
         let search_paths = if self.search_paths.is_empty() {
             DEFAULT_SEARCH_PATHS.iter().map(PathBuf::from).collect()
         } else {
@@ -80,6 +97,13 @@ impl SymbolArgs {
             binaries: self.binaries.clone(),
             search_paths,
             debug_dirs: self.debug_dirs.iter().map(PathBuf::from).collect(),
+            debuginfod: (!self.debuginfod_urls.is_empty()).then(|| {
+                Arc::new(Debuginfod::new(
+                    self.debuginfod_urls.clone(),
+                    self.debuginfod_cache.clone().unwrap_or(default_cache),
+                    Duration::from_secs(self.debuginfod_timeout),
+                ))
+            }),
         };
         Symbolizer::new(places, self.symbol_cache_mib << 20)
     }
@@ -159,7 +183,10 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     let symbolizer: Box<dyn Symbolize> = if args.no_symbolize {
         Box::new(NoSymbolizer)
     } else {
-        Box::new(args.symbols.symbolizer(PathBuf::from("/proc")))
+        Box::new(
+            args.symbols
+                .symbolizer(PathBuf::from("/proc"), user_debuginfod_cache()),
+        )
     };
     let mut pipeline = Pipeline::new(symbolizer);
     let mut recogniser = Recogniser::new();
@@ -205,6 +232,15 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `$XDG_CACHE_HOME/crashwatch/debuginfod`, or under `~/.cache`.
+fn user_debuginfod_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("crashwatch/debuginfod")
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     if !args.standalone {
         bail!("publishing CrashReports to Kubernetes is not built yet; use --standalone");
@@ -218,7 +254,11 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             ))
         }
     };
-    let symbolizer = args.symbols.symbolizer(args.proc.clone());
+    let debuginfod_cache = args
+        .state_dir
+        .as_ref()
+        .map_or_else(user_debuginfod_cache, |dir| dir.join("debuginfod"));
+    let symbolizer = args.symbols.symbolizer(args.proc.clone(), debuginfod_cache);
     let node_name = match args.node_name {
         Some(name) => name,
         None => std::fs::read_to_string(args.proc.join("sys/kernel/hostname"))

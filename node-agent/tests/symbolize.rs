@@ -195,6 +195,7 @@ fn symbolizer_for(binary: &Path, debug_dirs: Vec<PathBuf>) -> Symbolizer {
             binaries: vec![binary.to_owned()],
             search_paths: Vec::new(),
             debug_dirs,
+            debuginfod: None,
         },
         64 << 20,
     )

@@ -1,9 +1,11 @@
 //! Finding a crashed module's binary and its debug information on the node.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crds::CrashEvent;
 
+use super::debuginfod::Debuginfod;
 use super::elf::{ElfFile, debuglink_crc32, hex};
 
 /// Where binaries and debug files are looked for.
@@ -19,6 +21,8 @@ pub struct Places {
     pub search_paths: Vec<PathBuf>,
     /// Roots holding `.build-id/xx/rest.debug` and debuglink files (under `root`).
     pub debug_dirs: Vec<PathBuf>,
+    /// Debuginfod servers, asked by build-id when no local file has the DWARF.
+    pub debuginfod: Option<Arc<Debuginfod>>,
 }
 
 /// The default search path for modules, as on Debian.
@@ -132,6 +136,13 @@ impl Places {
                 {
                     return Some((file, "debuglink"));
                 }
+            }
+        }
+        if let (Some(client), Some(id)) = (&self.debuginfod, binary.build_id.as_deref()) {
+            match client.debuginfo(id).map(|path| ElfFile::read(&path)) {
+                Ok(Ok(file)) => return Some((file, "debuginfod")),
+                Ok(Err(err)) => tracing::warn!(%err, "unusable file in the debuginfod cache"),
+                Err(err) => tracing::debug!(%err, "debuginfod has no debug file"),
             }
         }
         None

@@ -5,6 +5,7 @@
 //! [`mapping`] turns the kernel's offset into a link-time address, and [`dwarf`] asks
 //! addr2line for the frames. Parsed files are cached, bounded by bytes.
 
+pub mod debuginfod;
 pub mod dwarf;
 pub mod elf;
 pub mod locate;
@@ -202,6 +203,7 @@ impl Symbolizer {
             tracing::debug!(binary = %path.display(), debug = %file.path.display(), how, "debug information found");
             DebugInfo::load(&file).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
         });
+        let found_dwarf = debug.is_some();
         let debug = match debug {
             Some(debug) => Some(debug),
             // Symbols only: the binary's own .symtab/.dynsym.
@@ -213,7 +215,10 @@ impl Symbolizer {
             debug: debug.map(Mutex::new),
             bytes,
         });
-        if let Some(stamp) = stamp {
+        // Without DWARF, a later crash asks debuginfod again (its negative cache limits how
+        // often), so the load is not cached.
+        let retry_later = !found_dwarf && self.places.debuginfod.is_some();
+        if let Some(stamp) = stamp.filter(|_| !retry_later) {
             self.cache
                 .lock()
                 .expect("cache lock")
