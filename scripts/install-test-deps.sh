@@ -10,6 +10,8 @@ packages=(
   elfutils llvm           # eu-addr2line, llvm-symbolizer: symbolization oracles
   libc6-dbg               # libc debug info by build-id
   debuginfod              # a real debuginfod server on loopback
+  dwz                     # dwz-compressed debug files with a supplementary file
+  hyperfine               # the symbolization benchmark
   curl
 )
 

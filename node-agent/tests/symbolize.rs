@@ -336,7 +336,7 @@ fn truncated_binaries_give_errors_never_panics() {
         let Ok(file) = ElfFile::parse(Path::new("damaged"), damaged.into()) else {
             continue;
         };
-        if let Ok(info) = DebugInfo::load(&file) {
+        if let Ok(info) = DebugInfo::load(&file, None) {
             loaded += 1;
             for vaddr in (0x1000..0x1400).step_by(7) {
                 let _ = info.frames(vaddr);
@@ -349,7 +349,7 @@ fn truncated_binaries_give_errors_never_panics() {
         "only {loaded} damaged copies loaded: the loop tested little"
     );
     let whole = ElfFile::parse(Path::new("whole"), data.clone().into()).unwrap();
-    assert!(DebugInfo::load(&whole).unwrap().has_dwarf());
+    assert!(DebugInfo::load(&whole, None).unwrap().has_dwarf());
 }
 
 #[test]
@@ -374,7 +374,7 @@ fn a_compressed_section_that_lies_about_its_size_is_rejected() {
     // Elf64_Chdr: ch_type (4), ch_reserved (4), ch_size (8): claim 1 TiB.
     data[offset + 8..offset + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let file = ElfFile::parse(Path::new("liar"), data.into()).unwrap();
-    match DebugInfo::load(&file) {
+    match DebugInfo::load(&file, None) {
         Err(err @ DebugInfoError::CompressedSizeLie { .. }) => {
             assert!(
                 err.to_string()
@@ -385,4 +385,87 @@ fn a_compressed_section_that_lies_about_its_size_is_rejected() {
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a 1 TiB claim was accepted"),
     }
+}
+
+#[test]
+fn dwz_debug_files_resolve_through_their_supplementary_file() {
+    if !require(
+        "needs dwz, llvm-symbolizer, objcopy, readelf, objdump and gcc",
+        [
+            "dwz",
+            "llvm-symbolizer",
+            "objcopy",
+            "readelf",
+            "objdump",
+            "gcc",
+        ]
+        .iter()
+        .all(|t| have(t)),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    // Two programs, so that dwz has something common to move into the supplementary file.
+    compile_crashy(&path("crashy"), &[]);
+    compile_crashy(&path("oracle-crashy"), &[]);
+    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/nullmember.c");
+    run(
+        "gcc",
+        &[
+            "-O2",
+            "-g",
+            "-o",
+            path("other").to_str().unwrap(),
+            other.to_str().unwrap(),
+        ],
+    );
+    split_debug(&path("crashy"), &path("crashy.debug"));
+    split_debug(&path("other"), &path("other.debug"));
+    let common = path("common.debug");
+    run(
+        "dwz",
+        &[
+            "-m",
+            common.to_str().unwrap(),
+            "-M",
+            common.to_str().unwrap(),
+            path("crashy.debug").to_str().unwrap(),
+            path("other.debug").to_str().unwrap(),
+        ],
+    );
+    let sections = run("readelf", &["-SW", path("crashy.debug").to_str().unwrap()]);
+    assert!(
+        sections.contains(".gnu_debugaltlink"),
+        "dwz made no supplementary file:\n{sections}"
+    );
+    let debug_dir = path("debug");
+    install_by_build_id(&path("crashy"), &path("crashy.debug"), &debug_dir);
+
+    let addresses = instruction_addresses(&path("oracle-crashy"));
+    let expected = oracle(&path("oracle-crashy"), &addresses, None);
+    let compare = |what: &str| {
+        let symbolizer = symbolizer_for(&path("crashy"), vec![debug_dir.clone()]);
+        let differing: Vec<String> = addresses
+            .iter()
+            .zip(&expected)
+            .filter_map(|(address, expected)| {
+                let actual = ours(&symbolizer, "crashy", *address);
+                (&actual != expected).then(|| format!("{address:#x}: {actual:?} vs {expected:?}"))
+            })
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{what}: {} of {} differ:\n{}",
+            differing.len(),
+            addresses.len(),
+            differing[..differing.len().min(10)].join("\n")
+        );
+    };
+    // The supplementary file at the absolute path the link names…
+    compare("at the linked path");
+    // …and, moved away, by its build-id under the debug dir.
+    install_by_build_id(&common, &common, &debug_dir);
+    assert!(!common.exists());
+    compare("by build-id");
 }

@@ -60,22 +60,20 @@ pub struct DebugInfo {
 
 impl DebugInfo {
     /// Loads DWARF (if the file has line information) and the symbol tables of `file`.
-    pub fn load(file: &ElfFile) -> Result<DebugInfo, DebugInfoError> {
+    /// `supplementary` is the dwz file its `.gnu_debugaltlink` names, when found.
+    pub fn load(
+        file: &ElfFile,
+        supplementary: Option<&ElfFile>,
+    ) -> Result<DebugInfo, DebugInfoError> {
         let object = object::File::parse(&*file.data)?;
-        let endian = if object.is_little_endian() {
-            RunTimeEndian::Little
-        } else {
-            RunTimeEndian::Big
-        };
         let mut decompressed = 0usize;
         let context = if file.has_dwarf {
-            let dwarf = gimli::Dwarf::load(|id| -> Result<Reader, DebugInfoError> {
-                let section = load_section(&object, &file.data, id.name(), endian)?;
-                if !Arc::ptr_eq(&section.0, &file.data) {
-                    decompressed += section.0.len();
-                }
-                Ok(EndianArcSlice::new(section.0, endian).range(section.1))
-            })?;
+            let mut dwarf = load_dwarf(file, &object, &mut decompressed)?;
+            if let Some(sup) = supplementary {
+                let sup_object = object::File::parse(&*sup.data)?;
+                dwarf.set_sup(load_dwarf(sup, &sup_object, &mut decompressed)?);
+                decompressed += sup.data.len();
+            }
             Some(addr2line::Context::from_dwarf(dwarf)?)
         } else {
             None
@@ -177,6 +175,26 @@ impl DebugInfo {
             )
         })
     }
+}
+
+/// The DWARF sections of `file`; adds the bytes of decompressed sections to `decompressed`.
+fn load_dwarf(
+    file: &ElfFile,
+    object: &object::File<'_>,
+    decompressed: &mut usize,
+) -> Result<gimli::Dwarf<Reader>, DebugInfoError> {
+    let endian = if object.is_little_endian() {
+        RunTimeEndian::Little
+    } else {
+        RunTimeEndian::Big
+    };
+    gimli::Dwarf::load(|id| -> Result<Reader, DebugInfoError> {
+        let section = load_section(object, &file.data, id.name(), endian)?;
+        if !Arc::ptr_eq(&section.0, &file.data) {
+            *decompressed += section.0.len();
+        }
+        Ok(EndianArcSlice::new(section.0, endian).range(section.1))
+    })
 }
 
 /// A section's bytes: the file's own buffer and the range in it, or a decompressed copy.

@@ -91,6 +91,38 @@ impl Places {
         Some(task.join("root").join(mapped.trim_start_matches('/')))
     }
 
+    /// The dwz supplementary file named by `debug_file`'s `.gnu_debugaltlink`: at the named
+    /// path (under `root`, or relative to the debug file), or by its build-id under a
+    /// debug dir. Its build-id must be the one the link records.
+    pub fn supplementary_file(&self, debug_file: &ElfFile) -> Option<ElfFile> {
+        let (name, id) = debug_file.debugaltlink.as_ref()?;
+        let named = Path::new(name);
+        let mut places = Vec::new();
+        if named.is_absolute() {
+            places.push(self.under_root(named));
+        } else if let Some(dir) = debug_file.path.parent() {
+            places.push(dir.join(named));
+        }
+        if id.len() >= 2 {
+            let id_hex = hex(id);
+            for dir in &self.debug_dirs {
+                places.push(
+                    self.under_root(
+                        &dir.join(".build-id")
+                            .join(&id_hex[..2])
+                            .join(format!("{}.debug", &id_hex[2..])),
+                    ),
+                );
+            }
+        }
+        // The supplementary file must not be the debug file itself (a link loop).
+        places
+            .into_iter()
+            .filter(|p| p != &debug_file.path)
+            .filter_map(|p| ElfFile::read(&p).ok())
+            .find(|f| f.build_id.as_deref() == Some(id) && f.has_dwarf)
+    }
+
     /// The file holding `binary`'s DWARF: itself, a build-id file, or a debuglink target.
     /// Returns the file and how it was found.
     pub fn debug_file(&self, binary: &ElfFile) -> Option<(ElfFile, &'static str)> {

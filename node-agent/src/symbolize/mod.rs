@@ -201,13 +201,14 @@ impl Symbolizer {
         let binary = ElfFile::read(path)?;
         let debug = self.places.debug_file(&binary).and_then(|(file, how)| {
             tracing::debug!(binary = %path.display(), debug = %file.path.display(), how, "debug information found");
-            DebugInfo::load(&file).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
+            let supplementary = self.places.supplementary_file(&file);
+            DebugInfo::load(&file, supplementary.as_ref()).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
         });
         let found_dwarf = debug.is_some();
         let debug = match debug {
             Some(debug) => Some(debug),
             // Symbols only: the binary's own .symtab/.dynsym.
-            None => DebugInfo::load(&binary).ok(),
+            None => DebugInfo::load(&binary, None).ok(),
         };
         let bytes = binary.data.len() + debug.as_ref().map_or(0, |d| d.bytes);
         let loaded = Arc::new(Loaded {

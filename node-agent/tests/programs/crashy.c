@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include "shared.h"
 
 struct node { char pad[0x100]; struct node *next; };
 
@@ -28,7 +29,7 @@ static void *worker(void *arg) {
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "null";
     volatile int zero = 0;
-    printf("pid=%d\n", getpid()); fflush(stdout);
+    printf("pid=%d\nweight=%ld\n", getpid(), name_weight(m)); fflush(stdout);
     if (!strcmp(m, "null"))      return (int)read_null_offset(NULL);
     if (!strcmp(m, "rodata"))    { write_ro((char *)ro_msg); return 0; }
     if (!strcmp(m, "execnull"))  { call_null((void (*)(void))(long)zero); return 0; }

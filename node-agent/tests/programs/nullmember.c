@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include "shared.h"
 
 struct BlockDriverState;
 struct BlockDriver {
@@ -40,7 +41,7 @@ int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "chain";
     static struct BlockDriverState no_driver = { .open_flags = 2 };
     static struct Job orphan = { .id = 7 };
-    printf("pid=%d\n", getpid());
+    printf("pid=%d\nweight=%ld\n", getpid(), name_weight(mode));
     if (!strcmp(mode, "chain")) {
         printf("offset=%#zx\n", offsetof(struct BlockDriver, bdrv_co_flush));
         fflush(stdout);
