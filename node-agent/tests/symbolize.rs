@@ -116,6 +116,31 @@ fn ours(
     }
 }
 
+/// Frames equal except for two known differences between the cpp_demangle crate (used by
+/// addr2line) and LLVM's demangler, in function names only: template literals print as
+/// `(unsigned long)0` rather than `0ul`, and cpp_demangle collapses a forwarding reference
+/// `T&&` with a non-reference `T` to `T` (LLVM prints `unsigned long&&`). Files, lines,
+/// columns and the inlined chain must still be equal.
+fn same_modulo_demangler(
+    ours: &[(String, String, u32, u32)],
+    theirs: &[(String, String, u32, u32)],
+) -> bool {
+    fn normalize(name: &str) -> String {
+        let mut out = name.replace("(unsigned long)", "").replace("&&", "");
+        for suffix in ["ul", "u", "l"] {
+            for digit in '0'..='9' {
+                out = out.replace(&format!("{digit}{suffix},"), &format!("{digit},"));
+                out = out.replace(&format!("{digit}{suffix}>"), &format!("{digit}>"));
+            }
+        }
+        out
+    }
+    ours.len() == theirs.len()
+        && ours.iter().zip(theirs).all(|(a, b)| {
+            (&a.1, a.2, a.3) == (&b.1, b.2, b.3) && normalize(&a.0) == normalize(&b.0)
+        })
+}
+
 struct Build {
     name: &'static str,
     /// What is given to the symbolizer as the crashed module.
@@ -153,7 +178,25 @@ fn builds(dir: &Path) -> Vec<Build> {
         "objcopy",
         &[&link, path("debuglink/crashy").to_str().unwrap()],
     );
+    // C++: namespaces, templates, virtual functions and lambdas, demangled.
+    let shapes = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/shapes.cc");
+    run(
+        "g++",
+        &[
+            "-O2",
+            "-g",
+            "-o",
+            path("cpp/shapes").to_str().unwrap(),
+            shapes.to_str().unwrap(),
+        ],
+    );
     vec![
+        Build {
+            name: "cpp",
+            binary: path("cpp/shapes"),
+            debug_dir: None,
+            oracle_file: path("cpp/shapes"),
+        },
         Build {
             name: "pie",
             binary: path("pie/crashy"),
@@ -204,15 +247,15 @@ fn symbolizer_for(binary: &Path, debug_dirs: Vec<PathBuf>) -> Symbolizer {
 #[test]
 fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
     if !require(
-        "needs llvm-symbolizer, objcopy, readelf, objdump and gcc",
-        ["llvm-symbolizer", "objcopy", "readelf", "objdump", "gcc"]
+        "needs llvm-symbolizer, objcopy, readelf, objdump, gcc and g++",
+        ["llvm-symbolizer", "objcopy", "readelf", "objdump", "gcc", "g++"]
             .iter()
             .all(|t| have(t)),
     ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for sub in ["pie", "nopie", "compressed", "buildid", "debuglink"] {
+    for sub in ["pie", "nopie", "compressed", "buildid", "debuglink", "cpp"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
     for build in builds(dir.path()) {
@@ -227,19 +270,47 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
         let symbolizer = symbolizer_for(&build.binary, build.debug_dir.iter().cloned().collect());
         let segments = loads(&build.binary);
         let mut mismatches = Vec::new();
+        let mut names_only = Vec::new();
         for (address, expected) in addresses.iter().zip(&expected) {
             let (offset, vaddr, _) = segments
                 .iter()
                 .copied()
                 .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(address))
                 .unwrap();
-            let actual = ours(&symbolizer, "crashy", address - vaddr + offset);
-            if &actual != expected {
+            let module = build.binary.file_name().unwrap().to_str().unwrap();
+            let actual = ours(&symbolizer, module, address - vaddr + offset);
+            let same = if build.name == "cpp" {
+                let locations = |f: &[(String, String, u32, u32)]| {
+                    f.iter()
+                        .map(|(_, file, line, column)| (file.clone(), *line, *column))
+                        .collect::<Vec<_>>()
+                };
+                if locations(&actual) == locations(expected)
+                    && !same_modulo_demangler(&actual, expected)
+                {
+                    names_only.push(*address);
+                    true
+                } else {
+                    same_modulo_demangler(&actual, expected)
+                }
+            } else {
+                &actual == expected
+            };
+            if !same {
                 mismatches.push(format!(
                     "{address:#x}: ours {actual:?}\n   llvm-symbolizer {expected:?}"
                 ));
             }
         }
+        // cpp_demangle 0.5.1 also drops the parameter list of some template constructors
+        // (`_Head_base<Shape*&>()` for LLVM's `_Head_base<Shape*&>(Shape*&)`): such names
+        // may differ at no more than 1 address in 100, with every location still equal.
+        assert!(
+            names_only.len() * 100 <= addresses.len(),
+            "{}: {} names differ: {names_only:x?}",
+            build.name,
+            names_only.len()
+        );
         assert!(
             mismatches.is_empty(),
             "{}: {} of {} addresses differ:\n{}",
