@@ -248,9 +248,16 @@ fn symbolizer_for(binary: &Path, debug_dirs: Vec<PathBuf>) -> Symbolizer {
 fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
     if !require(
         "needs llvm-symbolizer, objcopy, readelf, objdump, gcc and g++",
-        ["llvm-symbolizer", "objcopy", "readelf", "objdump", "gcc", "g++"]
-            .iter()
-            .all(|t| have(t)),
+        [
+            "llvm-symbolizer",
+            "objcopy",
+            "readelf",
+            "objdump",
+            "gcc",
+            "g++",
+        ]
+        .iter()
+        .all(|t| have(t)),
     ) {
         return;
     }

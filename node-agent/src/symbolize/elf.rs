@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,6 +35,12 @@ pub enum ElfError {
         path: PathBuf,
         /// Its size.
         size: u64,
+    },
+    /// The path is a device, FIFO, socket or directory, not a regular file.
+    #[error("{path} is not a regular file")]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
     },
     /// The file is not a valid ELF file.
     #[error("{path} is not a valid ELF file: {source}")]
@@ -80,8 +87,19 @@ impl ElfFile {
             path: path.to_owned(),
             source,
         };
-        let file = fs::File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+        // O_NONBLOCK: opening a FIFO planted where a binary should be must not hang.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        let metadata = file.metadata().map_err(io)?;
+        if !metadata.is_file() {
+            return Err(ElfError::NotRegular {
+                path: path.to_owned(),
+            });
+        }
+        let size = metadata.len();
         if size > MAX_FILE_SIZE {
             return Err(ElfError::TooLarge {
                 path: path.to_owned(),
@@ -89,10 +107,9 @@ impl ElfFile {
             });
         }
         let mut data = Vec::with_capacity(size as usize);
-        // take(): the file may grow while it is read.
-        file.take(MAX_FILE_SIZE)
-            .read_to_end(&mut data)
-            .map_err(io)?;
+        // take(): the file may grow while it is read; what was there when it was opened
+        // is all that is read.
+        file.take(size).read_to_end(&mut data).map_err(io)?;
         ElfFile::parse(path, data.into())
     }
 

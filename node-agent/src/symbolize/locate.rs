@@ -161,9 +161,8 @@ impl Places {
                 );
             }
             for path in places {
-                if let Ok(bytes) = std::fs::read(&path)
-                    && debuglink_crc32(&bytes) == *crc
-                    && let Ok(file) = ElfFile::parse(&path, bytes.into())
+                if let Ok(file) = ElfFile::read(&path)
+                    && debuglink_crc32(&file.data) == *crc
                     && file.has_dwarf
                 {
                     return Some((file, "debuglink"));
