@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 
 ADDRESSES=${ADDRESSES:-1000}
 RUNS=${RUNS:-5}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+work=${KEEP:-$(mktemp -d)}
+trap '[[ -n ${KEEP:-} ]] || rm -rf "$work"' EXIT
 
 cargo build -q -p node-agent --bin crashwatch-agent
 cargo build -q --release -p node-agent --bin crashwatch-agent
@@ -68,7 +68,32 @@ ours="$agent explain --binary $subject --debug-dir $work/none"
 llvm="llvm-symbolizer --obj=$subject --inlining --demangle"
 gnu="addr2line -f -i -C -e $subject"
 
-echo "Subject: the debug build of crashwatch-agent, ${size_mb} MB, ${dwarf_mb} MB of DWARF; $(wc -l <"$work/addresses") addresses, one per function."
+# Same answers? The innermost function of every address, ours against llvm-symbolizer's.
+$agent explain --json --binary "$subject" --debug-dir "$work/none" <"$work/lines" >"$work/ours.json"
+$llvm <"$work/addresses" >"$work/llvm.txt"
+agreement=$(python3 - "$work" <<'EOF'
+import json, sys
+work = sys.argv[1]
+ours = [(json.loads(l).get("frames") or [{}])[0].get("function") for l in open(f"{work}/ours.json")]
+# llvm-symbolizer 14 leaves Rust's legacy mangling half done (`_$LT$a..b$GT$::f::h0123…`);
+# finish it the way rustc-demangle does, so that names compare.
+import re
+ESCAPES = {"$LT$": "<", "$GT$": ">", "$u20$": " ", "$C$": ",", "$RF$": "&", "$BP$": "*",
+           "$LP$": "(", "$RP$": ")", "$u7b$": "{", "$u7d$": "}", "$u5b$": "[", "$u5d$": "]",
+           "$u27$": "'", "$u22$": '"', "$u3b$": ";", "$u3d$": "=", "$u2b$": "+", "$u7e$": "~", "$SP$": "@"}
+def rust(name):
+    name = re.sub(r"::h[0-9a-f]{16}$", "", name)
+    name = re.sub(r"(^|::)_\$", r"\1$", name)
+    for escape, text in ESCAPES.items():
+        name = name.replace(escape, text)
+    return name.replace("..", "::")
+theirs = [rust(block.splitlines()[0]) for block in open(f"{work}/llvm.txt").read().strip().split("\n\n")]
+same = sum(a == b for a, b in zip(ours, theirs))
+print(f"{same} of {len(theirs)} innermost functions equal to llvm-symbolizer's ({len(ours)} events)")
+EOF
+)
+
+echo "Subject: the debug build of crashwatch-agent, ${size_mb} MB, ${dwarf_mb} MB of DWARF; $(wc -l <"$work/addresses") addresses, one per function. $agreement."
 echo
 for mode in cold warm; do
   if [[ $mode == cold ]]; then lines=line1 addrs=address1; else lines=lines addrs=addresses; fi
