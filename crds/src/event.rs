@@ -5,10 +5,13 @@
 
 use std::fmt;
 
+use std::borrow::Cow;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// What kind of fault or hang the kernel reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum EventKind {
     /// A user-space page fault that killed the task (`segfault at …`, arm64 translation faults).
     Segfault,
@@ -66,7 +69,7 @@ impl fmt::Display for EventKind {
 }
 
 /// How a hang was detected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum DetectedBy {
     /// The kernel's hung-task detector (khungtaskd) printed a report.
@@ -82,6 +85,20 @@ pub struct Address(pub u64);
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#x}", self.0)
+    }
+}
+
+impl JsonSchema for Address {
+    fn schema_name() -> Cow<'static, str> {
+        "Address".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "^0x[0-9a-f]+$",
+            "description": "An address or offset in hexadecimal, such as 0x7f3a12c4d1c7."
+        })
     }
 }
 
@@ -104,7 +121,7 @@ impl<'de> Deserialize<'de> for Address {
 }
 
 /// One source-level frame of a symbolized address; inlined frames come first.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Frame {
     /// The (demangled) function name.
@@ -126,7 +143,7 @@ pub struct Frame {
 
 /// A memory access in source terms: which member was read or written through which
 /// pointer expression.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PointerAccess {
     /// The C expression of the pointer, for example `bs->drv`, when it could be traced.
@@ -143,7 +160,7 @@ pub struct PointerAccess {
 }
 
 /// One recognised crash or hang, built from one or more kernel log records.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CrashEvent {
     /// What happened.

@@ -1,4 +1,5 @@
-//! `crashwatch-operator`: the command line. The controller itself is not built yet.
+//! `crashwatch-operator`: the command line. The controller itself is not built yet; `crds`
+//! prints the API's CustomResourceDefinitions.
 
 use clap::{Parser, Subcommand};
 
@@ -14,10 +15,16 @@ struct Cli {
 enum Command {
     /// Watches CrashReports and RemediationPolicies and acts on them.
     Run,
+    /// Prints the CustomResourceDefinitions (CrashReport, RemediationPolicy) as YAML.
+    Crds,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run => anyhow::bail!("the remediation controller is not built yet"),
+        Command::Crds => {
+            print!("{}", crds::crd_yaml());
+            Ok(())
+        }
     }
 }
