@@ -100,7 +100,10 @@ pub fn fingerprint(node: &str, event: &CrashEvent) -> String {
         (None, Some(wchan)) => wchan.clone(),
         (None, None) => String::new(),
     };
-    format!("{node}\u{0}{}\u{0}{identity}\u{0}{place}", event.kind.as_str())
+    format!(
+        "{node}\u{0}{}\u{0}{identity}\u{0}{place}",
+        event.kind.as_str()
+    )
 }
 
 /// The deterministic object name of a fingerprint: `NODE.KIND.HASH`, a valid DNS
@@ -111,7 +114,13 @@ pub fn report_name(node: &str, event: &CrashEvent) -> String {
     let node: String = node
         .chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let room = 253 - kind.len() - 16 - 2;
     let node = node.get(..node.len().min(room)).unwrap_or_default();
@@ -161,7 +170,11 @@ mod tests {
     #[test]
     fn names_are_deterministic_per_fingerprint() {
         let a = report_name("node-1", &segfault(0x761c7, 1));
-        assert_eq!(a, report_name("node-1", &segfault(0x761c7, 2)), "pid is not identity");
+        assert_eq!(
+            a,
+            report_name("node-1", &segfault(0x761c7, 2)),
+            "pid is not identity"
+        );
         assert_ne!(a, report_name("node-2", &segfault(0x761c7, 1)));
         assert_ne!(a, report_name("node-1", &segfault(0x761c8, 1)));
         assert!(a.starts_with("node-1.segfault."), "{a}");
@@ -180,7 +193,10 @@ mod tests {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'),
                 "{name}"
             );
-            assert!(name.starts_with(|c: char| c.is_ascii_alphanumeric()), "{name}");
+            assert!(
+                name.starts_with(|c: char| c.is_ascii_alphanumeric()),
+                "{name}"
+            );
         }
     }
 }

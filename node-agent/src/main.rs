@@ -4,15 +4,19 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use node_agent::daemon::{self, RunConfig};
 use node_agent::explain;
 use node_agent::hangwatch::WatchConfig;
+use node_agent::kmsg::cursor::read_boot_id;
+use node_agent::metrics::AgentMetrics;
 use node_agent::pipeline::Pipeline;
+use node_agent::publish::kubernetes::{self, KubePublisher};
+use node_agent::publish::outbox::Outbox;
 use node_agent::publish::{JsonLines, Publish};
 use node_agent::recognise::{LogLine, Recogniser};
 use node_agent::symbolize::debuginfod::Debuginfod;
@@ -111,7 +115,8 @@ impl SymbolArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Print events as JSON Lines on stdout instead of publishing CrashReports.
+    /// Print events as JSON Lines on stdout instead of publishing CrashReports (no cluster
+    /// needed).
     #[arg(long)]
     standalone: bool,
     /// The kernel log device.
@@ -138,6 +143,14 @@ struct RunArgs {
     /// Seconds between two scans of /proc.
     #[arg(long, default_value_t = 1.0)]
     hang_scan_interval: f64,
+    /// Seconds between two writes of the same CrashReport (repeats in between are counted
+    /// and written together).
+    #[arg(long, default_value_t = 2.0)]
+    publish_interval: f64,
+    /// How many occurrences are kept while the API server cannot be reached; beyond that
+    /// they are dropped and counted in crashwatch_reports_published_total{result="dropped"}.
+    #[arg(long, default_value_t = 10_000)]
+    outbox_limit: usize,
     #[command(flatten)]
     symbols: SymbolArgs,
 }
@@ -242,9 +255,6 @@ fn user_debuginfod_cache() -> PathBuf {
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
-    if !args.standalone {
-        bail!("publishing CrashReports to Kubernetes is not built yet; use --standalone");
-    }
     let positive = |name: &str, secs: f64| {
         if secs.is_finite() && secs > 0.0 {
             Ok(Duration::from_secs_f64(secs))
@@ -254,6 +264,9 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             ))
         }
     };
+    let standalone = args.standalone;
+    let outbox_limit = args.outbox_limit;
+    let publish_interval = positive("publish-interval", args.publish_interval)?;
     let debuginfod_cache = args
         .state_dir
         .as_ref()
@@ -276,6 +289,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             threshold: positive("hang-threshold", args.hang_threshold)?,
         },
         hang_scan_interval: positive("hang-scan-interval", args.hang_scan_interval)?,
+        publishes_to_api: !standalone,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -291,6 +305,25 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
             }
         };
-        daemon::run(config, symbolizer, JsonLines::new(io::stdout()), shutdown).await
+        let metrics = Arc::new(AgentMetrics::new(&config.node_name));
+        if standalone {
+            let publisher = JsonLines::new(io::stdout());
+            return daemon::run(config, metrics, symbolizer, publisher, shutdown).await;
+        }
+        let client = kube::Client::try_default()
+            .await
+            .context("no Kubernetes client configuration (in-cluster or KUBECONFIG); use --standalone to run without a cluster")?;
+        let boot_id = read_boot_id(&config.watch.proc_root).context("cannot read the boot id")?;
+        let outbox = Arc::new(Mutex::new(Outbox::new(&config.node_name, outbox_limit)));
+        tokio::spawn(kubernetes::write_loop(
+            client,
+            outbox.clone(),
+            config.node_name.clone(),
+            boot_id,
+            publish_interval,
+            metrics.clone(),
+        ));
+        let publisher = KubePublisher::new(outbox, metrics.clone());
+        daemon::run(config, metrics, symbolizer, publisher, shutdown).await
     })
 }

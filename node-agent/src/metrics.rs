@@ -39,6 +39,10 @@ pub struct AgentMetrics {
     pub reports_published: IntCounterVec,
     /// Whether the kmsg reader is running (1) or not (0).
     pub kmsg_reader_up: IntGauge,
+    /// Whether the last request to the API server succeeded (1) or not (0).
+    pub api_up: IntGauge,
+    /// Occurrences waiting to be written as CrashReports.
+    pub reports_pending: IntGauge,
     crash_series: Mutex<HashSet<(String, String, String)>>,
 }
 
@@ -60,6 +64,13 @@ impl AgentMetrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(node_opts(name, help)).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let metrics = AgentMetrics {
             crashes: counter_vec(
@@ -118,17 +129,18 @@ impl AgentMetrics {
                 "CrashReport writes, by result.",
                 &["result"],
             ),
-            kmsg_reader_up: {
-                let g = IntGauge::with_opts(node_opts(
-                    "crashwatch_kmsg_reader_up",
-                    "1 while the kernel log reader runs.",
-                ))
-                .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
-                g
-            },
+            kmsg_reader_up: gauge(
+                "crashwatch_kmsg_reader_up",
+                "1 while the kernel log reader runs.",
+            ),
+            api_up: gauge(
+                "crashwatch_api_up",
+                "1 when the last request to the API server succeeded (publishing agents only).",
+            ),
+            reports_pending: gauge(
+                "crashwatch_reports_pending",
+                "Occurrences waiting to be written as CrashReports.",
+            ),
             crash_series: Mutex::new(HashSet::new()),
             registry,
         };

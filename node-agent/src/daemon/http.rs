@@ -14,12 +14,13 @@ use crate::metrics::AgentMetrics;
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<AgentMetrics>,
+    needs_api: bool,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(metrics);
+        .with_state(Endpoints { metrics, needs_api });
     axum::serve(listener, app).await
 }
 
@@ -30,14 +31,26 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen for /metrics on {addr}: {e}"))
 }
 
-async fn render_metrics(State(metrics): State<Arc<AgentMetrics>>) -> String {
-    metrics.render()
+#[derive(Clone)]
+struct Endpoints {
+    metrics: Arc<AgentMetrics>,
+    needs_api: bool,
 }
 
-async fn ready(State(metrics): State<Arc<AgentMetrics>>) -> (StatusCode, &'static str) {
-    if metrics.kmsg_reader_up.get() == 1 {
-        (StatusCode::OK, "ok\n")
-    } else {
+async fn render_metrics(State(endpoints): State<Endpoints>) -> String {
+    endpoints.metrics.render()
+}
+
+/// Ready when the kmsg reader runs and, for a publishing agent, the API server answers.
+async fn ready(State(endpoints): State<Endpoints>) -> (StatusCode, &'static str) {
+    if endpoints.metrics.kmsg_reader_up.get() != 1 {
         (StatusCode::SERVICE_UNAVAILABLE, "kmsg reader not running\n")
+    } else if endpoints.needs_api && endpoints.metrics.api_up.get() != 1 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "API server not reachable\n",
+        )
+    } else {
+        (StatusCode::OK, "ok\n")
     }
 }

@@ -44,11 +44,14 @@ pub struct RunConfig {
     pub watch: WatchConfig,
     /// How often the hang watcher scans `/proc`.
     pub hang_scan_interval: Duration,
+    /// Whether events go to the API server, so that `/readyz` also needs it.
+    pub publishes_to_api: bool,
 }
 
 /// Runs until `shutdown` completes, publishing every event to `publisher`.
 pub async fn run<S, P>(
     config: RunConfig,
+    metrics: Arc<AgentMetrics>,
     symbolizer: S,
     mut publisher: P,
     shutdown: impl Future<Output = ()>,
@@ -57,10 +60,13 @@ where
     S: Symbolize,
     P: Publish,
 {
-    let metrics = Arc::new(AgentMetrics::new(&config.node_name));
     let listener = http::bind(config.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(http::serve(listener, metrics.clone()));
+    tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        config.publishes_to_api,
+    ));
 
     let boot_id = read_boot_id(&config.watch.proc_root).context("cannot read the boot id")?;
     let cursor_file = match &config.state_dir {
@@ -132,7 +138,7 @@ where
                 }
             },
         }
-        let done = state.handled_through();
+        let done = delivered_through(state.handled_through(), &publisher);
         if let Some(file) = &cursor_file
             && done != persisted
             && (published || last_persist.elapsed() >= CURSOR_LAG)
@@ -148,13 +154,24 @@ where
         }
     }
 
-    if let (Some(file), Some(last_seq)) = (&cursor_file, state.handled_through()) {
+    if let (Some(file), Some(last_seq)) = (
+        &cursor_file,
+        delivered_through(state.handled_through(), &publisher),
+    ) {
         file.store(&Cursor { boot_id, last_seq })
             .context("persisting the kmsg cursor")?;
     }
     metrics.kmsg_reader_up.set(0);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The last record the cursor may pass: handled, and with every event of it delivered.
+fn delivered_through(handled: Option<u64>, publisher: &impl Publish) -> Option<u64> {
+    match publisher.oldest_undelivered_seq() {
+        Some(oldest) => handled.min(oldest.checked_sub(1)),
+        None => handled,
+    }
 }
 
 struct ReadState<S> {

@@ -1,4 +1,8 @@
-//! Stage 5 of the pipeline: where finished events go.
+//! Stage 5 of the pipeline: where finished events go: JSON Lines on stdout (standalone), or
+//! CrashReports on the API server.
+
+pub mod kubernetes;
+pub mod outbox;
 
 use std::io::{self, Write};
 
@@ -8,6 +12,12 @@ use crds::CrashEvent;
 pub trait Publish {
     /// Publishes one event; an error means it was not delivered.
     fn publish(&mut self, event: &CrashEvent) -> io::Result<()>;
+
+    /// The smallest kernel log sequence number accepted but not yet delivered: the kmsg
+    /// cursor stays before it, so a restart reads it again. None when all is delivered.
+    fn oldest_undelivered_seq(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Writes each event as one JSON line (JSON Lines) and flushes, so a reader sees it at once.
