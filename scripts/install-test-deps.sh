@@ -12,7 +12,7 @@ packages=(
   debuginfod              # a real debuginfod server on loopback
   dwz                     # dwz-compressed debug files with a supplementary file
   hyperfine               # the symbolization benchmark
-  curl
+  curl openssl            # the control plane script: readiness probes, the service-account key
 )
 
 missing=()

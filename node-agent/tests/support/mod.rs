@@ -243,24 +243,54 @@ pub struct Agent {
     /// Where /metrics is served.
     pub metrics_port: u16,
     log: PathBuf,
+    node: String,
 }
 
 impl Agent {
-    /// Starts the agent with a state dir and extra arguments.
+    /// Starts the agent in standalone mode with a state dir and extra arguments.
     pub fn start(state_dir: &Path, extra: &[&str]) -> Agent {
+        let mut args = vec!["--standalone", "--node-name", "test-node"];
+        args.extend(extra);
+        Agent::spawn(state_dir, &args, None, true)
+    }
+
+    /// Starts the agent publishing CrashReports for `node` to the cluster of `kubeconfig`.
+    pub fn start_publishing(
+        state_dir: &Path,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
+        args.extend(extra);
+        Agent::spawn(state_dir, &args, Some(kubeconfig), true)
+    }
+
+    /// Like [`Agent::start_publishing`], but waits only until the agent is alive: it is
+    /// not ready while the API server is down.
+    pub fn start_publishing_during_outage(
+        state_dir: &Path,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
+        args.extend(extra);
+        Agent::spawn(state_dir, &args, Some(kubeconfig), false)
+    }
+
+    fn spawn(state_dir: &Path, args: &[&str], kubeconfig: Option<&Path>, ready: bool) -> Agent {
         let metrics_port = free_port();
         let log = state_dir.join(format!("agent-{metrics_port}.log"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
-            .args([
-                "run",
-                "--standalone",
-                "--node-name",
-                "test-node",
-                "--state-dir",
-            ])
+        let mut command = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"));
+        if let Some(kubeconfig) = kubeconfig {
+            command.env("KUBECONFIG", kubeconfig);
+        }
+        let mut child = command
+            .args(["run", "--state-dir"])
             .arg(state_dir)
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -277,22 +307,39 @@ impl Agent {
                 }
             }
         });
+        let node = args
+            .iter()
+            .position(|a| *a == "--node-name")
+            .map(|i| args[i + 1].to_owned())
+            .unwrap_or_default();
         let mut agent = Agent {
+            node,
             child,
             events,
             seen: Vec::new(),
             metrics_port,
             log,
         };
-        agent.wait_until_ready();
+        agent.wait_until(if ready { "/readyz" } else { "/healthz" });
         agent
     }
 
-    fn wait_until_ready(&mut self) {
+    /// Waits until `/readyz` says ok.
+    pub fn wait_ready(&mut self) {
+        self.wait_until("/readyz");
+    }
+
+    /// Whether `/readyz` says ok now.
+    pub fn is_ready(&self) -> bool {
+        self.get("/readyz")
+            .is_some_and(|body| body.starts_with("ok"))
+    }
+
+    fn wait_until(&mut self, endpoint: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self
-                .get("/readyz")
+                .get(endpoint)
                 .is_some_and(|body| body.starts_with("ok"))
             {
                 return;
@@ -302,7 +349,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("agent not ready after 10 s:\n{}", self.log());
+        panic!("agent's {endpoint} not ok after 10 s:\n{}", self.log());
     }
 
     /// Waits up to `timeout` for an event matching `predicate` and returns it.
@@ -376,8 +423,13 @@ impl Agent {
 
     /// The sum of a labelled counter over every series of one process.
     pub fn process_counter(&self, name: &str, process: &str) -> f64 {
+        self.labelled(name, "process", process)
+    }
+
+    /// The sum of a counter over every series with `label="value"`.
+    pub fn labelled(&self, name: &str, label: &str, value: &str) -> f64 {
         let prefix = format!("{name}{{");
-        let label = format!("process=\"{process}\"");
+        let label = format!("{label}=\"{value}\"");
         self.metrics()
             .iter()
             .filter(|(k, _)| k.starts_with(&prefix) && k.contains(&label))
@@ -387,7 +439,7 @@ impl Agent {
 
     /// One counter's value, ignoring labels other than `node`.
     pub fn counter(&self, name: &str) -> f64 {
-        let key = format!("{name}{{node=\"test-node\"}}");
+        let key = format!("{name}{{node=\"{}\"}}", self.node);
         *self
             .metrics()
             .get(&key)
@@ -429,6 +481,116 @@ pub fn write_kmsg(line: &str) {
         .open("/dev/kmsg")
         .expect("open /dev/kmsg for writing");
     kmsg.write_all(line.as_bytes()).expect("write /dev/kmsg");
+}
+
+/// The sequence number of the newest record in the kernel's ring.
+pub fn newest_kmsg_seq() -> u64 {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .unwrap();
+    let mut buffer = vec![0u8; 16384];
+    let mut newest = 0;
+    loop {
+        match kmsg.read(&mut buffer) {
+            Ok(n) => {
+                if let Ok(record) = node_agent::kmsg::parse_record(&buffer[..n]) {
+                    newest = record.seq;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return newest,
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) => panic!("reading /dev/kmsg: {e}"),
+        }
+    }
+}
+
+/// Makes the agent of `state_dir` start after everything already in the kernel log.
+pub fn start_at_the_end_of_the_log(state_dir: &Path) {
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let cursor = serde_json::json!({ "bootId": boot_id.trim(), "lastSeq": newest_kmsg_seq() });
+    fs::write(state_dir.join("kmsg-cursor.json"), cursor.to_string()).unwrap();
+}
+
+/// The test control plane started by `scripts/test.sh` (`CRASHWATCH_CONTROL_PLANE` names its
+/// directory). None when there is none and this is not CI.
+pub struct ControlPlane {
+    /// Its directory: `env`, `kubeconfig`, logs.
+    pub dir: PathBuf,
+    /// The kubeconfig of its admin.
+    pub kubeconfig: PathBuf,
+    /// The directory holding kubectl, helm and promtool.
+    pub bin: PathBuf,
+}
+
+impl ControlPlane {
+    /// The running control plane, or None (a failure under CI).
+    pub fn get() -> Option<ControlPlane> {
+        let dir = std::env::var_os("CRASHWATCH_CONTROL_PLANE").map(PathBuf::from);
+        let env = dir
+            .as_ref()
+            .and_then(|d| fs::read_to_string(d.join("env")).ok());
+        if !require(
+            "needs the test control plane: run scripts/test.sh, or set CRASHWATCH_CONTROL_PLANE to a dir started by scripts/control-plane.sh",
+            env.is_some(),
+        ) {
+            return None;
+        }
+        let (dir, env) = (dir.unwrap(), env.unwrap());
+        let value = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{key} missing from the control plane's env"))
+        };
+        Some(ControlPlane {
+            kubeconfig: value("KUBECONFIG"),
+            bin: value("CONTROL_PLANE_BIN"),
+            dir,
+        })
+    }
+
+    /// Runs kubectl against the cluster; returns stdout, panicking on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let output = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs `scripts/control-plane.sh COMMAND DIR` (`stop-apiserver`, `start-apiserver`).
+    pub fn script(&self, command: &str) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/control-plane.sh");
+        let status = Command::new(script)
+            .arg(command)
+            .arg(&self.dir)
+            .status()
+            .expect("control-plane.sh");
+        assert!(status.success(), "control-plane.sh {command} failed");
+    }
+
+    /// Installs the committed CRDs and waits until they are served.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/crashwatch-crds.yaml");
+        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/crashreports.crashwatch.dev",
+            "crd/remediationpolicies.crashwatch.dev",
+        ]);
+    }
 }
 
 /// The sequence number of the oldest record still in the kernel's ring.

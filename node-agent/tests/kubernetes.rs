@@ -1,0 +1,273 @@
+//! The agent against a real kube-apiserver and etcd (started by `scripts/test.sh`): real
+//! crashes on this machine become CrashReports.
+//!
+//! Needs root and the test control plane; each test takes the kernel lock and works on
+//! its own node name, so the tests share the cluster without seeing each other's reports.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Agent, ControlPlane, KernelTest, crash, crashy, start_at_the_end_of_the_log};
+
+/// A node name no other test or run uses.
+fn unique_node(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{test}-{}-{nanos}", std::process::id())
+}
+
+/// The CrashReports of `node`, as JSON.
+fn reports_of(cluster: &ControlPlane, node: &str) -> Vec<Value> {
+    let list: Value =
+        serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["spec"]["nodeName"] == node)
+        .cloned()
+        .collect()
+}
+
+/// Waits until `node`'s reports satisfy `done`, and returns them.
+fn wait_for_reports(
+    cluster: &ControlPlane,
+    node: &str,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reports = reports_of(cluster, node);
+        if done(&reports) {
+            return reports;
+        }
+        if Instant::now() > deadline {
+            panic!("waiting for {what}; the reports of {node} are:\n{reports:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn count(report: &Value) -> u64 {
+    report["status"]["count"].as_u64().unwrap_or(0)
+}
+
+/// The report whose spec has `kind` and `faultAddress` (or None for traps).
+fn find<'a>(reports: &'a [Value], kind: &str) -> Option<&'a Value> {
+    reports.iter().find(|r| r["spec"]["kind"] == kind)
+}
+
+fn agent_args(binary: &str) -> Vec<&str> {
+    vec!["--binary", binary]
+}
+
+#[test]
+fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
+    let Some(test) = KernelTest::begin() else {
+        return;
+    };
+    let Some(cluster) = ControlPlane::get() else {
+        return;
+    };
+    cluster.install_crds();
+    let node = unique_node("e2e");
+    start_at_the_end_of_the_log(test.state.path());
+    let binary = crashy().to_str().unwrap().to_owned();
+    let agent = Agent::start_publishing(
+        test.state.path(),
+        &node,
+        &cluster.kubeconfig,
+        &agent_args(&binary),
+    );
+
+    let first = crash("null");
+    let reports = wait_for_reports(&cluster, &node, "the first crash", |r| r.len() == 1);
+    let report = &reports[0];
+    let spec = &report["spec"];
+    assert_eq!(spec["kind"], "Segfault");
+    assert_eq!(spec["comm"], "crashy");
+    assert_eq!(spec["pid"], first.pid);
+    assert_eq!(
+        spec["faultAddress"], "0x100",
+        "struct node puts next at 0x100"
+    );
+    assert_eq!(
+        spec["errorBits"],
+        serde_json::json!(["user", "read", "not-present"])
+    );
+    assert_eq!(spec["module"], "crashy");
+    assert_eq!(spec["binaryMatches"], true);
+    assert_eq!(spec["frames"][0]["function"], "read_null_offset");
+    assert!(
+        spec["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("read_null_offset ") && l.contains("crashy.c:")),
+        "{spec:#}"
+    );
+    assert_eq!(count(report), 1);
+    let name = report["metadata"]["name"].as_str().unwrap().to_owned();
+
+    // A second identical crash: the same object, count 2.
+    crash("null");
+    let reports = wait_for_reports(&cluster, &node, "count 2", |r| {
+        r.len() == 1 && count(&r[0]) == 2
+    });
+    assert_eq!(reports[0]["metadata"]["name"], name.as_str());
+
+    // A burst of 12 more: counted exactly, in at most one write per object per interval.
+    let writes_before = agent.labelled("crashwatch_reports_published_total", "result", "success");
+    let started = Instant::now();
+    for _ in 0..12 {
+        crash("null");
+    }
+    wait_for_reports(&cluster, &node, "count 14", |r| {
+        r.len() == 1 && count(&r[0]) == 14
+    });
+    let writes =
+        agent.labelled("crashwatch_reports_published_total", "result", "success") - writes_before;
+    let intervals = started.elapsed().as_secs_f64().ceil() + 1.0; // --publish-interval 1
+    assert!(
+        writes <= intervals,
+        "{writes} writes in {intervals} intervals for one object"
+    );
+
+    // A restart reads nothing twice and creates nothing new.
+    agent.stop();
+    let agent = Agent::start_publishing(
+        test.state.path(),
+        &node,
+        &cluster.kubeconfig,
+        &agent_args(&binary),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let reports = reports_of(&cluster, &node);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    assert_eq!(count(&reports[0]), 14, "no double count after a restart");
+    crash("null");
+    wait_for_reports(&cluster, &node, "count 15 after the restart", |r| {
+        r.len() == 1 && count(&r[0]) == 15
+    });
+
+    // What people see: kubectl's columns and kubectl explain.
+    let table = cluster.kubectl(&["get", "crashreports", &name]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "NODE", "PROCESS", "KIND", "LOCATION", "COUNT", "LAST", "SEEN", "AGE"
+        ]
+    );
+    let row = table.lines().nth(1).unwrap();
+    assert!(
+        row.contains(&node) && row.contains("crashy") && row.contains("Segfault"),
+        "{table}"
+    );
+    assert!(
+        row.contains("read_null_offset") && row.contains(" 15 "),
+        "{table}"
+    );
+    let explained = cluster.kubectl(&["explain", "crashreport.spec"]);
+    for field in [
+        "faultAddress",
+        "frames",
+        "explanation",
+        "nodeName",
+        "binaryMatches",
+    ] {
+        assert!(explained.contains(field), "{field} missing:\n{explained}");
+    }
+    assert!(explained.contains("fingerprint"), "{explained}");
+    let events = cluster.kubectl(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        &format!("involvedObject.name={node}"),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        events.contains("read_null_offset"),
+        "an Event on the Node names the location:\n{events}"
+    );
+    drop(agent);
+}
+
+#[test]
+fn crashes_during_an_api_server_outage_are_all_published_when_it_returns() {
+    let Some(test) = KernelTest::begin() else {
+        return;
+    };
+    let Some(cluster) = ControlPlane::get() else {
+        return;
+    };
+    cluster.install_crds();
+    let node = unique_node("outage");
+    start_at_the_end_of_the_log(test.state.path());
+    let binary = crashy().to_str().unwrap().to_owned();
+    let agent = Agent::start_publishing(
+        test.state.path(),
+        &node,
+        &cluster.kubeconfig,
+        &agent_args(&binary),
+    );
+    crash("null");
+    wait_for_reports(&cluster, &node, "the crash before the outage", |r| {
+        r.len() == 1
+    });
+
+    cluster.script("stop-apiserver");
+    let restart_guard = RestartApiServer(&cluster);
+    for _ in 0..3 {
+        crash("null");
+    }
+    for _ in 0..2 {
+        crash("div");
+    }
+    // The agent holds them and says it is not ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.counter("crashwatch_reports_pending") < 5.0 || agent.is_ready() {
+        assert!(
+            Instant::now() < deadline,
+            "pending {} ready {}:\n{}",
+            agent.counter("crashwatch_reports_pending"),
+            agent.is_ready(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // An agent restart during the outage loses nothing either: the cursor waited.
+    agent.stop();
+    let mut agent = Agent::start_publishing_during_outage(
+        test.state.path(),
+        &node,
+        &cluster.kubeconfig,
+        &agent_args(&binary),
+    );
+
+    drop(restart_guard); // starts kube-apiserver again
+    let reports = wait_for_reports(&cluster, &node, "everything after the outage", |r| {
+        find(r, "Segfault").map(count) == Some(4) && find(r, "DivideError").map(count) == Some(2)
+    });
+    assert_eq!(reports.len(), 2, "{reports:#?}");
+    assert_eq!(agent.counter("crashwatch_reports_pending"), 0.0);
+    assert_eq!(
+        agent.labelled("crashwatch_reports_published_total", "result", "dropped"),
+        0.0
+    );
+    agent.wait_ready();
+}
+
+/// Starts kube-apiserver again when dropped, even if the test failed.
+struct RestartApiServer<'a>(&'a ControlPlane);
+
+impl Drop for RestartApiServer<'_> {
+    fn drop(&mut self) {
+        self.0.script("start-apiserver");
+    }
+}
