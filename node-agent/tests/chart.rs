@@ -187,7 +187,7 @@ fn the_alert_rules_pass_promtool_and_the_chart_renders_them_verbatim() {
 fn permissions(cluster: &ControlPlane, namespace: &str, account: &str) -> BTreeSet<String> {
     let who = format!("--as=system:serviceaccount:{namespace}:{account}");
     let list = ok(
-        &cluster,
+        cluster,
         "kubectl",
         &["auth", "can-i", "--list", &who, "-n", namespace],
     );
