@@ -17,9 +17,11 @@
 
 use crds::{Address, PointerAccess};
 use iced_x86::{
-    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
-    OpKind, Register,
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpKind,
+    Register,
 };
+
+use super::disasm::{is_write, single_memory_operand};
 
 /// How many loads deep a pointer expression is traced (`a->b->c->d`).
 const MAX_CHAIN: usize = 4;
@@ -226,16 +228,7 @@ fn writes(instruction: &Instruction, register: Register) -> bool {
         .info(instruction)
         .used_registers()
         .iter()
-        .any(|used| {
-            used.register().full_register() == register
-                && matches!(
-                    used.access(),
-                    OpAccess::Write
-                        | OpAccess::CondWrite
-                        | OpAccess::ReadWrite
-                        | OpAccess::ReadCondWrite
-                )
-        })
+        .any(|used| used.register().full_register() == register && is_write(used.access()))
 }
 
 /// A `[base + displacement]` memory operand.
@@ -248,26 +241,14 @@ struct MemoryOperand {
 /// The instruction's single memory operand, if it is `[base + displacement]` with a
 /// general-purpose 64-bit base and no index.
 fn memory_operand(instruction: &Instruction) -> Option<MemoryOperand> {
-    let mut factory = InstructionInfoFactory::new();
-    let info = factory.info(instruction);
-    let mut used = info
-        .used_memory()
-        .iter()
-        .filter(|m| m.base() != Register::RSP || m.displacement() != 0);
-    let memory = used.next()?;
-    if used.next().is_some()
-        || memory.index() != Register::None
-        || dwarf_register(memory.base()).is_none()
-    {
+    let memory = single_memory_operand(instruction)?;
+    if memory.index() != Register::None || dwarf_register(memory.base()).is_none() {
         return None;
     }
     Some(MemoryOperand {
         base: memory.base(),
         displacement: memory.displacement() as i64,
-        write: matches!(
-            memory.access(),
-            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-        ),
+        write: is_write(memory.access()),
     })
 }
 

@@ -5,7 +5,7 @@
 
 use iced_x86::{
     Decoder, DecoderOptions, Formatter, Instruction, InstructionInfoFactory, IntelFormatter,
-    MemorySize, OpAccess, Register,
+    MemorySize, OpAccess, Register, UsedMemory,
 };
 use thiserror::Error;
 
@@ -111,22 +111,31 @@ pub fn decode_at(bytes: &[u8], ip: u64) -> Option<FaultingInstruction> {
     })
 }
 
-fn memory_access(instruction: &Instruction) -> Option<MemoryAccess> {
+/// The one memory operand `instruction` accesses, leaving out the stack slot of a push,
+/// pop, call or return. None when it accesses none, or several (`movs`: no single culprit).
+pub fn single_memory_operand(instruction: &Instruction) -> Option<UsedMemory> {
     let mut factory = InstructionInfoFactory::new();
     let info = factory.info(instruction);
     let mut used = info
         .used_memory()
         .iter()
         .filter(|m| m.base() != Register::RSP || m.displacement() != 0);
-    let memory = used.next()?;
-    if used.next().is_some() {
-        return None; // e.g. movs: two memory operands, no single culprit
-    }
-    let register = |r: Register| (r != Register::None).then(|| format!("{r:?}").to_lowercase());
-    let write = matches!(
-        memory.access(),
+    let memory = *used.next()?;
+    used.next().is_none().then_some(memory)
+}
+
+/// Whether an operand access writes (possibly also reading, possibly conditionally).
+pub fn is_write(access: OpAccess) -> bool {
+    matches!(
+        access,
         OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-    );
+    )
+}
+
+fn memory_access(instruction: &Instruction) -> Option<MemoryAccess> {
+    let memory = single_memory_operand(instruction)?;
+    let register = |r: Register| (r != Register::None).then(|| format!("{r:?}").to_lowercase());
+    let write = is_write(memory.access());
     let size = match memory.memory_size() {
         MemorySize::Unknown => None,
         other => Some(other.size()),

@@ -91,6 +91,25 @@ impl Places {
         Some(task.join("root").join(mapped.trim_start_matches('/')))
     }
 
+    /// `DEBUG_DIR/.build-id/xx/rest.debug` for build-id `id`, under `root`, for each debug
+    /// dir (none for an id shorter than two bytes).
+    fn build_id_paths(&self, id: &[u8]) -> Vec<PathBuf> {
+        if id.len() < 2 {
+            return Vec::new();
+        }
+        let id_hex = hex(id);
+        self.debug_dirs
+            .iter()
+            .map(|dir| {
+                self.under_root(
+                    &dir.join(".build-id")
+                        .join(&id_hex[..2])
+                        .join(format!("{}.debug", &id_hex[2..])),
+                )
+            })
+            .collect()
+    }
+
     /// The dwz supplementary file named by `debug_file`'s `.gnu_debugaltlink`: at the named
     /// path (under `root`, or relative to the debug file), or by its build-id under a
     /// debug dir. Its build-id must be the one the link records.
@@ -103,18 +122,7 @@ impl Places {
         } else if let Some(dir) = debug_file.path.parent() {
             places.push(dir.join(named));
         }
-        if id.len() >= 2 {
-            let id_hex = hex(id);
-            for dir in &self.debug_dirs {
-                places.push(
-                    self.under_root(
-                        &dir.join(".build-id")
-                            .join(&id_hex[..2])
-                            .join(format!("{}.debug", &id_hex[2..])),
-                    ),
-                );
-            }
-        }
+        places.extend(self.build_id_paths(id));
         // The supplementary file must not be the debug file itself (a link loop).
         places
             .into_iter()
@@ -129,14 +137,8 @@ impl Places {
         if binary.has_dwarf {
             return Some((binary.clone(), "own DWARF"));
         }
-        if let Some(id) = binary.build_id.as_deref().filter(|id| id.len() >= 2) {
-            let id_hex = hex(id);
-            for dir in &self.debug_dirs {
-                let path = self.under_root(
-                    &dir.join(".build-id")
-                        .join(&id_hex[..2])
-                        .join(format!("{}.debug", &id_hex[2..])),
-                );
+        if let Some(id) = binary.build_id.as_deref() {
+            for path in self.build_id_paths(id) {
                 if let Ok(file) = ElfFile::read(&path)
                     && file.build_id.as_deref() == Some(id)
                     && file.has_dwarf

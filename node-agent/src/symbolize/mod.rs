@@ -332,13 +332,17 @@ impl Symbolize for Symbolizer {
         }
         event.frames = frames;
         if matches != Some(false) {
-            if event.instruction.is_none() {
-                event.instruction = binary
-                    .bytes_at(offset, MAX_INSTRUCTION_LENGTH)
-                    .and_then(|bytes| disasm::decode_at(bytes, vaddr))
-                    .map(|i| i.text);
+            let faulting = binary
+                .bytes_at(offset, MAX_INSTRUCTION_LENGTH)
+                .and_then(|bytes| disasm::decode_at(bytes, vaddr));
+            // The member analysis walks the unit's DWARF: skip it for an instruction known
+            // to touch no memory (a trap, a divide).
+            if faulting.as_ref().is_none_or(|i| i.memory.is_some()) {
+                event.access = trace_access(binary, &debug, vaddr);
             }
-            event.access = trace_access(binary, &debug, vaddr);
+            if event.instruction.is_none() {
+                event.instruction = faulting.map(|i| i.text);
+            }
         }
         Ok(())
     }

@@ -14,6 +14,9 @@ use crate::explain::access::{DebugFacts, Typed};
 /// How many typedef/const/volatile layers, abstract origins or nested members are followed.
 const MAX_INDIRECTIONS: usize = 16;
 
+/// How many namespaces and classes nested below the unit's top level wait to be searched.
+const MAX_NESTED_SCOPES: usize = 4096;
+
 /// The DWARF of the unit holding one address.
 pub struct UnitFacts<'a> {
     unit: UnitRef<'a, Reader>,
@@ -30,44 +33,29 @@ impl<'a> UnitFacts<'a> {
         Some((facts, range))
     }
 
+    /// The range of the subprogram holding `pc`, looking through the unit's top level and,
+    /// for C++, the namespaces and classes that nest functions.
     fn function_range(&self, pc: u64) -> gimli::Result<Option<Range<u64>>> {
-        let mut tree = self.unit.entries_tree(None)?;
-        let mut stack = vec![];
-        let root = tree.root()?;
-        let mut children = root.children();
-        while let Some(child) = children.next()? {
-            let entry = child.entry();
-            if entry.tag() == gimli::DW_TAG_subprogram
-                && let Some(range) = self.range_containing(entry, pc)?
-            {
-                return Ok(Some(range));
-            }
-            if matches!(
-                entry.tag(),
-                gimli::DW_TAG_namespace | gimli::DW_TAG_structure_type | gimli::DW_TAG_class_type
-            ) {
-                stack.push(entry.offset());
-            }
-        }
-        // C++: functions nested in namespaces and classes.
-        while let Some(offset) = stack.pop() {
-            let mut tree = self.unit.entries_tree(Some(offset))?;
+        let mut scopes = vec![None]; // None: the unit's root
+        while let Some(scope) = scopes.pop() {
+            let mut tree = self.unit.entries_tree(scope)?;
             let mut children = tree.root()?.children();
             while let Some(child) = children.next()? {
                 let entry = child.entry();
-                if entry.tag() == gimli::DW_TAG_subprogram
-                    && let Some(range) = self.range_containing(entry, pc)?
-                {
-                    return Ok(Some(range));
-                }
-                if matches!(
-                    entry.tag(),
+                match entry.tag() {
+                    gimli::DW_TAG_subprogram => {
+                        if let Some(range) = self.range_containing(entry, pc)? {
+                            return Ok(Some(range));
+                        }
+                    }
                     gimli::DW_TAG_namespace
-                        | gimli::DW_TAG_structure_type
-                        | gimli::DW_TAG_class_type
-                ) && stack.len() < 4096
-                {
-                    stack.push(entry.offset());
+                    | gimli::DW_TAG_structure_type
+                    | gimli::DW_TAG_class_type
+                        if scope.is_none() || scopes.len() < MAX_NESTED_SCOPES =>
+                    {
+                        scopes.push(Some(entry.offset()));
+                    }
+                    _ => {}
                 }
             }
         }
