@@ -1,25 +1,16 @@
 //! `crashwatch-agent explain` as a user runs it.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+mod support;
+
+use std::process::{Command, Output};
 
 const SEED: &str = "qemu-nbd[13647]: segfault at 100 ip 0000561c8817d1c7 sp 00007fc8f1ce9c00 error 4 in qemu-nbd[561c88107000+155000]";
 
 fn agent(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    support::output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_crashwatch-agent")).args(args),
+        stdin.as_bytes(),
+    )
 }
 
 #[test]
@@ -100,17 +91,13 @@ fn bad_options_fail_with_a_clear_message() {
 
 #[test]
 fn invalid_utf8_input_is_read_not_rejected() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"))
-        .args(["explain", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
     let mut line =
         b"caf\xe9[7]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4\n".to_vec();
     line.extend_from_slice(SEED.as_bytes());
-    child.stdin.take().unwrap().write_all(&line).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = support::output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_crashwatch-agent")).args(["explain", "--json"]),
+        &line,
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
 }

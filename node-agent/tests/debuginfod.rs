@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crds::{Address, CrashEvent, EventKind};
+use node_agent::symbolize::Symbolize;
 use node_agent::symbolize::debuginfod::{Debuginfod, DebuginfodError};
-use node_agent::symbolize::{Places, Symbolize, Symbolizer};
-use support::{compile_crashy, free_port, have, require, run, split_debug, symbol_range};
+use node_agent::symbolize::elf::hex;
+use support::{build_id, compile_crashy, free_port, have, require, split_debug, symbol_range};
 
 /// `debuginfod` serving one directory, started in its own session; killed when dropped.
 struct Server {
@@ -63,27 +64,6 @@ impl Drop for Server {
     }
 }
 
-fn build_id(binary: &Path) -> String {
-    run("readelf", &["-n", binary.to_str().unwrap()])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
-        .unwrap()
-}
-
-fn symbolizer(binary: &Path, client: Arc<Debuginfod>) -> Symbolizer {
-    Symbolizer::new(
-        Places {
-            root: "/".into(),
-            proc_root: "/proc".into(),
-            binaries: vec![binary.to_owned()],
-            search_paths: Vec::new(),
-            debug_dirs: Vec::new(),
-            debuginfod: Some(client),
-        },
-        16 << 20,
-    )
-}
-
 /// A crash of `crashy` at the start of `read_null_offset`.
 fn event_in(debug_file: &Path) -> CrashEvent {
     let (start, _) = symbol_range(debug_file, "read_null_offset");
@@ -130,7 +110,7 @@ fn a_stripped_binary_is_symbolized_through_debuginfod_and_the_file_is_cached() {
     ));
 
     let mut event = event_in(&debug_file);
-    symbolizer(&binary, client.clone())
+    support::symbolizer(&binary, Vec::new(), Some(client.clone()))
         .symbolize(&mut event)
         .expect("symbolized through debuginfod");
     let innermost = event.frames.first().expect("frames");
@@ -153,7 +133,7 @@ fn a_stripped_binary_is_symbolized_through_debuginfod_and_the_file_is_cached() {
     // With the server gone, the cache still answers.
     drop(server);
     let mut again = event_in(&debug_file);
-    symbolizer(&binary, client)
+    support::symbolizer(&binary, Vec::new(), Some(client))
         .symbolize(&mut again)
         .expect("symbolized from the cache");
     assert_eq!(again.frames, event.frames);
@@ -247,8 +227,4 @@ fn a_server_sending_the_wrong_file_is_not_trusted() {
         client.debuginfo(&[]),
         Err(DebuginfodError::BadBuildId(_))
     ));
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

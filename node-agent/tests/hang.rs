@@ -36,7 +36,8 @@ struct StuckReader {
     reader: Option<Child>,
 }
 
-fn in_new_session(command: &mut Command) -> &mut Command {
+/// Starts `command` in a session of its own, with no standard streams.
+fn spawn_in_new_session(command: &mut Command, what: &str) -> Child {
     // SAFETY: setsid is async-signal-safe. A session of its own keeps a stopped server
     // from receiving SIGHUP+SIGCONT when its process group is orphaned.
     unsafe {
@@ -45,6 +46,11 @@ fn in_new_session(command: &mut Command) -> &mut Command {
             Ok(())
         })
     }
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap_or_else(|e| panic!("start {what}: {e}"))
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -64,31 +70,23 @@ impl StuckReader {
             .set_len(64 << 20)
             .unwrap();
         std::fs::create_dir(path("mnt")).unwrap();
-        let qemu_nbd = in_new_session(
+        let qemu_nbd = spawn_in_new_session(
             Command::new("qemu-nbd")
                 .args(["-f", "raw", "-t", "-k"])
                 .arg(path("nbd.sock"))
                 .arg(path("disk.img")),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-nbd");
+            "qemu-nbd",
+        );
         wait_until("the qemu-nbd socket", Duration::from_secs(10), || {
             path("nbd.sock").exists()
         });
-        let nbdfuse = in_new_session(
+        let nbdfuse = spawn_in_new_session(
             Command::new("nbdfuse")
                 .arg(path("mnt"))
                 .arg("--unix")
                 .arg(path("nbd.sock")),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nbdfuse");
+            "nbdfuse",
+        );
         wait_until("the nbdfuse file", Duration::from_secs(10), || {
             path("mnt/nbd").exists()
         });
@@ -215,12 +213,7 @@ fn a_hung_qemu_nbd_reported_by_the_kernel_is_one_event() {
     );
     // The kernel repeats the report every second; it is still one stuck episode.
     agent.drain_for(Duration::from_secs(3));
-    let events = agent
-        .seen
-        .iter()
-        .filter(|e| e.kind == EventKind::HungTask && e.pid == Some(pid))
-        .count();
-    assert_eq!(events, 1, "one episode, one event");
+    assert_eq!(hung_task_events(&agent, pid), 1, "one episode, one event");
     drop(stuck);
     // The ring may still hold reports of earlier episodes; the counter must agree with
     // exactly the events printed.
@@ -231,6 +224,15 @@ fn a_hung_qemu_nbd_reported_by_the_kernel_is_one_event() {
         .count();
     let counted = agent.process_counter("crashwatch_hung_tasks_total", "qemu-nbd");
     assert_eq!(counted, printed as f64);
+}
+
+/// How many HungTask events the agent printed for thread `pid`.
+fn hung_task_events(agent: &Agent, pid: u32) -> usize {
+    agent
+        .seen
+        .iter()
+        .filter(|e| e.kind == EventKind::HungTask && e.pid == Some(pid))
+        .count()
 }
 
 #[test]
@@ -269,10 +271,5 @@ fn with_kernel_reports_off_the_proc_watcher_reports_the_hang_once() {
         "{event:?}"
     );
     agent.drain_for(Duration::from_secs(3));
-    let events = agent
-        .seen
-        .iter()
-        .filter(|e| e.kind == EventKind::HungTask && e.pid == Some(pid))
-        .count();
-    assert_eq!(events, 1, "one episode, one event");
+    assert_eq!(hung_task_events(&agent, pid), 1, "one episode, one event");
 }

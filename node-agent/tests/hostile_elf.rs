@@ -4,29 +4,17 @@
 mod support;
 
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crds::{Address, CrashEvent, EventKind};
 use node_agent::symbolize::dwarf::DebugInfo;
 use node_agent::symbolize::elf::{ElfError, ElfFile};
-use node_agent::symbolize::{Places, Symbolize, SymbolizeError, Symbolizer};
-use support::{compile_crashy, have, install_by_build_id, require, run, split_debug, symbol_range};
-
-fn symbolizer(binary: &Path, debug_dirs: Vec<PathBuf>) -> Symbolizer {
-    Symbolizer::new(
-        Places {
-            root: "/".into(),
-            proc_root: "/proc".into(),
-            binaries: vec![binary.to_owned()],
-            search_paths: Vec::new(),
-            debug_dirs,
-            debuginfod: None,
-        },
-        16 << 20,
-    )
-}
+use node_agent::symbolize::{Symbolize, SymbolizeError};
+use support::{
+    compile_crashy, have, install_by_build_id, require, run, split_debug, symbol_range, symbolizer,
+};
 
 fn event_at(offset: u64) -> CrashEvent {
     let mut event = CrashEvent::new(EventKind::Segfault);
@@ -160,7 +148,7 @@ fn build_id_and_debuglink_loops_end_in_a_clear_error() {
     );
     std::fs::remove_file(path("loop.debug")).unwrap();
     symlink(path("loop.debug"), path("loop.debug")).unwrap();
-    let err = symbolizer(&binary, vec![debug_dir.clone()])
+    let err = symbolizer(&binary, vec![debug_dir.clone()], None)
         .symbolize(&mut event_at(start))
         .unwrap_err();
     assert!(
@@ -173,7 +161,7 @@ fn build_id_and_debuglink_loops_end_in_a_clear_error() {
     std::fs::remove_file(&place).unwrap();
     std::fs::rename(&saved, &place).unwrap();
     let mut event = event_at(start);
-    symbolizer(&binary, vec![debug_dir])
+    symbolizer(&binary, vec![debug_dir], None)
         .symbolize(&mut event)
         .unwrap();
     assert_eq!(
@@ -193,7 +181,7 @@ fn a_binary_rewritten_while_it_is_read_gives_answers_or_errors_never_a_crash() {
     let whole = std::fs::read(&binary).unwrap();
     let (start, _) = symbol_range(&binary, "read_null_offset");
     let mut reference = event_at(start);
-    symbolizer(&binary, Vec::new())
+    symbolizer(&binary, Vec::new(), None)
         .symbolize(&mut reference)
         .unwrap();
     assert!(!reference.frames.is_empty());
@@ -215,7 +203,7 @@ fn a_binary_rewritten_while_it_is_read_gives_answers_or_errors_never_a_crash() {
             }
         })
     };
-    let symbolizer = symbolizer(&binary, Vec::new());
+    let symbolizer = symbolizer(&binary, Vec::new(), None);
     let (mut answered, mut refused) = (0, 0);
     while rounds.load(Ordering::Relaxed) < 200 || answered + refused < 200 {
         let mut event = event_at(start);

@@ -57,36 +57,58 @@ fn count(report: &Value) -> u64 {
     report["status"]["count"].as_u64().unwrap_or(0)
 }
 
-/// The report whose spec has `kind` and `faultAddress` (or None for traps).
+/// The report of event kind `kind`.
 fn find<'a>(reports: &'a [Value], kind: &str) -> Option<&'a Value> {
     reports.iter().find(|r| r["spec"]["kind"] == kind)
 }
 
-fn agent_args(binary: &str) -> Vec<&str> {
-    vec!["--binary", binary]
+/// What every test here starts with: the kernel lock, the cluster with the CRDs installed,
+/// a node name of its own, and an agent state dir positioned after the existing log.
+struct Setup {
+    test: KernelTest,
+    cluster: ControlPlane,
+    node: String,
+}
+
+impl Setup {
+    /// None when the test is skipped.
+    fn begin(name: &str) -> Option<Setup> {
+        let test = KernelTest::begin()?;
+        let cluster = ControlPlane::get()?;
+        cluster.install_crds();
+        start_at_the_end_of_the_log(test.state.path());
+        Some(Setup {
+            test,
+            cluster,
+            node: unique_node(name),
+        })
+    }
+
+    /// Starts the publishing agent for crashy; waits until it is ready, or only alive
+    /// when the API server is down.
+    fn agent(&self, api_server_up: bool) -> Agent {
+        let binary = crashy().to_str().unwrap();
+        let (state, node, kubeconfig) =
+            (self.test.state.path(), &self.node, &self.cluster.kubeconfig);
+        let args = ["--binary", binary];
+        if api_server_up {
+            Agent::start_publishing(state, node, kubeconfig, &args)
+        } else {
+            Agent::start_publishing_during_outage(state, node, kubeconfig, &args)
+        }
+    }
 }
 
 #[test]
 fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
-    let Some(test) = KernelTest::begin() else {
+    let Some(setup) = Setup::begin("e2e") else {
         return;
     };
-    let Some(cluster) = ControlPlane::get() else {
-        return;
-    };
-    cluster.install_crds();
-    let node = unique_node("e2e");
-    start_at_the_end_of_the_log(test.state.path());
-    let binary = crashy().to_str().unwrap().to_owned();
-    let agent = Agent::start_publishing(
-        test.state.path(),
-        &node,
-        &cluster.kubeconfig,
-        &agent_args(&binary),
-    );
+    let (cluster, node) = (&setup.cluster, &setup.node);
+    let agent = setup.agent(true);
 
     let first = crash("null");
-    let reports = wait_for_reports(&cluster, &node, "the first crash", |r| r.len() == 1);
+    let reports = wait_for_reports(cluster, node, "the first crash", |r| r.len() == 1);
     let report = &reports[0];
     let spec = &report["spec"];
     assert_eq!(spec["kind"], "Segfault");
@@ -114,7 +136,7 @@ fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
 
     // A second identical crash: the same object, count 2.
     crash("null");
-    let reports = wait_for_reports(&cluster, &node, "count 2", |r| {
+    let reports = wait_for_reports(cluster, node, "count 2", |r| {
         r.len() == 1 && count(&r[0]) == 2
     });
     assert_eq!(reports[0]["metadata"]["name"], name.as_str());
@@ -125,7 +147,7 @@ fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
     for _ in 0..12 {
         crash("null");
     }
-    wait_for_reports(&cluster, &node, "count 14", |r| {
+    wait_for_reports(cluster, node, "count 14", |r| {
         r.len() == 1 && count(&r[0]) == 14
     });
     let writes =
@@ -138,18 +160,13 @@ fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
 
     // A restart reads nothing twice and creates nothing new.
     agent.stop();
-    let agent = Agent::start_publishing(
-        test.state.path(),
-        &node,
-        &cluster.kubeconfig,
-        &agent_args(&binary),
-    );
+    let agent = setup.agent(true);
     std::thread::sleep(Duration::from_secs(3));
-    let reports = reports_of(&cluster, &node);
+    let reports = reports_of(cluster, node);
     assert_eq!(reports.len(), 1, "{reports:#?}");
     assert_eq!(count(&reports[0]), 14, "no double count after a restart");
     crash("null");
-    wait_for_reports(&cluster, &node, "count 15 after the restart", |r| {
+    wait_for_reports(cluster, node, "count 15 after the restart", |r| {
         r.len() == 1 && count(&r[0]) == 15
     });
 
@@ -164,7 +181,7 @@ fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
     );
     let row = table.lines().nth(1).unwrap();
     assert!(
-        row.contains(&node) && row.contains("crashy") && row.contains("Segfault"),
+        row.contains(node.as_str()) && row.contains("crashy") && row.contains("Segfault"),
         "{table}"
     );
     assert!(
@@ -200,29 +217,18 @@ fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
 
 #[test]
 fn crashes_during_an_api_server_outage_are_all_published_when_it_returns() {
-    let Some(test) = KernelTest::begin() else {
+    let Some(setup) = Setup::begin("outage") else {
         return;
     };
-    let Some(cluster) = ControlPlane::get() else {
-        return;
-    };
-    cluster.install_crds();
-    let node = unique_node("outage");
-    start_at_the_end_of_the_log(test.state.path());
-    let binary = crashy().to_str().unwrap().to_owned();
-    let agent = Agent::start_publishing(
-        test.state.path(),
-        &node,
-        &cluster.kubeconfig,
-        &agent_args(&binary),
-    );
+    let (cluster, node) = (&setup.cluster, &setup.node);
+    let agent = setup.agent(true);
     crash("null");
-    wait_for_reports(&cluster, &node, "the crash before the outage", |r| {
+    wait_for_reports(cluster, node, "the crash before the outage", |r| {
         r.len() == 1
     });
 
     cluster.script("stop-apiserver");
-    let restart_guard = RestartApiServer(&cluster);
+    let restart_guard = RestartApiServer(cluster);
     for _ in 0..3 {
         crash("null");
     }
@@ -243,15 +249,10 @@ fn crashes_during_an_api_server_outage_are_all_published_when_it_returns() {
     }
     // An agent restart during the outage loses nothing either: the cursor waited.
     agent.stop();
-    let mut agent = Agent::start_publishing_during_outage(
-        test.state.path(),
-        &node,
-        &cluster.kubeconfig,
-        &agent_args(&binary),
-    );
+    let mut agent = setup.agent(false);
 
     drop(restart_guard); // starts kube-apiserver again
-    let reports = wait_for_reports(&cluster, &node, "everything after the outage", |r| {
+    let reports = wait_for_reports(cluster, node, "everything after the outage", |r| {
         find(r, "Segfault").map(count) == Some(4) && find(r, "DivideError").map(count) == Some(2)
     });
     assert_eq!(reports.len(), 2, "{reports:#?}");

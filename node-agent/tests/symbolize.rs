@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crds::{Address, CrashEvent, EventKind};
-use node_agent::symbolize::{Places, Symbolize, Symbolizer};
+use node_agent::symbolize::{Symbolize, Symbolizer};
 use support::{compile_crashy, have, install_by_build_id, require, run, split_debug};
 
 /// `(p_offset, p_vaddr)` of each PT_LOAD, from binutils' readelf.
@@ -49,19 +49,7 @@ fn oracle(
     if let Some(dir) = debug_dir {
         command.arg(format!("--debug-file-directory={}", dir.display()));
     }
-    let mut child = command
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = support::output_with_stdin(&mut command, input.as_bytes());
     String::from_utf8(output.stdout)
         .unwrap()
         .lines()
@@ -231,17 +219,7 @@ fn builds(dir: &Path) -> Vec<Build> {
 }
 
 fn symbolizer_for(binary: &Path, debug_dirs: Vec<PathBuf>) -> Symbolizer {
-    Symbolizer::new(
-        Places {
-            root: "/".into(),
-            proc_root: "/proc".into(),
-            binaries: vec![binary.to_owned()],
-            search_paths: Vec::new(),
-            debug_dirs,
-            debuginfod: None,
-        },
-        64 << 20,
-    )
+    support::symbolizer(binary, debug_dirs, None)
 }
 
 #[test]

@@ -155,6 +155,17 @@ mod tests {
 
     // Code: records copied from real crashes in the kernel fault lab.
     const NULL_READ: &str = "ff e8 64 ff ff ff c6 05 f5 2b 00 00 01 5d c3 0f 1f 00 c3 0f 1f 80 00 00 00 00 f3 0f 1e fa e9 77 ff ff ff 0f 1f 80 00 00 00 00 <48> 8b 87 00 01 00 00 c3 0f 1f 84 00 00 00 00 00 53 48 89 fb e8 d7";
+    /// An access through `rdi`.
+    fn rdi(displacement: i64, write: bool, size: Option<usize>) -> MemoryAccess {
+        MemoryAccess {
+            base: Some("rdi".into()),
+            index: None,
+            displacement,
+            write,
+            size,
+        }
+    }
+
     const RO_WRITE: &str = "ff ff e8 23 fb ff ff 48 8d 3d e9 0a 00 00 89 c6 31 c0 e8 53 fb ff ff 48 8b 3d 6c 2b 00 00 e8 87 fb ff ff 48 89 df 5b eb b1 90 <c6> 07 52 c3 66 66 2e 0f 1f 84 00 00 00 00 00 90 ff e7 66 66 2e 0f";
 
     #[test]
@@ -165,13 +176,6 @@ mod tests {
         // objdump -D -b binary -mi386:x86-64 on these bytes: "mov 0x100(%rdi),%rax".
         assert_eq!(insn.text, "mov rax, [rdi+0x100]");
         assert_eq!(insn.length, 7);
-        let rdi = |displacement, write, size| MemoryAccess {
-            base: Some("rdi".into()),
-            index: None,
-            displacement,
-            write,
-            size,
-        };
         assert_eq!(insn.memory, Some(rdi(0x100, false, Some(8))));
     }
 
@@ -180,13 +184,6 @@ mod tests {
         let insn =
             decode_faulting_instruction(&parse_code(RO_WRITE).unwrap(), 0x55f3_8132_6540).unwrap();
         assert_eq!(insn.text, "mov byte ptr [rdi], 0x52");
-        let rdi = |displacement, write, size| MemoryAccess {
-            base: Some("rdi".into()),
-            index: None,
-            displacement,
-            write,
-            size,
-        };
         assert_eq!(insn.memory, Some(rdi(0, true, Some(1))));
     }
 

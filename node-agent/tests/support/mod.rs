@@ -146,13 +146,49 @@ pub fn split_debug(binary: &Path, debug_file: &Path) {
     run("strip", &["--strip-all", binary.to_str().unwrap()]);
 }
 
+/// Runs `command` with `stdin` as its standard input; returns what it printed.
+pub fn output_with_stdin(command: &mut Command, stdin: &[u8]) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `binary`'s GNU build-id in hex, from binutils' readelf.
+pub fn build_id(binary: &Path) -> String {
+    run("readelf", &["-n", binary.to_str().unwrap()])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
+        .expect("the binary has a build-id")
+}
+
+/// A symbolizer for `binary`, looking for debug files under `debug_dirs` and, if given,
+/// asking `debuginfod`.
+pub fn symbolizer(
+    binary: &Path,
+    debug_dirs: Vec<PathBuf>,
+    debuginfod: Option<std::sync::Arc<node_agent::symbolize::debuginfod::Debuginfod>>,
+) -> node_agent::symbolize::Symbolizer {
+    node_agent::symbolize::Symbolizer::new(
+        node_agent::symbolize::Places {
+            root: "/".into(),
+            proc_root: "/proc".into(),
+            binaries: vec![binary.to_owned()],
+            search_paths: Vec::new(),
+            debug_dirs,
+            debuginfod,
+        },
+        64 << 20,
+    )
+}
+
 /// Moves `debug_file` (split from `binary`) to `DEBUG_DIR/.build-id/xx/rest.debug`.
 pub fn install_by_build_id(binary: &Path, debug_file: &Path, debug_dir: &Path) -> PathBuf {
-    let notes = run("readelf", &["-n", binary.to_str().unwrap()]);
-    let id = notes
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: "))
-        .expect("the binary has a build-id");
+    let id = build_id(binary);
     let place = debug_dir
         .join(".build-id")
         .join(&id[..2])
@@ -254,16 +290,15 @@ impl Agent {
         Agent::spawn(state_dir, &args, None, true)
     }
 
-    /// Starts the agent publishing CrashReports for `node` to the cluster of `kubeconfig`.
+    /// Starts the agent publishing CrashReports for `node` to the cluster of `kubeconfig`
+    /// (one write per object per second), and waits until it is ready.
     pub fn start_publishing(
         state_dir: &Path,
         node: &str,
         kubeconfig: &Path,
         extra: &[&str],
     ) -> Agent {
-        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
-        args.extend(extra);
-        Agent::spawn(state_dir, &args, Some(kubeconfig), true)
+        Agent::publishing(state_dir, node, kubeconfig, extra, true)
     }
 
     /// Like [`Agent::start_publishing`], but waits only until the agent is alive: it is
@@ -274,9 +309,19 @@ impl Agent {
         kubeconfig: &Path,
         extra: &[&str],
     ) -> Agent {
+        Agent::publishing(state_dir, node, kubeconfig, extra, false)
+    }
+
+    fn publishing(
+        state_dir: &Path,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+        ready: bool,
+    ) -> Agent {
         let mut args = vec!["--node-name", node, "--publish-interval", "1"];
         args.extend(extra);
-        Agent::spawn(state_dir, &args, Some(kubeconfig), false)
+        Agent::spawn(state_dir, &args, Some(kubeconfig), ready)
     }
 
     fn spawn(state_dir: &Path, args: &[&str], kubeconfig: Option<&Path>, ready: bool) -> Agent {
