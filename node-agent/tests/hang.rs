@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crds::{DetectedBy, EventKind};
-use support::{Agent, Sysctl, have, kernel_lock, require, require_kernel};
+use support::{Agent, Sysctl, have, kernel_lock, require, require_kernel, wait_until};
 
 fn require_nbd_lab() -> bool {
     require_kernel()
@@ -51,14 +51,6 @@ fn spawn_in_new_session(command: &mut Command, what: &str) -> Child {
     .stderr(Stdio::null())
     .spawn()
     .unwrap_or_else(|e| panic!("start {what}: {e}"))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 impl StuckReader {

@@ -1,7 +1,13 @@
-//! `crashwatch-operator`: the command line. The controller itself is not built yet; `crds`
-//! prints the API's CustomResourceDefinitions.
+//! `crashwatch-operator`: the command line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use operator::leader::LeaseLock;
+use operator::metrics::OperatorMetrics;
+use operator::policy::duration::parse_duration;
 
 /// Turns repeated crashes and hangs on a node into safe, explainable remediation.
 #[derive(Parser)]
@@ -13,18 +19,76 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Watches CrashReports and RemediationPolicies and acts on them.
-    Run,
+    /// Watches CrashReports, Nodes and RemediationPolicies and acts on them, while it holds
+    /// the leader Lease.
+    Run(RunArgs),
     /// Prints the CustomResourceDefinitions (CrashReport, RemediationPolicy) as YAML.
     Crds,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where to serve /metrics and /healthz.
+    #[arg(long, default_value = "0.0.0.0:9478")]
+    metrics_addr: SocketAddr,
+    /// The Lease the replicas compete for.
+    #[arg(long, default_value = "crashwatch-operator")]
+    lease_name: String,
+    /// The Lease's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long a leader's Lease lasts without renewal, for example `15s`.
+    #[arg(long, default_value = "15s", value_parser = |s: &str| parse_duration(s))]
+    lease_duration: Duration,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run => anyhow::bail!("the remediation controller is not built yet"),
+        Command::Run(args) => run(args),
         Command::Crds => {
             print!("{}", crds::crd_yaml());
             Ok(())
         }
+    }
+}
+
+#[tokio::main]
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_runtime=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let metrics = Arc::new(OperatorMetrics::new());
+    let client = kube::Client::try_default().await?;
+    tokio::spawn(operator::http::serve(args.metrics_addr, metrics.clone()));
+
+    let lock = LeaseLock::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        args.lease_duration,
+    );
+    let work = operator::controller::run(client, &identity, metrics.clone(), shutdown_signal());
+    lock.run(&metrics, shutdown_signal(), work).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

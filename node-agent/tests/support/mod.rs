@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -12,24 +11,13 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crds::CrashEvent;
+#[allow(unused_imports)]
+pub use testkit::{ControlPlane, free_port, require, wait_until};
 
 /// Kernel tests share sysctls and the kernel log: they run one at a time.
 pub fn kernel_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether the kernel tests can run. Under `CI=true` a missing requirement fails the test
-/// instead of skipping it, so a skipped kernel test never passes CI.
-pub fn require(what: &str, ok: bool) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true and this test cannot run: {what}");
-    }
-    eprintln!("SKIPPED (not CI): {what}");
-    false
 }
 
 /// Root, a readable `/dev/kmsg` and writable sysctls.
@@ -259,15 +247,6 @@ pub fn symbol_range(binary: &Path, symbol: &str) -> (u64, u64) {
         }
     }
     panic!("{symbol} not in nm -S {}", binary.display());
-}
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The real agent, running `run --standalone` as a child process.
@@ -557,85 +536,6 @@ pub fn start_at_the_end_of_the_log(state_dir: &Path) {
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     let cursor = serde_json::json!({ "bootId": boot_id.trim(), "lastSeq": newest_kmsg_seq() });
     fs::write(state_dir.join("kmsg-cursor.json"), cursor.to_string()).unwrap();
-}
-
-/// The test control plane started by `scripts/test.sh` (`CRASHWATCH_CONTROL_PLANE` names its
-/// directory). None when there is none and this is not CI.
-pub struct ControlPlane {
-    /// Its directory: `env`, `kubeconfig`, logs.
-    pub dir: PathBuf,
-    /// The kubeconfig of its admin.
-    pub kubeconfig: PathBuf,
-    /// The directory holding kubectl, helm and promtool.
-    pub bin: PathBuf,
-}
-
-impl ControlPlane {
-    /// The running control plane, or None (a failure under CI).
-    pub fn get() -> Option<ControlPlane> {
-        let dir = std::env::var_os("CRASHWATCH_CONTROL_PLANE").map(PathBuf::from);
-        let env = dir
-            .as_ref()
-            .and_then(|d| fs::read_to_string(d.join("env")).ok());
-        if !require(
-            "needs the test control plane: run scripts/test.sh, or set CRASHWATCH_CONTROL_PLANE to a dir started by scripts/control-plane.sh",
-            env.is_some(),
-        ) {
-            return None;
-        }
-        let (dir, env) = (dir.unwrap(), env.unwrap());
-        let value = |key: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("{key} missing from the control plane's env"))
-        };
-        Some(ControlPlane {
-            kubeconfig: value("KUBECONFIG"),
-            bin: value("CONTROL_PLANE_BIN"),
-            dir,
-        })
-    }
-
-    /// Runs kubectl against the cluster; returns stdout, panicking on failure.
-    pub fn kubectl(&self, args: &[&str]) -> String {
-        let output = Command::new(self.bin.join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .expect("kubectl");
-        assert!(
-            output.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    }
-
-    /// Runs `scripts/control-plane.sh COMMAND DIR` (`stop-apiserver`, `start-apiserver`).
-    pub fn script(&self, command: &str) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/control-plane.sh");
-        let status = Command::new(script)
-            .arg(command)
-            .arg(&self.dir)
-            .status()
-            .expect("control-plane.sh");
-        assert!(status.success(), "control-plane.sh {command} failed");
-    }
-
-    /// Installs the committed CRDs and waits until they are served.
-    pub fn install_crds(&self) {
-        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/crashwatch-crds.yaml");
-        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/crashreports.crashwatch.dev",
-            "crd/remediationpolicies.crashwatch.dev",
-        ]);
-    }
 }
 
 /// The sequence number of the oldest record still in the kernel's ring.

@@ -1,0 +1,558 @@
+//! The reconcile loop: for each RemediationPolicy, plan over the cached Nodes and
+//! CrashReports, and carry out the plan. Level-triggered and idempotent: what was done is
+//! read back from the Nodes' ledgers and the policy's status, so a restart (or a new
+//! leader) continues where the last one stopped and repeats nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crds::policy::{NodeRemediation, RemediationState};
+use crds::{CrashReport, RemediationPolicy, RemediationPolicyStatus};
+use futures::{Stream, StreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ListParams, Patch};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::{self, Action};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::metrics::OperatorMetrics;
+use crate::policy::activity::{ReportTimes, report_matches};
+use crate::policy::ledger::{DrainPhase, ReleasedBy};
+use crate::policy::plan::{BlockReason, Change, ChangeKind, NodeView, Plan, Rules, plan, verb};
+use crate::policy::status::{carry_since, news};
+use crate::remediate::{drain, node};
+
+/// How often a draining node is looked at while its pods go.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+/// The longest wait between two evictions a disruption budget refused.
+const MAX_EVICTION_BACKOFF: Duration = Duration::from_secs(30);
+/// A policy is reconciled at least this often, whatever happens.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    reports: Store<CrashReport>,
+    nodes: Store<Node>,
+    recorder: Recorder,
+    metrics: Arc<OperatorMetrics>,
+    eviction_backoff: Mutex<HashMap<String, Duration>>,
+}
+
+/// Why a reconcile failed; it is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a request (a conflict included: the plan is
+    /// made again on fresh objects).
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The Node or CrashReport cache did not fill in time.
+    #[error("the Node and CrashReport caches are not filled yet")]
+    CachesNotReady,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    identity: &str,
+    metrics: Arc<OperatorMetrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let (reports, report_changes) = cached::<CrashReport>(&client);
+    let (nodes, node_changes) = cached::<Node>(&client);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: node::FIELD_MANAGER.into(),
+            instance: Some(identity.to_owned()),
+        },
+    );
+    let context = Arc::new(Context {
+        client: client.clone(),
+        reports,
+        nodes,
+        recorder,
+        metrics,
+        eviction_backoff: Mutex::default(),
+    });
+    Controller::new(
+        Api::<RemediationPolicy>::all(client),
+        watcher::Config::default(),
+    )
+    // One policy at a time: each decision sees the writes of the one before.
+    .with_config(controller::Config::default().concurrency(1))
+    .reconcile_all_on(report_changes)
+    .reconcile_all_on(node_changes)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, context)
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::warn!(%error, "reconcile failed");
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// A cache of every `K`, and a stream that ticks whenever one changes.
+fn cached<K>(client: &Client) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let changes = reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|result| async move {
+        match result {
+            Ok(_) => Some(()),
+            Err(error) => {
+                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+                None
+            }
+        }
+    });
+    (store, changes)
+}
+
+fn error_policy(_: Arc<RemediationPolicy>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(%error, "reconcile failed; retrying in 5s");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The nodes a policy selects, each with the reports that match the policy.
+fn views(
+    policy: &RemediationPolicy,
+    selector: &Selector,
+    nodes: &[Arc<Node>],
+    reports: &[Arc<CrashReport>],
+) -> Vec<NodeView> {
+    let mut by_node: HashMap<&str, Vec<ReportTimes>> = HashMap::new();
+    for report in reports.iter().filter(|r| report_matches(&policy.spec, r)) {
+        by_node
+            .entry(report.spec.node_name.as_str())
+            .or_default()
+            .push(ReportTimes::of(report));
+    }
+    nodes
+        .iter()
+        .filter(|n| selector.matches(n.labels()))
+        .map(|n| {
+            let mut view = node::view(n);
+            view.reports = by_node.remove(view.name.as_str()).unwrap_or_default();
+            view
+        })
+        .collect()
+}
+
+async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_seconds.start_timer();
+    let ready = async {
+        ctx.reports.wait_until_ready().await.ok();
+        ctx.nodes.wait_until_ready().await.ok();
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .map_err(|_| Error::CachesNotReady)?;
+    let name = policy.name_any();
+    let now = Timestamp::now();
+    let checked = Rules::new(&name, &policy.spec)
+        .map_err(|e| e.to_string())
+        .and_then(|rules| {
+            let selector = policy.spec.selector.node_selector.clone().map_or_else(
+                || Ok(Selector::default()),
+                |s| Selector::try_from(s).map_err(|e| format!("match.nodeSelector: {e}")),
+            )?;
+            Ok((rules, selector))
+        });
+    let (rules, selector) = match checked {
+        Ok(checked) => checked,
+        Err(problem) => {
+            write_status(
+                &ctx,
+                &policy,
+                Vec::new(),
+                invalid_conditions(&policy, &problem, now),
+            )
+            .await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let reports = ctx.reports.state();
+    let mut nodes = ctx.nodes.state();
+    let mut plan = plan(&rules, &views(&policy, &selector, &nodes, &reports), now);
+    if !plan.changes.is_empty() || !plan.drains.is_empty() {
+        // Whatever writes is decided on a consistent read of the Nodes, not on the cache,
+        // which may not show the last writes yet: the budget holds even then.
+        let listed = Api::<Node>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await?;
+        nodes = listed.items.into_iter().map(Arc::new).collect();
+        plan = crate::policy::plan::plan(&rules, &views(&policy, &selector, &nodes, &reports), now);
+    }
+    let mut latest: HashMap<String, Node> = nodes
+        .iter()
+        .filter(|n| {
+            plan.changes
+                .iter()
+                .any(|c| Some(&c.node) == n.metadata.name.as_ref())
+                || plan
+                    .drains
+                    .iter()
+                    .any(|d| Some(&d.node) == n.metadata.name.as_ref())
+        })
+        .map(|n| (n.name_any(), (**n).clone()))
+        .collect();
+
+    let node_api = Api::<Node>::all(ctx.client.clone());
+    for change in &plan.changes {
+        let Some(current) = latest.get(&change.node) else {
+            continue;
+        };
+        let label = change_label(change.kind);
+        match node::apply(&node_api, current, change).await {
+            Ok(written) => {
+                ctx.metrics
+                    .remediations
+                    .with_label_values(&[label, "success"])
+                    .inc();
+                latest.insert(change.node.clone(), written);
+            }
+            Err(error) => {
+                ctx.metrics
+                    .remediations
+                    .with_label_values(&[label, "error"])
+                    .inc();
+                return Err(error.into());
+            }
+        }
+        let message = change_message(&rules, &plan, change);
+        node::set_condition(
+            &node_api,
+            &change.node,
+            node::condition_for(change.kind),
+            &message,
+            now,
+        )
+        .await?;
+        let severity = match change.kind {
+            ChangeKind::DrainTimedOut => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        let reason = node::condition_for(change.kind).1;
+        publish(&ctx, &policy, &change.node, severity, reason, &message).await;
+        tracing::info!(policy = %name, node = %change.node, %reason, "{message}");
+    }
+
+    let mut requeue = RESYNC;
+    if let Some(wake) = plan.wake_at {
+        let until = Duration::try_from(wake.duration_since(now)).unwrap_or_default();
+        requeue = requeue.min(until.max(Duration::from_millis(100)));
+    }
+    for order in &plan.drains {
+        let grace = policy
+            .spec
+            .drain
+            .as_ref()
+            .and_then(|d| d.grace_period_seconds);
+        let progress = drain::step(
+            &Api::<Pod>::all(ctx.client.clone()),
+            &ctx.client,
+            &order.node,
+            grace,
+        )
+        .await?;
+        let entry = plan.nodes.iter_mut().find(|n| n.name == order.node);
+        match progress {
+            drain::Progress::Done => {
+                ctx.eviction_backoff.lock().unwrap().remove(&order.node);
+                let Some(current) = latest.get(&order.node) else {
+                    continue;
+                };
+                let mut ledger = node::view(current).ledger;
+                if let Some(record) = ledger.get_mut(&name) {
+                    record.drain = Some(DrainPhase::Drained);
+                }
+                node::write_ledger(&node_api, current, &ledger).await?;
+                ctx.metrics
+                    .remediations
+                    .with_label_values(&["DrainComplete", "success"])
+                    .inc();
+                let message = format!("policy {name}: every evictable pod left {}", order.node);
+                node::set_condition(&node_api, &order.node, ("True", "Drained"), &message, now)
+                    .await?;
+                publish(
+                    &ctx,
+                    &policy,
+                    &order.node,
+                    EventType::Normal,
+                    "Drained",
+                    &message,
+                )
+                .await;
+                if let Some(entry) = entry {
+                    entry.state = RemediationState::Drained;
+                }
+            }
+            drain::Progress::Waiting { remaining, refused } => {
+                let mut backoffs = ctx.eviction_backoff.lock().unwrap();
+                let wait = if refused.is_empty() {
+                    backoffs.remove(&order.node);
+                    DRAIN_POLL
+                } else {
+                    let next = backoffs
+                        .get(&order.node)
+                        .map_or(DRAIN_POLL, |b| (*b * 2).min(MAX_EVICTION_BACKOFF));
+                    backoffs.insert(order.node.clone(), next);
+                    next
+                };
+                requeue = requeue.min(wait);
+                if let (Some(entry), Some(first)) = (entry, refused.first()) {
+                    entry.state = RemediationState::Blocked;
+                    entry.reason = Some(BlockReason::Pdb.because(&format!(
+                        "{remaining} pods left; a disruption budget refuses {first}"
+                    )));
+                }
+            }
+        }
+    }
+
+    let previous = policy.status.clone().unwrap_or_default();
+    let mut entries = plan.nodes.clone();
+    carry_since(&previous.nodes, &mut entries, now);
+    for entry in news(&previous.nodes, &entries) {
+        let reason = entry.reason.clone().unwrap_or_default();
+        if entry.state == RemediationState::WouldAct {
+            ctx.metrics
+                .remediations
+                .with_label_values(&[action_label(&rules), "dry_run"])
+                .inc();
+            publish(
+                &ctx,
+                &policy,
+                &entry.name,
+                EventType::Normal,
+                "DryRun",
+                &format!("policy {name} (dry run): {reason}"),
+            )
+            .await;
+        } else if let Some(block) = BlockReason::of_status(&reason) {
+            ctx.metrics
+                .remediations_blocked
+                .with_label_values(&[block.label()])
+                .inc();
+            publish(
+                &ctx,
+                &policy,
+                &entry.name,
+                EventType::Warning,
+                "RemediationBlocked",
+                &format!("policy {name} holds back: {reason}"),
+            )
+            .await;
+        }
+    }
+    let conditions = conditions(&policy, &plan, &entries, now);
+    write_status(&ctx, &policy, entries, conditions).await?;
+    ctx.metrics.nodes_remediated.set(
+        ctx.nodes
+            .state()
+            .iter()
+            .filter(|n| node::view(n).ledger.values().any(|r| r.is_active()))
+            .count() as i64,
+    );
+    Ok(Action::requeue(requeue))
+}
+
+fn action_label(rules: &Rules) -> &'static str {
+    change_label(ChangeKind::Remediate(rules.action))
+}
+
+fn change_label(kind: ChangeKind) -> &'static str {
+    match kind {
+        ChangeKind::Remediate(crds::policy::Action::Cordon) => "Cordon",
+        ChangeKind::Remediate(crds::policy::Action::Taint) => "Taint",
+        ChangeKind::Remediate(crds::policy::Action::Drain) => "Drain",
+        ChangeKind::Release(ReleasedBy::Recovery) => "Recover",
+        ChangeKind::Release(ReleasedBy::Human) => "ReleaseByUser",
+        ChangeKind::DrainTimedOut => "DrainTimeout",
+    }
+}
+
+fn change_message(rules: &Rules, plan: &Plan, change: &Change) -> String {
+    let policy = &rules.policy;
+    let occurrences = plan
+        .nodes
+        .iter()
+        .find(|n| n.name == change.node)
+        .map_or(0, |n| n.occurrences);
+    match change.kind {
+        ChangeKind::Remediate(action) => format!(
+            "policy {policy}: {} {}: {occurrences} matching occurrences within {:?}, threshold {}",
+            verb(action),
+            change.node,
+            rules.window,
+            rules.threshold
+        ),
+        ChangeKind::Release(ReleasedBy::Recovery) => format!(
+            "policy {policy}: {} was quiet for {:?}; undid only this policy's own cordon or taint",
+            change.node,
+            rules.uncordon_after.unwrap_or_default()
+        ),
+        ChangeKind::Release(ReleasedBy::Human) => format!(
+            "policy {policy}: someone else uncordoned or untainted {}; the same reports will not act again, new ones may",
+            change.node
+        ),
+        ChangeKind::DrainTimedOut => format!(
+            "policy {policy}: the drain of {} did not finish within {:?}; evictions stopped, the node stays cordoned",
+            change.node, rules.drain_timeout
+        ),
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    policy: &RemediationPolicy,
+    node: &str,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_owned()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Remediate".into(),
+        secondary: Some(policy.object_ref(&())),
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &regarding).await {
+        tracing::warn!(%node, %error, "could not publish an Event");
+    }
+}
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}
+
+fn conditions(
+    policy: &RemediationPolicy,
+    plan: &Plan,
+    entries: &[NodeRemediation],
+    now: Timestamp,
+) -> Vec<Condition> {
+    let previous = policy.status.as_ref().map_or(&[][..], |s| &s.conditions);
+    let generation = policy.metadata.generation;
+    let budget = plan.budget;
+    let exhausted = entries
+        .iter()
+        .any(|e| e.reason.as_deref().and_then(BlockReason::of_status) == Some(BlockReason::Budget));
+    vec![
+        condition(
+            "Ready",
+            true,
+            "Reconciled",
+            format!("{} nodes selected", budget.selected),
+            previous,
+            generation,
+            now,
+        ),
+        condition(
+            "BudgetExhausted",
+            exhausted,
+            if exhausted {
+                "MaxUnavailableReached"
+            } else {
+                "WithinBudget"
+            },
+            format!(
+                "{} of {} selected nodes unavailable; maxUnavailable {}",
+                budget.unavailable, budget.selected, budget.max_unavailable
+            ),
+            previous,
+            generation,
+            now,
+        ),
+    ]
+}
+
+fn invalid_conditions(policy: &RemediationPolicy, problem: &str, now: Timestamp) -> Vec<Condition> {
+    let previous = policy.status.as_ref().map_or(&[][..], |s| &s.conditions);
+    vec![condition(
+        "Ready",
+        false,
+        "InvalidSpec",
+        problem.to_owned(),
+        previous,
+        policy.metadata.generation,
+        now,
+    )]
+}
+
+/// Writes the status when it differs from what is stored.
+async fn write_status(
+    ctx: &Context,
+    policy: &RemediationPolicy,
+    nodes: Vec<NodeRemediation>,
+    conditions: Vec<Condition>,
+) -> Result<(), Error> {
+    let status = RemediationPolicyStatus {
+        nodes,
+        conditions,
+        observed_generation: policy.metadata.generation,
+    };
+    if policy.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = json!({ "status": {
+        "nodes": status.nodes,
+        "conditions": status.conditions,
+        "observedGeneration": status.observed_generation,
+    }});
+    Api::<RemediationPolicy>::all(ctx.client.clone())
+        .patch_status(&policy.name_any(), &node::params(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}

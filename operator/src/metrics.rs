@@ -1,0 +1,97 @@
+//! The operator's Prometheus metrics (names are a contract with the chart's alerts and
+//! dashboard).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the operator exports.
+pub struct OperatorMetrics {
+    registry: Registry,
+    /// Node writes by action (`Cordon`, `Taint`, `Drain`, `Release`, `DrainTimedOut`) and
+    /// result (`success`, `error`, `dry_run`).
+    pub remediations: IntCounterVec,
+    /// Remediations held back, by reason (`budget`, `cooldown`, `paused`, `pdb`, `timeout`).
+    pub remediations_blocked: IntCounterVec,
+    /// Nodes with a remediation in force.
+    pub nodes_remediated: IntGauge,
+    /// How long one reconcile of one policy takes.
+    pub reconcile_seconds: Histogram,
+    /// 1 while this process holds the leader Lease.
+    pub leader: IntGauge,
+}
+
+impl OperatorMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> OperatorMetrics {
+        let registry = Registry::new();
+        let remediations = IntCounterVec::new(
+            Opts::new(
+                "crashwatch_remediations_total",
+                "Node remediations by action and result",
+            ),
+            &["action", "result"],
+        )
+        .unwrap();
+        let remediations_blocked = IntCounterVec::new(
+            Opts::new(
+                "crashwatch_remediations_blocked_total",
+                "Remediations held back by a safety rail or a disruption budget, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let nodes_remediated = IntGauge::new(
+            "crashwatch_nodes_remediated",
+            "Nodes with a crashwatch remediation in force",
+        )
+        .unwrap();
+        let reconcile_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "crashwatch_reconcile_seconds",
+                "Time to reconcile one policy",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+        )
+        .unwrap();
+        let leader = IntGauge::new(
+            "crashwatch_operator_leader",
+            "1 while this operator process holds the leader Lease",
+        )
+        .unwrap();
+        registry.register(Box::new(remediations.clone())).unwrap();
+        registry
+            .register(Box::new(remediations_blocked.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(nodes_remediated.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(reconcile_seconds.clone()))
+            .unwrap();
+        registry.register(Box::new(leader.clone())).unwrap();
+        OperatorMetrics {
+            registry,
+            remediations,
+            remediations_blocked,
+            nodes_remediated,
+            reconcile_seconds,
+            leader,
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        OperatorMetrics::new()
+    }
+}

@@ -1,0 +1,124 @@
+//! One step of a drain: evict, through the Eviction API, every pod on the node that may be
+//! evicted, and say what is left. PodDisruptionBudgets answer 429; the controller retries
+//! with backoff.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, EvictParams, ListParams};
+
+/// The annotation the kubelet puts on a static pod's mirror.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Why a pod on a draining node stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stays {
+    /// A static pod's mirror: the kubelet owns it, eviction would be pointless.
+    Mirror,
+    /// A DaemonSet's pod: the DaemonSet would put it right back.
+    DaemonSet,
+}
+
+/// Whether a pod stays on a drained node, and why.
+pub fn stays(pod: &Pod) -> Option<Stays> {
+    let meta = &pod.metadata;
+    if meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+    {
+        return Some(Stays::Mirror);
+    }
+    let by_daemon_set = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.kind == "DaemonSet" && owner.controller == Some(true));
+    by_daemon_set.then_some(Stays::DaemonSet)
+}
+
+/// Where a drain stands after one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// No evictable pod is left on the node.
+    Done,
+    /// Pods are still there: being deleted, or refused.
+    Waiting {
+        /// Evictable pods still on the node.
+        remaining: usize,
+        /// Evictions a disruption budget refused, as `namespace/pod: message`.
+        refused: Vec<String>,
+    },
+}
+
+/// Evicts what can be evicted from `node`, with `grace_period_seconds` if the policy sets
+/// one (the pods' own otherwise).
+pub async fn step(
+    pods: &Api<Pod>,
+    client: &kube::Client,
+    node: &str,
+    grace_period_seconds: Option<i64>,
+) -> kube::Result<Progress> {
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let mut remaining = 0;
+    let mut refused = Vec::new();
+    for pod in pods.list(&on_node).await? {
+        if stays(&pod).is_some() {
+            continue;
+        }
+        remaining += 1;
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let params = EvictParams {
+            delete_options: Some(DeleteParams {
+                grace_period_seconds: grace_period_seconds.map(|s| s as u32),
+                ..DeleteParams::default()
+            }),
+            ..EvictParams::default()
+        };
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        match api.evict(name, &params).await {
+            Ok(_) => tracing::info!(%node, pod = %format!("{namespace}/{name}"), "evicted"),
+            Err(kube::Error::Api(status)) if status.code == 429 => {
+                refused.push(format!("{namespace}/{name}: {}", status.message));
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => remaining -= 1,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(if remaining == 0 {
+        Progress::Done
+    } else {
+        Progress::Waiting { remaining, refused }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(metadata: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({ "metadata": metadata })).unwrap()
+    }
+
+    #[test]
+    fn daemon_set_and_mirror_pods_stay_and_the_rest_go() {
+        let daemon = pod(json!({"name": "agent", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u", "controller": true
+        }]}));
+        let mirror = pod(json!({"name": "etcd", "annotations": {MIRROR_ANNOTATION: "abc"}}));
+        let replica = pod(json!({"name": "web", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "u", "controller": true
+        }]}));
+        let adopted = pod(json!({"name": "odd", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "x", "uid": "u", "controller": false
+        }]}));
+        assert_eq!(stays(&daemon), Some(Stays::DaemonSet));
+        assert_eq!(stays(&mirror), Some(Stays::Mirror));
+        assert_eq!(stays(&replica), None);
+        assert_eq!(stays(&adopted), None, "only the controlling owner counts");
+        assert_eq!(stays(&pod(json!({"name": "bare"}))), None);
+    }
+}

@@ -1,0 +1,4 @@
+//! The Kubernetes side of a plan: node writes, drains and Events.
+
+pub mod drain;
+pub mod node;

@@ -1,0 +1,136 @@
+//! Helpers shared by the integration tests of every crate: requirements that fail under CI
+//! instead of skipping, the test control plane, and the workspace's binaries.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Whether the kernel tests can run. Under `CI=true` a missing requirement fails the test
+/// instead of skipping it, so a skipped kernel test never passes CI.
+pub fn require(what: &str, ok: bool) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and this test cannot run: {what}");
+    }
+    eprintln!("SKIPPED (not CI): {what}");
+    false
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The test control plane started by `scripts/test.sh` (`CRASHWATCH_CONTROL_PLANE` names its
+/// directory). None when there is none and this is not CI.
+pub struct ControlPlane {
+    /// Its directory: `env`, `kubeconfig`, logs.
+    pub dir: PathBuf,
+    /// The kubeconfig of its admin.
+    pub kubeconfig: PathBuf,
+    /// The directory holding kubectl, helm and promtool.
+    pub bin: PathBuf,
+}
+
+impl ControlPlane {
+    /// The running control plane, or None (a failure under CI).
+    pub fn get() -> Option<ControlPlane> {
+        let dir = std::env::var_os("CRASHWATCH_CONTROL_PLANE").map(PathBuf::from);
+        let env = dir
+            .as_ref()
+            .and_then(|d| fs::read_to_string(d.join("env")).ok());
+        if !require(
+            "needs the test control plane: run scripts/test.sh, or set CRASHWATCH_CONTROL_PLANE to a dir started by scripts/control-plane.sh",
+            env.is_some(),
+        ) {
+            return None;
+        }
+        let (dir, env) = (dir.unwrap(), env.unwrap());
+        let value = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{key} missing from the control plane's env"))
+        };
+        Some(ControlPlane {
+            kubeconfig: value("KUBECONFIG"),
+            bin: value("CONTROL_PLANE_BIN"),
+            dir,
+        })
+    }
+
+    /// Runs kubectl against the cluster; returns stdout, panicking on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let output = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs `scripts/control-plane.sh COMMAND DIR` (`stop-apiserver`, `start-apiserver`).
+    pub fn script(&self, command: &str) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/control-plane.sh");
+        let status = Command::new(script)
+            .arg(command)
+            .arg(&self.dir)
+            .status()
+            .expect("control-plane.sh");
+        assert!(status.success(), "control-plane.sh {command} failed");
+    }
+
+    /// Installs the committed CRDs and waits until they are served.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/crashwatch-crds.yaml");
+        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/crashreports.crashwatch.dev",
+            "crd/remediationpolicies.crashwatch.dev",
+        ]);
+    }
+}
+
+/// Polls `done` every 20 ms until it holds; panics after `timeout`, naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A binary of another crate in this workspace, built by the same `cargo test` run
+/// (`cargo test --workspace` builds every package's binaries before running tests).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let binary = profile_dir.join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build --workspace` first)",
+        binary.display()
+    );
+    binary
+}
