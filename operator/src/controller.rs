@@ -39,6 +39,9 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// What every reconcile shares.
 pub struct Context {
     client: Client,
+    /// A client that does not retry 429s itself: a disruption budget's refusal comes back
+    /// at once, to be shown in the status and retried with this controller's backoff.
+    eviction_client: Client,
     reports: Store<CrashReport>,
     nodes: Store<Node>,
     recorder: Recorder,
@@ -61,6 +64,7 @@ pub enum Error {
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
+    eviction_client: Client,
     identity: &str,
     metrics: Arc<OperatorMetrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
@@ -76,6 +80,7 @@ pub async fn run(
     );
     let context = Arc::new(Context {
         client: client.clone(),
+        eviction_client,
         reports,
         nodes,
         recorder,
@@ -274,7 +279,7 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             .and_then(|d| d.grace_period_seconds);
         let progress = drain::step(
             &Api::<Pod>::all(ctx.client.clone()),
-            &ctx.client,
+            &ctx.eviction_client,
             &order.node,
             grace,
         )

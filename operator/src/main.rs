@@ -69,7 +69,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let metrics = Arc::new(OperatorMetrics::new());
-    let client = kube::Client::try_default().await?;
+    let config = kube::Config::infer().await?;
+    let client = kube::Client::try_from(config.clone())?;
+    let mut no_retry = config;
+    no_retry.default_retry = false;
+    let eviction_client = kube::Client::try_from(no_retry)?;
     tokio::spawn(operator::http::serve(args.metrics_addr, metrics.clone()));
 
     let lock = LeaseLock::new(
@@ -79,7 +83,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &identity,
         args.lease_duration,
     );
-    let work = operator::controller::run(client, &identity, metrics.clone(), shutdown_signal());
+    let work = operator::controller::run(
+        client,
+        eviction_client,
+        &identity,
+        metrics.clone(),
+        shutdown_signal(),
+    );
     lock.run(&metrics, shutdown_signal(), work).await
 }
 

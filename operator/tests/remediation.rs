@@ -7,7 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use operator::policy::ledger::{Ledger, ReleasedBy};
 use operator::remediate::node::{CONDITION_TYPE, view};
 use serde_json::{Value, json};
@@ -119,7 +121,20 @@ async fn the_second_hang_of_qemu_nbd_cordons_and_a_restart_changes_nothing() {
         ),
         1.0
     );
-    assert_eq!(operator.metric("crashwatch_nodes_remediated"), 1.0);
+    // The gauge counts every node in the cluster under a remediation (earlier tests' too).
+    let all = Api::<Node>::all(fixture.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let remediated = all
+        .items
+        .iter()
+        .filter(|n| ledger(n).values().any(|r| r.is_active()))
+        .count();
+    assert_eq!(
+        operator.metric("crashwatch_nodes_remediated"),
+        remediated as f64
+    );
 
     // A new operator (as after a crash or a handover) reads back what was done.
     operator.terminate();
@@ -147,4 +162,501 @@ async fn the_second_hang_of_qemu_nbd_cordons_and_a_restart_changes_nothing() {
         status_after["nodes"][0]["since"],
         status_before["nodes"][0]["since"]
     );
+}
+
+/// Creates a pod bound to `node` in `namespace`; `extra` is merged over it.
+async fn pod(fixture: &Fixture, namespace: &str, name: &str, node: &str, extra: Value) {
+    let mut pod = json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "main", "image": "registry.invalid/app:1"}],
+        },
+    });
+    support::merge(&mut pod, extra);
+    let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), namespace);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Plays the kubelet: the pod runs and is ready, so disruption budgets count it.
+async fn running(fixture: &Fixture, namespace: &str, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), namespace);
+    let status = json!({"status": {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+/// Plays the disruption controller: the budget allows `allowed` disruptions.
+async fn budget_allows(fixture: &Fixture, namespace: &str, name: &str, allowed: i32) {
+    let api: Api<PodDisruptionBudget> = Api::namespaced(fixture.client.clone(), namespace);
+    let generation = api.get(name).await.unwrap().metadata.generation;
+    let status = json!({"status": {
+        "observedGeneration": generation,
+        "disruptionsAllowed": allowed,
+        "currentHealthy": 2,
+        "desiredHealthy": 2 - allowed,
+        "expectedPods": 2,
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+async fn pod_names(fixture: &Fixture, namespace: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), namespace);
+    let mut names: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_drain_evicts_through_the_eviction_api_waits_for_the_disruption_budget_and_spares_daemon_set_and_mirror_pods()
+ {
+    let Some(fixture) = Fixture::begin("drain").await else {
+        return;
+    };
+    let nodes = fixture.nodes(2).await;
+    let (node, other) = (&nodes[0], &nodes[1]);
+    let namespace = fixture.id.clone();
+    let namespaces: Api<Namespace> = Api::all(fixture.client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    for web in ["web-0", "web-1"] {
+        pod(
+            &fixture,
+            &namespace,
+            web,
+            node,
+            json!({"metadata": {"labels": {"app": "web"}}}),
+        )
+        .await;
+        running(&fixture, &namespace, web).await;
+    }
+    let daemon_set_owner = json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "crashwatch-agent",
+        "uid": "3f1b6a1e-0000-4000-8000-000000000001", "controller": true,
+    }]}});
+    pod(&fixture, &namespace, "agent", node, daemon_set_owner).await;
+    let mirror =
+        json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "5d41402abc4b2a76"}}});
+    pod(&fixture, &namespace, "static", node, mirror).await;
+    pod(&fixture, &namespace, "elsewhere", other, json!({})).await;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(fixture.client.clone(), &namespace);
+    let pdb = json!({
+        "metadata": {"name": "web"},
+        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}},
+    });
+    budgets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pdb).unwrap(),
+        )
+        .await
+        .unwrap();
+    budget_allows(&fixture, &namespace, "web", 0).await;
+
+    fixture.report(node, "qemu-nbd", "HungTask", &[20]).await;
+    let policy = fixture
+        .policy(
+            "drain",
+            json!({"threshold": {"count": 1}, "action": "Drain", "drain": {"timeout": "5m"}}),
+        )
+        .await;
+    let operator = Operator::leading(&fixture, &[]).await;
+
+    let blocked = eventually("the drain blocked by the PDB", SOON, || async {
+        let status = fixture.status(&policy).await;
+        let entries = entries(&status);
+        (entries.len() == 1 && entries[0].1 == "Blocked").then_some(entries)
+    })
+    .await;
+    assert!(blocked[0].2.starts_with("pdb: 2 pods left"), "{blocked:?}");
+    assert!(blocked[0].2.contains("web-"), "{blocked:?}");
+    assert_eq!(
+        fixture.cordoned().await,
+        [node.clone()],
+        "a drain cordons first"
+    );
+    let events = eventually("a RemediationBlocked Event", SOON, || async {
+        let events = fixture.events(node).await;
+        events
+            .iter()
+            .any(|(reason, _)| reason == "RemediationBlocked")
+            .then_some(events)
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "RemediationBlocked" && n.contains("pdb")),
+        "{events:?}"
+    );
+    assert_eq!(
+        operator.metric_with(
+            "crashwatch_remediations_blocked_total",
+            &[("reason", "pdb")]
+        ),
+        1.0
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pod_names(&fixture, &namespace).await,
+        ["agent", "elsewhere", "static", "web-0", "web-1"],
+        "nothing evicted while the budget refuses"
+    );
+
+    budget_allows(&fixture, &namespace, "web", 2).await;
+    let status = eventually("the drain to complete", Duration::from_secs(45), || async {
+        let status = fixture.status(&policy).await;
+        (entries(&status).first().map(|e| e.1.as_str()) == Some("Drained")).then_some(status)
+    })
+    .await;
+    assert_eq!(entries(&status)[0].2, "");
+    assert_eq!(
+        pod_names(&fixture, &namespace).await,
+        ["agent", "elsewhere", "static"],
+        "DaemonSet and mirror pods stay, and so does the other node's pod"
+    );
+    let drained = fixture.node(node).await;
+    assert_eq!(condition(&drained), Some(("True".into(), "Drained".into())));
+    assert_eq!(
+        ledger(&drained)[&policy].drain,
+        Some(operator::policy::ledger::DrainPhase::Drained)
+    );
+    let events = fixture.events(node).await;
+    assert!(events.iter().any(|(r, _)| r == "Drained"), "{events:?}");
+}
+
+#[tokio::test]
+async fn the_budget_lets_exactly_max_unavailable_nodes_go_and_the_next_proceeds_when_one_recovers()
+{
+    let Some(fixture) = Fixture::begin("budget").await else {
+        return;
+    };
+    let nodes = fixture.nodes(10).await;
+    for node in &nodes[..6] {
+        fixture
+            .report(node, "qemu-nbd", "HungTask", &[90, 60])
+            .await;
+    }
+    for node in &nodes[6..] {
+        fixture.report(node, "qemu-nbd", "HungTask", &[60]).await;
+    }
+    let policy = fixture
+        .policy(
+            "budget",
+            json!({"safety": {"maxUnavailable": 2}, "recovery": {"uncordonAfter": "6s"}}),
+        )
+        .await;
+    let operator = Operator::leading(&fixture, &[]).await;
+
+    let status = eventually("2 cordoned and 4 blocked", SOON, || async {
+        let status = fixture.status(&policy).await;
+        let entries = entries(&status);
+        let count = |state: &str| entries.iter().filter(|e| e.1 == state).count();
+        (count("Cordoned") == 2 && count("Blocked") == 4).then_some(entries)
+    })
+    .await;
+    let first: Vec<String> = status
+        .iter()
+        .filter(|e| e.1 == "Cordoned")
+        .map(|e| e.0.clone())
+        .collect();
+    assert_eq!(fixture.cordoned().await, first);
+    for blocked in status.iter().filter(|e| e.1 == "Blocked") {
+        assert!(
+            blocked
+                .2
+                .starts_with("budget: maxUnavailable 2 reached: 2 of 10"),
+            "{blocked:?}"
+        );
+    }
+    assert_eq!(
+        operator.metric_with(
+            "crashwatch_remediations_blocked_total",
+            &[("reason", "budget")]
+        ),
+        4.0
+    );
+    let conditions = fixture.status(&policy).await["conditions"].clone();
+    let exhausted = conditions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "BudgetExhausted")
+        .unwrap();
+    assert_eq!(exhausted["status"], "True");
+
+    // The first two recover after 6 s of quiet; two of the blocked take their places, and at
+    // no moment are more than 2 nodes cordoned.
+    let mut seen_cordoned = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let cordoned = fixture.cordoned().await;
+        assert!(cordoned.len() <= 2, "the budget was exceeded: {cordoned:?}");
+        seen_cordoned.extend(cordoned.iter().cloned());
+        if seen_cordoned.len() >= 4
+            && cordoned.iter().all(|n| !first.contains(n))
+            && cordoned.len() == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the next nodes never proceeded: seen {seen_cordoned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for recovered in &first {
+        let node = fixture.node(recovered).await;
+        let record = &ledger(&node)[&policy];
+        assert_eq!(
+            record.released.as_ref().map(|r| r.by),
+            Some(ReleasedBy::Recovery)
+        );
+        assert_eq!(condition(&node), Some(("False".into(), "Recovered".into())));
+    }
+    assert!(
+        seen_cordoned.iter().all(|n| nodes[..6].contains(n)),
+        "only nodes over the threshold: {seen_cordoned:?}"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_and_paused_touch_no_node_and_unpausing_acts() {
+    let Some(fixture) = Fixture::begin("dryrun").await else {
+        return;
+    };
+    let nodes = fixture.nodes(1).await;
+    let node = &nodes[0];
+    fixture
+        .report(node, "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    let version = fixture.node(node).await.metadata.resource_version;
+    let policy = fixture
+        .policy(
+            "taint",
+            json!({"action": "Taint", "safety": {"dryRun": true}}),
+        )
+        .await;
+    let operator = Operator::leading(&fixture, &[]).await;
+
+    let dry = eventually("WouldAct", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        (entries.len() == 1 && entries[0].1 == "WouldAct").then_some(entries)
+    })
+    .await;
+    assert!(
+        dry[0].2.starts_with("would taint: 2 matching occurrences"),
+        "{dry:?}"
+    );
+    let events = eventually("a DryRun Event", SOON, || async {
+        let events = fixture.events(node).await;
+        events.iter().any(|(r, _)| r == "DryRun").then_some(events)
+    })
+    .await;
+    assert!(events.iter().all(|(r, _)| r == "DryRun"), "{events:?}");
+    assert_eq!(
+        operator.metric_with("crashwatch_remediations_total", &[("result", "dry_run")]),
+        1.0
+    );
+
+    fixture
+        .edit_policy(
+            &policy,
+            json!({"safety": {"dryRun": false, "paused": true}}),
+        )
+        .await;
+    let paused = eventually("Blocked: paused", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        (entries.first().map(|e| e.2.as_str()) == Some("paused")).then_some(entries)
+    })
+    .await;
+    assert_eq!(paused[0].1, "Blocked");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        fixture.node(node).await.metadata.resource_version,
+        version,
+        "no Node was touched"
+    );
+
+    fixture
+        .edit_policy(&policy, json!({"safety": {"paused": false}}))
+        .await;
+    let tainted = eventually("the taint", SOON, || async {
+        let node = fixture.node(node).await;
+        let taints = node.spec.as_ref()?.taints.clone()?;
+        // (The API server taints every new Node not-ready; a kubelet would lift that.)
+        taints
+            .into_iter()
+            .find(|t| t.key.starts_with("crashwatch.dev/"))
+    })
+    .await;
+    assert_eq!(tainted.key, "crashwatch.dev/unhealthy");
+    assert_eq!(tainted.effect, "NoSchedule");
+    assert!(fixture.cordoned().await.is_empty(), "Taint does not cordon");
+}
+
+#[tokio::test]
+async fn a_human_uncordon_is_respected_and_recovery_undoes_only_the_operators_own_cordon() {
+    let Some(fixture) = Fixture::begin("human").await else {
+        return;
+    };
+    let nodes = fixture.nodes(3).await;
+    let (ours, theirs, human) = (&nodes[0], &nodes[1], &nodes[2]);
+    fixture.cluster.kubectl(&["cordon", theirs]);
+    for node in &nodes {
+        fixture
+            .report(node, "qemu-nbd", "HungTask", &[90, 60])
+            .await;
+    }
+    let policy = fixture
+        .policy(
+            "cordon",
+            json!({"safety": {"maxUnavailable": 3}, "recovery": {"uncordonAfter": "8s"}}),
+        )
+        .await;
+    let _operator = Operator::leading(&fixture, &[]).await;
+    eventually("all three remediated", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        (entries.len() == 3 && entries.iter().all(|e| e.1 == "Cordoned")).then_some(())
+    })
+    .await;
+    assert!(
+        !ledger(&fixture.node(theirs).await)[&policy].cordoned,
+        "it was cordoned already"
+    );
+
+    fixture.cluster.kubectl(&["uncordon", human]);
+    eventually("the human uncordon noticed", SOON, || async {
+        let node = fixture.node(human).await;
+        let released = ledger(&node)[&policy].released.clone()?;
+        (released.by == ReleasedBy::Human).then_some(())
+    })
+    .await;
+    assert_eq!(
+        condition(&fixture.node(human).await),
+        Some(("False".into(), "ReleasedByUser".into()))
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !fixture.cordoned().await.contains(human),
+        "the same reports do not cordon again"
+    );
+
+    // Recovery (8 s after the action, no new occurrence): ours is uncordoned, theirs stays.
+    eventually("the recovery", Duration::from_secs(30), || async {
+        let cordoned = fixture.cordoned().await;
+        (!cordoned.contains(ours)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        fixture.cordoned().await,
+        [theirs.clone()],
+        "a cordon the operator did not make stays"
+    );
+    assert_eq!(
+        ledger(&fixture.node(theirs).await)[&policy]
+            .released
+            .as_ref()
+            .map(|r| r.by),
+        Some(ReleasedBy::Recovery)
+    );
+
+    // New occurrences on the node the human uncordoned do act again.
+    fixture
+        .report(human, "qemu-nbd", "HungTask", &[90, 60, 1, 0])
+        .await;
+    eventually("a new cordon for new reports", SOON, || async {
+        fixture.cordoned().await.contains(human).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_the_leader_acts_and_a_killed_leader_is_replaced_within_the_lease_time() {
+    let Some(fixture) = Fixture::begin("leader").await else {
+        return;
+    };
+    let nodes = fixture.nodes(2).await;
+    let lease = format!("{}-lease", fixture.id);
+    let lease_seconds = 4;
+    let duration = format!("{lease_seconds}s");
+    let mut first = Operator::start(
+        &fixture,
+        &lease,
+        "replica-a",
+        &["--lease-duration", &duration],
+    );
+    first.wait_leading().await;
+    let second = Operator::start(
+        &fixture,
+        &lease,
+        "replica-b",
+        &["--lease-duration", &duration],
+    );
+    let policy = fixture
+        .policy("leader", json!({"safety": {"maxUnavailable": 2}}))
+        .await;
+
+    fixture
+        .report(&nodes[0], "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    eventually("the leader's cordon", SOON, || async {
+        (fixture.cordoned().await == [nodes[0].clone()]).then_some(())
+    })
+    .await;
+    assert_eq!(first.metric("crashwatch_remediations_total"), 1.0);
+    assert_eq!(second.metric("crashwatch_operator_leader"), 0.0);
+    assert_eq!(
+        second.metric("crashwatch_reconcile_seconds_count"),
+        0.0,
+        "the follower never reconciles"
+    );
+
+    first.kill();
+    let killed = Instant::now();
+    second.wait_leading().await;
+    let handover = killed.elapsed();
+    eprintln!("handover after SIGKILL: {handover:?} (lease {lease_seconds}s)");
+    // The follower takes over when it has seen no renewal for a lease duration; it polls at
+    // a fifth of it.
+    assert!(
+        handover
+            <= Duration::from_secs(lease_seconds)
+                + Duration::from_secs(lease_seconds) / 5
+                + Duration::from_millis(500),
+        "handover took {handover:?}"
+    );
+    fixture
+        .report(&nodes[1], "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    eventually("the new leader's cordon", SOON, || async {
+        (fixture.cordoned().await == nodes).then_some(())
+    })
+    .await;
+    assert_eq!(second.metric("crashwatch_remediations_total"), 1.0);
+    let _ = policy;
 }

@@ -50,10 +50,11 @@ pub enum Progress {
 }
 
 /// Evicts what can be evicted from `node`, with `grace_period_seconds` if the policy sets
-/// one (the pods' own otherwise).
+/// one (the pods' own otherwise). `eviction_client` must not retry 429s by itself (kube's
+/// default client does, for many minutes).
 pub async fn step(
     pods: &Api<Pod>,
-    client: &kube::Client,
+    eviction_client: &kube::Client,
     node: &str,
     grace_period_seconds: Option<i64>,
 ) -> kube::Result<Progress> {
@@ -77,7 +78,8 @@ pub async fn step(
             }),
             ..EvictParams::default()
         };
-        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let api: Api<Pod> = Api::namespaced(eviction_client.clone(), namespace);
+        tracing::debug!(%node, pod = %format!("{namespace}/{name}"), "evicting");
         match api.evict(name, &params).await {
             Ok(_) => tracing::info!(%node, pod = %format!("{namespace}/{name}"), "evicted"),
             Err(kube::Error::Api(status)) if status.code == 429 => {
