@@ -296,7 +296,7 @@ async fn a_drain_evicts_through_the_eviction_api_waits_for_the_disruption_budget
     assert!(blocked[0].2.contains("web-"), "{blocked:?}");
     assert_eq!(
         fixture.cordoned().await,
-        [node.clone()],
+        std::slice::from_ref(node),
         "a drain cordons first"
     );
     let events = eventually("a RemediationBlocked Event", SOON, || async {
@@ -574,7 +574,7 @@ async fn a_human_uncordon_is_respected_and_recovery_undoes_only_the_operators_ow
     .await;
     assert_eq!(
         fixture.cordoned().await,
-        [theirs.clone()],
+        std::slice::from_ref(theirs),
         "a cordon the operator did not make stays"
     );
     assert_eq!(
