@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crds::{DetectedBy, EventKind};
-use support::{Agent, Sysctl, have, kernel_lock, require, require_kernel, wait_until};
+use support::{
+    Agent, ControlPlane, Sysctl, have, kernel_lock, require, require_kernel, wait_until,
+};
 
 fn require_nbd_lab() -> bool {
     require_kernel()
@@ -264,4 +266,113 @@ fn with_kernel_reports_off_the_proc_watcher_reports_the_hang_once() {
     );
     agent.drain_for(Duration::from_secs(3));
     assert_eq!(hung_task_events(&agent, pid), 1, "one episode, one event");
+}
+
+/// The whole chain on this machine: a real hung qemu-nbd, reported by the kernel, read by
+/// the real agent, published as CrashReports to the test cluster, and the real operator
+/// cordoning the Node named after this machine once the policy's threshold (2 hangs) is
+/// reached.
+#[test]
+fn two_real_qemu_nbd_hangs_cordon_this_machines_node_within_5_seconds_of_the_second() {
+    let Some(test) = HangTest::begin("-1") else {
+        return;
+    };
+    let Some(cluster) = ControlPlane::get() else {
+        return;
+    };
+    cluster.install_crds();
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_lowercase();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let run = format!("e2e-{nanos:x}");
+    // A fresh Node object and no earlier reports of it.
+    cluster.kubectl(&["delete", "node", &node, "--ignore-not-found"]);
+    let stale: serde_json::Value =
+        serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
+    for report in stale["items"].as_array().unwrap() {
+        if report["spec"]["nodeName"] == node.as_str() {
+            let name = report["metadata"]["name"].as_str().unwrap();
+            cluster.kubectl(&["delete", "crashreport", name]);
+        }
+    }
+    let objects = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Node",
+         "metadata": {"name": node, "labels": {"crashwatch.dev/test": run}}},
+        {"apiVersion": "crashwatch.dev/v1alpha1", "kind": "RemediationPolicy",
+         "metadata": {"name": run},
+         "spec": {
+            "match": {"processNames": ["qemu-nbd"], "kinds": ["HungTask"],
+                      "nodeSelector": {"matchLabels": {"crashwatch.dev/test": run}}},
+            "threshold": {"count": 2, "window": "10m"},
+            "action": "Cordon",
+            "safety": {"cooldown": "0s"}}},
+    ]});
+    let file = test.state.path().join("objects.json");
+    std::fs::write(&file, objects.to_string()).unwrap();
+    cluster.kubectl(&["create", "-f", file.to_str().unwrap()]);
+    let cordoned = || {
+        cluster.kubectl(&["get", "node", &node, "-o", "jsonpath={.spec.unschedulable}"]) == "true"
+    };
+
+    let operator_log = std::fs::File::create(test.state.path().join("operator.log")).unwrap();
+    let mut operator = std::process::Command::new(testkit::workspace_binary("crashwatch-operator"))
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .args(["run", "--metrics-addr", "127.0.0.1:0", "--lease-name", &run])
+        .stdout(Stdio::null())
+        .stderr(operator_log)
+        .spawn()
+        .expect("start crashwatch-operator");
+    let hang_reports = || -> u64 {
+        let list: serde_json::Value =
+            serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["spec"]["nodeName"] == node.as_str() && r["spec"]["kind"] == "HungTask")
+            .map(|r| r["status"]["count"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    support::start_at_the_end_of_the_log(test.state.path());
+    let agent = Agent::start_publishing(
+        test.state.path(),
+        &node,
+        &cluster.kubeconfig,
+        &["--hang-threshold", "600"],
+    );
+
+    let first = StuckReader::start();
+    wait_until(
+        "the first hang's CrashReport",
+        Duration::from_secs(30),
+        || hang_reports() == 1,
+    );
+    drop(first);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!cordoned(), "one hang is below the threshold");
+
+    let second = StuckReader::start();
+    let blocked = Instant::now();
+    wait_until("the cordon", Duration::from_secs(30), cordoned);
+    let to_cordon = blocked.elapsed();
+    drop(second);
+    let detectable_after = Duration::from_secs(2); // hung_task_timeout_secs
+    eprintln!(
+        "hang-to-cordon: {to_cordon:?} after the reader blocked, {:?} after the kernel could first report it",
+        to_cordon.saturating_sub(detectable_after)
+    );
+    assert_eq!(hang_reports(), 2);
+    assert!(
+        to_cordon <= detectable_after + Duration::from_secs(1) + Duration::from_secs(5),
+        "hang-to-cordon took {to_cordon:?}: more than 5 s after the kernel's check (every 1 s) could report it"
+    );
+    let _ = operator.kill();
+    let _ = operator.wait();
+    drop(agent);
+    cluster.kubectl(&["delete", "remediationpolicy", &run]);
 }
