@@ -265,15 +265,14 @@ fn helm_install_creates_least_privilege_objects_and_uninstall_removes_them() {
     assert_eq!(
         permissions(&cluster, &namespace, &format!("{full}-operator")),
         set(&[
-            "crashreports.crashwatch.dev [get list watch]",
+            "crashreports.crashwatch.dev [list watch]",
             "events.events.k8s.io [create patch]",
             "leases.coordination.k8s.io [get create update]",
-            "nodes [get list watch patch]",
+            "nodes [list watch patch]",
             "nodes/status [patch]",
-            "poddisruptionbudgets.policy [get list watch]",
-            "pods [get list watch]",
+            "pods [list]",
             "pods/eviction [create]",
-            "remediationpolicies.crashwatch.dev [get list watch]",
+            "remediationpolicies.crashwatch.dev [list watch]",
             "remediationpolicies.crashwatch.dev/status [patch]",
         ])
     );

@@ -660,3 +660,72 @@ async fn only_the_leader_acts_and_a_killed_leader_is_replaced_within_the_lease_t
     assert_eq!(second.metric("crashwatch_remediations_total"), 1.0);
     let _ = policy;
 }
+
+#[tokio::test]
+async fn the_charts_least_privilege_role_is_enough_to_drain() {
+    let Some(fixture) = Fixture::begin("rbac").await else {
+        return;
+    };
+    let cluster = &fixture.cluster;
+    let namespace = fixture.id.clone();
+    cluster.kubectl(&["create", "namespace", &namespace]);
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/crashwatch");
+    let rendered = std::process::Command::new(cluster.bin.join("helm"))
+        .args(["template", "rbac"])
+        .arg(&chart)
+        .args(["-n", &namespace, "--show-only", "templates/operator.yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("operator.yaml");
+    std::fs::write(&manifest, &rendered.stdout).unwrap();
+    cluster.kubectl(&["apply", "-n", &namespace, "-f", manifest.to_str().unwrap()]);
+    let token = cluster.kubectl(&[
+        "create",
+        "token",
+        "rbac-crashwatch-operator",
+        "-n",
+        &namespace,
+    ]);
+    let admin = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let (head, _) = admin.split_once("users:").unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let user = format!(
+        "users:\n- name: admin\n  user: {{token: {}}}\n",
+        token.trim()
+    );
+    std::fs::write(&kubeconfig, format!("{head}{user}")).unwrap();
+
+    let nodes = fixture.nodes(1).await;
+    let node = &nodes[0];
+    pod(&fixture, &namespace, "web", node, json!({})).await;
+    fixture
+        .report(node, "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    let policy = fixture.policy("drain", json!({"action": "Drain"})).await;
+    let operator = Operator::start_as(
+        &kubeconfig,
+        "crashwatch-operator",
+        &fixture.id,
+        &["--lease-namespace", &namespace],
+    );
+    operator.wait_leading().await;
+    eventually(
+        "the drain, as the chart's service account",
+        SOON,
+        || async {
+            let entries = entries(&fixture.status(&policy).await);
+            (entries.first().map(|e| e.1.as_str()) == Some("Drained")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(pod_names(&fixture, &namespace).await, Vec::<String>::new());
+    let events = fixture.events(node).await;
+    assert!(events.iter().any(|(r, _)| r == "Drained"), "{events:?}");
+    assert!(!operator.log().contains("forbidden"), "{}", operator.log());
+}

@@ -260,15 +260,28 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts `crashwatch-operator run` competing for Lease `lease`.
+    /// Starts `crashwatch-operator run` as the cluster's admin, competing for Lease `lease`
+    /// in `default`.
     pub fn start(fixture: &Fixture, lease: &str, identity: &str, extra: &[&str]) -> Operator {
+        let mut args = vec!["--lease-namespace", "default"];
+        args.extend(extra);
+        Operator::start_as(&fixture.cluster.kubeconfig, lease, identity, &args)
+    }
+
+    /// Starts `crashwatch-operator run` with the credentials in `kubeconfig`.
+    pub fn start_as(
+        kubeconfig: &std::path::Path,
+        lease: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Operator {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("{identity}-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_crashwatch-operator"))
-            .env("KUBECONFIG", &fixture.cluster.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,operator=debug")
             .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--lease-name", lease, "--lease-namespace", "default"])
+            .args(["--lease-name", lease])
             .args(["--identity", identity])
             .args(extra)
             .stdin(Stdio::null())
