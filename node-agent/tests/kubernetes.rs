@@ -272,3 +272,58 @@ impl Drop for RestartApiServer<'_> {
         self.0.script("start-apiserver");
     }
 }
+
+#[test]
+fn sigkill_at_random_points_during_a_storm_neither_repeats_nor_loses_a_report() {
+    let Some(setup) = Setup::begin("sigkill") else {
+        return;
+    };
+    let (cluster, node) = (&setup.cluster, &setup.node);
+    let mut agent = setup.agent(true);
+    let crashes = 300;
+    // Three kill points, spread at random over the storm (seeded from the clock; printed so
+    // that a failure can be replayed by reading the log).
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut kill_points: Vec<usize> = (0..3)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % crashes as u64) as usize
+        })
+        .collect();
+    kill_points.sort();
+    eprintln!("killing the agent after crashes {kill_points:?}");
+    for i in 0..crashes {
+        std::process::Command::new(crashy())
+            .arg("null")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        for _ in kill_points.iter().filter(|&&k| k == i) {
+            agent.kill();
+            agent = setup.agent(true);
+        }
+    }
+    let reports = wait_for_reports(cluster, node, "every crash counted", |r| {
+        r.iter().map(count).sum::<u64>() >= crashes as u64
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = reports_of(cluster, node);
+    assert_eq!(
+        settled.len(),
+        1,
+        "one fingerprint, one report: {reports:#?}"
+    );
+    assert_eq!(
+        count(&settled[0]),
+        crashes as u64,
+        "no duplicate and no missing occurrence"
+    );
+    drop(agent);
+}

@@ -196,7 +196,8 @@ async fn running(fixture: &Fixture, namespace: &str, name: &str) {
         .unwrap();
 }
 
-/// Plays the disruption controller: the budget allows `allowed` disruptions.
+/// Plays the disruption controller: the budget allows `allowed` disruptions, and no
+/// disruption is in progress.
 async fn budget_allows(fixture: &Fixture, namespace: &str, name: &str, allowed: i32) {
     let api: Api<PodDisruptionBudget> = Api::namespaced(fixture.client.clone(), namespace);
     let generation = api.get(name).await.unwrap().metadata.generation;
@@ -206,6 +207,7 @@ async fn budget_allows(fixture: &Fixture, namespace: &str, name: &str, allowed: 
         "currentHealthy": 2,
         "desiredHealthy": 2 - allowed,
         "expectedPods": 2,
+        "disruptedPods": null,
     }});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
         .await
@@ -728,4 +730,84 @@ async fn the_charts_least_privilege_role_is_enough_to_drain() {
     let events = fixture.events(node).await;
     assert!(events.iter().any(|(r, _)| r == "Drained"), "{events:?}");
     assert!(!operator.log().contains("forbidden"), "{}", operator.log());
+}
+
+#[tokio::test]
+async fn a_drain_interrupted_by_killing_the_operator_resumes_after_restart() {
+    let Some(fixture) = Fixture::begin("middrain").await else {
+        return;
+    };
+    let nodes = fixture.nodes(1).await;
+    let node = &nodes[0];
+    let namespace = fixture.id.clone();
+    fixture
+        .cluster
+        .kubectl(&["create", "namespace", &namespace]);
+    for web in ["web-0", "web-1"] {
+        pod(
+            &fixture,
+            &namespace,
+            web,
+            node,
+            json!({"metadata": {"labels": {"app": "web"}}}),
+        )
+        .await;
+        running(&fixture, &namespace, web).await;
+    }
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(fixture.client.clone(), &namespace);
+    let pdb = json!({
+        "metadata": {"name": "web"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}},
+    });
+    budgets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pdb).unwrap(),
+        )
+        .await
+        .unwrap();
+    // One disruption allowed: one pod goes, the other waits on the budget.
+    budget_allows(&fixture, &namespace, "web", 1).await;
+    fixture
+        .report(node, "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    let policy = fixture.policy("drain", json!({"action": "Drain"})).await;
+    let mut operator = Operator::leading(&fixture, &[]).await;
+    eventually("one pod evicted, the other refused", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        let blocked = entries
+            .first()
+            .is_some_and(|e| e.2.starts_with("pdb: 1 pods left"));
+        (blocked && pod_names(&fixture, &namespace).await.len() == 1).then_some(())
+    })
+    .await;
+
+    operator.kill();
+    let record = ledger(&fixture.node(node).await)[&policy].clone();
+    assert_eq!(
+        record.drain,
+        Some(operator::policy::ledger::DrainPhase::Draining)
+    );
+    // An eviction in flight when the operator died may still debit the budget without
+    // deleting the pod (the request is cancelled); the disruption controller forgets such
+    // debits after 2 minutes. Playing it: let in-flight requests settle, then reset.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    budget_allows(&fixture, &namespace, "web", 1).await;
+    let restarted = Operator::leading(&fixture, &[]).await;
+    eventually("the drain to finish after the restart", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        (entries.first().map(|e| e.1.as_str()) == Some("Drained")).then_some(())
+    })
+    .await;
+    assert!(pod_names(&fixture, &namespace).await.is_empty());
+    let after = ledger(&fixture.node(node).await)[&policy].clone();
+    assert_eq!(
+        after.at, record.at,
+        "the same drain, resumed, not a new one"
+    );
+    assert_eq!(
+        restarted.metric_with("crashwatch_remediations_total", &[("action", "Drain")]),
+        0.0,
+        "the restarted operator did not cordon again"
+    );
 }

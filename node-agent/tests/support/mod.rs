@@ -484,6 +484,35 @@ impl Agent {
         started.elapsed()
     }
 
+    /// Kills the agent with SIGKILL: no chance to store its cursor or flush anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's CPU time so far (user + system) and its resident memory now, from
+    /// `/proc/PID/stat` and `/proc/PID/status`.
+    pub fn resources(&self) -> (Duration, u64) {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu = (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks;
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap();
+        (Duration::from_secs_f64(cpu), rss_kib * 1024)
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
