@@ -327,3 +327,37 @@ fn sigkill_at_random_points_during_a_storm_neither_repeats_nor_loses_a_report() 
     );
     drop(agent);
 }
+
+#[test]
+fn a_storm_of_2000_real_crashes_is_counted_exactly_in_a_bounded_number_of_api_writes() {
+    let Some(setup) = Setup::begin("storm") else {
+        return;
+    };
+    let (cluster, node) = (&setup.cluster, &setup.node);
+    let agent = setup.agent(true);
+    let crashes = 2000;
+    let started = Instant::now();
+    for _ in 0..crashes {
+        std::process::Command::new(crashy())
+            .arg("null")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+    }
+    let reports = wait_for_reports(cluster, node, "the whole storm counted", |r| {
+        r.iter().map(count).sum::<u64>() >= crashes
+    });
+    let elapsed = started.elapsed();
+    assert_eq!(reports.len(), 1, "one fingerprint, one object");
+    assert_eq!(count(&reports[0]), crashes);
+    // One write (and one Event) per object per publish interval (1 s here), whatever the rate.
+    let writes = agent.labelled("crashwatch_reports_published_total", "result", "success");
+    let intervals = elapsed.as_secs_f64().ceil() + 1.0;
+    eprintln!("storm: {crashes} crashes published in {writes} writes over {elapsed:?}");
+    assert!(
+        writes <= intervals,
+        "{writes} writes in {intervals} intervals"
+    );
+    assert_eq!(agent.counter("crashwatch_kmsg_records_lost_total"), 0.0);
+}
