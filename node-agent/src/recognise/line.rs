@@ -113,7 +113,7 @@ fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
             && bytes[4] == b'-'
             && bytes[7] == b'-'
             && bytes[10] == b'T'
-            && is_clock(&first[11..19]);
+            && first.get(11..19).is_some_and(is_clock);
         iso.then_some(rest)?
     };
     let after_time = after_time.trim_start_matches(' ');
@@ -238,6 +238,16 @@ mod tests {
     use super::*;
 
     const MSG: &str = "qemu-nbd[13647]: segfault at 100 ip 0000561c8817d1c7 sp 00007fc8f1ce9c00 error 4 in qemu-nbd[561c88107000+155000]";
+
+    /// Found by `cargo fuzz` (kmsg_records): a multi-byte character where an ISO timestamp's
+    /// clock should end made the header check slice inside the character and panic.
+    #[test]
+    fn fuzz_regression_a_timestamp_cut_by_a_multibyte_character_is_plain_text() {
+        let bytes = b"2023-01-28T13:02:1\xe66.434346+01:00   [  ( 6.159403] #PF: supervisor read access";
+        let text = String::from_utf8_lossy(bytes);
+        let line = LogLine::parse_text(&text);
+        assert_eq!(line.message, text, "not a syslog header: the whole line is the message");
+    }
 
     #[test]
     fn every_format_yields_the_same_message() {
