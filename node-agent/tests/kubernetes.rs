@@ -361,3 +361,39 @@ fn a_storm_of_2000_real_crashes_is_counted_exactly_in_a_bounded_number_of_api_wr
     );
     assert_eq!(agent.counter("crashwatch_kmsg_records_lost_total"), 0.0);
 }
+
+/// Crash-to-CrashReport latency, printed for BENCHMARKS.md (`scripts/bench-remediation.sh`
+/// collects it): from a real crash to its occurrence being readable from the API server.
+/// The only bound asserted is a generous one: a crash is published within its interval.
+#[test]
+fn crash_to_crash_report_latency() {
+    let Some(setup) = Setup::begin("latency") else {
+        return;
+    };
+    let (cluster, node) = (&setup.cluster, &setup.node);
+    let _agent = setup.agent(true);
+    let mut latencies = Vec::new();
+    for expected in 1..=10u64 {
+        let crashed = Instant::now();
+        crash("null");
+        loop {
+            let reports = reports_of(cluster, node);
+            if reports.first().map(count) == Some(expected) {
+                break;
+            }
+            assert!(
+                crashed.elapsed() < Duration::from_secs(10),
+                "occurrence {expected} not published"
+            );
+        }
+        latencies.push(crashed.elapsed());
+        // Land the next crash at a different point of the publish interval.
+        std::thread::sleep(Duration::from_millis(137 * expected));
+    }
+    latencies.sort();
+    eprintln!(
+        "crash-to-CrashReport: min {:?}, median {:?}, max {:?} (publish interval 1 s, kubectl polling)",
+        latencies[0], latencies[5], latencies[9]
+    );
+    assert!(latencies[9] < Duration::from_secs(5), "{latencies:?}");
+}

@@ -243,10 +243,14 @@ mod tests {
     /// clock should end made the header check slice inside the character and panic.
     #[test]
     fn fuzz_regression_a_timestamp_cut_by_a_multibyte_character_is_plain_text() {
-        let bytes = b"2023-01-28T13:02:1\xe66.434346+01:00   [  ( 6.159403] #PF: supervisor read access";
+        let bytes =
+            b"2023-01-28T13:02:1\xe66.434346+01:00   [  ( 6.159403] #PF: supervisor read access";
         let text = String::from_utf8_lossy(bytes);
         let line = LogLine::parse_text(&text);
-        assert_eq!(line.message, text, "not a syslog header: the whole line is the message");
+        assert_eq!(
+            line.message, text,
+            "not a syslog header: the whole line is the message"
+        );
     }
 
     #[test]
