@@ -77,7 +77,20 @@ impl<S: Symbolize> Pipeline<S> {
     /// Symbolizes, explains and counts an event that is to be published.
     pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> Finished {
         let started = std::time::Instant::now();
-        let not_symbolized = self.symbolizer.symbolize(&mut event).err();
+        // A panic in a parser must not take the agent down with the events it holds.
+        let symbolizer = &self.symbolizer;
+        let symbolized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut copy = event.clone();
+            let result = symbolizer.symbolize(&mut copy);
+            (copy, result)
+        }));
+        let not_symbolized = match symbolized {
+            Ok((symbolized, result)) => {
+                event = symbolized;
+                result.err()
+            }
+            Err(_) => Some(crate::symbolize::SymbolizeError::Panicked),
+        };
         if let Some(m) = metrics {
             m.symbolization_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -121,5 +134,38 @@ impl<S: Symbolize> Pipeline<S> {
         let seen_at = monotonic_usec.unwrap_or(seconds.saturating_mul(1_000_000));
         let since = kernel_report_blocked_since(seen_at, seconds);
         self.episodes.observe(tid, comm, since, seen_at, true) == Some(EpisodeVerdict::Report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbolize::Symbolize;
+
+    /// A symbolizer that panics half-way, as a parser bug on a hostile file would.
+    struct Panicking;
+
+    impl Symbolize for Panicking {
+        fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+            event.binary_path = Some("/half/done".into());
+            panic!("a parser bug");
+        }
+    }
+
+    #[test]
+    fn a_panicking_symbolizer_leaves_the_event_intact_and_says_so() {
+        let mut pipeline = Pipeline::new(Panicking);
+        let mut event = CrashEvent::new(EventKind::Segfault);
+        event.comm = Some("qemu-nbd".into());
+        let finished = pipeline.finish(event, None);
+        assert!(matches!(
+            finished.not_symbolized,
+            Some(SymbolizeError::Panicked)
+        ));
+        assert_eq!(finished.event.comm.as_deref(), Some("qemu-nbd"));
+        assert_eq!(
+            finished.event.binary_path, None,
+            "nothing half-done is kept"
+        );
     }
 }

@@ -231,3 +231,23 @@ fn a_binary_rewritten_while_it_is_read_gives_answers_or_errors_never_a_crash() {
     symbolizer.symbolize(&mut last).unwrap();
     assert_eq!(last.frames, reference.frames);
 }
+
+/// Found by `cargo fuzz` (elf_symbolize): a subprogram whose `DW_AT_low_pc` plus offset-form
+/// `DW_AT_high_pc` overflows. gimli adds them unchecked (a panic with overflow checks on);
+/// the member analysis reads single ranges itself, with a checked add.
+#[test]
+fn fuzz_regression_a_high_pc_offset_that_overflows_is_no_range() {
+    let data = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz/elf-high-pc-overflow.bin"),
+    )
+    .unwrap();
+    let elf = ElfFile::parse(Path::new("fuzzed"), data.into()).unwrap();
+    let debug = DebugInfo::load(&elf, None).unwrap();
+    for segment in &elf.segments {
+        for step in [0, 1, 0x10, 0x40, 0x100] {
+            let vaddr = segment.vaddr.wrapping_add(step);
+            let _ = debug.frames(vaddr);
+            let _ = node_agent::symbolize::variables::UnitFacts::at(&debug, vaddr);
+        }
+    }
+}

@@ -51,6 +51,10 @@ pub enum SymbolizeError {
         /// Its build-id, to look the debug file up by.
         build_id: String,
     },
+    /// A parser panicked on this input (a bug, ours or a dependency's): the event is kept
+    /// unsymbolized and the agent goes on.
+    #[error("symbolization failed on a malformed file (an internal error; the event is kept)")]
+    Panicked,
 }
 
 impl SymbolizeError {
@@ -61,6 +65,7 @@ impl SymbolizeError {
             SymbolizeError::BadBinary(_) => "bad_binary",
             SymbolizeError::Mapping(_) => "address_not_mapped",
             SymbolizeError::NoDebugInfo { .. } => "no_debug_info",
+            SymbolizeError::Panicked => "panicked",
         }
     }
 }

@@ -67,6 +67,26 @@ impl<'a> UnitFacts<'a> {
         entry: &DebuggingInformationEntry<Reader>,
         pc: u64,
     ) -> gimli::Result<Option<Range<u64>>> {
+        // gimli's `die_ranges` adds `DW_AT_low_pc` and an offset `DW_AT_high_pc` unchecked,
+        // which overflows on hostile DWARF (found by cargo fuzz): single ranges are read here.
+        if entry.attr_value(gimli::DW_AT_ranges).is_none() {
+            let Some(begin) = entry
+                .attr_value(gimli::DW_AT_low_pc)
+                .map(|low| self.unit.attr_address(low))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(None);
+            };
+            let end = match entry.attr_value(gimli::DW_AT_high_pc) {
+                Some(AttributeValue::Udata(size)) => begin.checked_add(size),
+                Some(high) => self.unit.attr_address(high)?,
+                None => None,
+            };
+            return Ok(end
+                .filter(|&end| begin <= pc && pc < end)
+                .map(|end| begin..end));
+        }
         let mut ranges = self.unit.die_ranges(entry)?;
         while let Some(range) = ranges.next()? {
             if range.begin <= pc && pc < range.end {
