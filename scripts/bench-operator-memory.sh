@@ -58,11 +58,11 @@ spec:
   action: Cordon
 YAML
 log=$(mktemp)
-KUBECONFIG=$KUBECONFIG /usr/bin/time -v target/release/crashwatch-operator run \
-  --metrics-addr 127.0.0.1:0 --lease-namespace default 2>"$log" &
+KUBECONFIG=$KUBECONFIG /usr/bin/time -v -o "$log" target/release/crashwatch-operator run \
+  --metrics-addr 127.0.0.1:0 --lease-namespace default 2>/dev/null &
 time_pid=$!
 sleep "$seconds"
-operator_pid=$(pgrep -f 'target/release/crashwatch-operator run' | head -1)
+operator_pid=$(pgrep -P "$time_pid")
 settled=$(awk '/VmRSS/ {print $2}' "/proc/$operator_pid/status")
 reconciled=$($kubectl get rpol bench -o jsonpath='{.status.observedGeneration}')
 kill -TERM "$operator_pid"
