@@ -9,7 +9,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Agent, ControlPlane, KernelTest, crash, crashy, start_at_the_end_of_the_log};
+use support::{
+    Agent, ControlPlane, KernelTest, crash, crash_storm, crashy, start_at_the_end_of_the_log,
+};
 
 /// A node name no other test or run uses.
 fn unique_node(test: &str) -> String {
@@ -299,12 +301,7 @@ fn sigkill_at_random_points_during_a_storm_neither_repeats_nor_loses_a_report() 
     kill_points.sort();
     eprintln!("killing the agent after crashes {kill_points:?}");
     for i in 0..crashes {
-        std::process::Command::new(crashy())
-            .arg("null")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
+        crash_storm(1);
         for _ in kill_points.iter().filter(|&&k| k == i) {
             agent.kill();
             agent = setup.agent(true);
@@ -337,14 +334,7 @@ fn a_storm_of_2000_real_crashes_is_counted_exactly_in_a_bounded_number_of_api_wr
     let agent = setup.agent(true);
     let crashes = 2000;
     let started = Instant::now();
-    for _ in 0..crashes {
-        std::process::Command::new(crashy())
-            .arg("null")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-    }
+    crash_storm(crashes);
     let reports = wait_for_reports(cluster, node, "the whole storm counted", |r| {
         r.iter().map(count).sum::<u64>() >= crashes
     });

@@ -8,13 +8,14 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crds::EventKind;
-use support::{Agent, KernelTest, crashy, newest_kmsg_seq, start_at_the_end_of_the_log};
+use support::{
+    Agent, KernelTest, crash_storm, crashy, newest_kmsg_seq, start_at_the_end_of_the_log,
+};
 
-fn storm_size() -> usize {
+fn storm_size() -> u64 {
     std::env::var("CRASHWATCH_STORM_CRASHES")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -36,17 +37,11 @@ fn a_storm_of_thousands_of_real_crashes_is_accounted_for_exactly() {
     let crashes = storm_size();
     let started = Instant::now();
     let mut peak_rss = idle_rss;
-    for i in 0..crashes {
-        Command::new(crashy())
-            .arg("null")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        if i % 100 == 0 {
-            peak_rss = peak_rss.max(agent.resources().1);
-        }
+    for _ in 0..crashes / 100 {
+        crash_storm(100);
+        peak_rss = peak_rss.max(agent.resources().1);
     }
+    crash_storm(crashes % 100);
     let storm = started.elapsed();
     let newest = newest_kmsg_seq();
     let records = newest - cursor;
@@ -68,7 +63,7 @@ fn a_storm_of_thousands_of_real_crashes_is_accounted_for_exactly() {
         .seen
         .iter()
         .filter(|e| e.kind == EventKind::Segfault && e.comm.as_deref() == Some("crashy"))
-        .count();
+        .count() as u64;
     eprintln!(
         "storm: {crashes} crashes in {storm:?}, {records} kernel records: seen {seen}, lost {lost}, suppressed {suppressed}; \
          agent CPU {:?} over the storm, RSS idle {} KiB, peak {} KiB",
@@ -91,7 +86,7 @@ fn a_storm_of_thousands_of_real_crashes_is_accounted_for_exactly() {
     } else {
         // A lost record hides at most one crash.
         assert!(
-            events <= crashes && events + lost as usize >= crashes,
+            events <= crashes && events + lost as u64 >= crashes,
             "{events} events, {lost} lost"
         );
     }

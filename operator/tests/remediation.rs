@@ -214,6 +214,32 @@ async fn budget_allows(fixture: &Fixture, namespace: &str, name: &str, allowed: 
         .unwrap();
 }
 
+/// Two running pods `web-0` and `web-1` on `node`, and a PodDisruptionBudget `web` keeping
+/// `min_available` of them (its status still to be written with [`budget_allows`]).
+async fn web_pods_behind_a_budget(
+    fixture: &Fixture,
+    namespace: &str,
+    node: &str,
+    min_available: i32,
+) {
+    for web in ["web-0", "web-1"] {
+        let labels = json!({"metadata": {"labels": {"app": "web"}}});
+        pod(fixture, namespace, web, node, labels).await;
+        running(fixture, namespace, web).await;
+    }
+    let pdb = json!({
+        "metadata": {"name": "web"},
+        "spec": {"minAvailable": min_available, "selector": {"matchLabels": {"app": "web"}}},
+    });
+    Api::<PodDisruptionBudget>::namespaced(fixture.client.clone(), namespace)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pdb).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
 async fn pod_names(fixture: &Fixture, namespace: &str) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), namespace);
     let mut names: Vec<String> = pods
@@ -245,17 +271,7 @@ async fn a_drain_evicts_through_the_eviction_api_waits_for_the_disruption_budget
         )
         .await
         .unwrap();
-    for web in ["web-0", "web-1"] {
-        pod(
-            &fixture,
-            &namespace,
-            web,
-            node,
-            json!({"metadata": {"labels": {"app": "web"}}}),
-        )
-        .await;
-        running(&fixture, &namespace, web).await;
-    }
+    web_pods_behind_a_budget(&fixture, &namespace, node, 2).await;
     let daemon_set_owner = json!({"metadata": {"ownerReferences": [{
         "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "crashwatch-agent",
         "uid": "3f1b6a1e-0000-4000-8000-000000000001", "controller": true,
@@ -265,18 +281,6 @@ async fn a_drain_evicts_through_the_eviction_api_waits_for_the_disruption_budget
         json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "5d41402abc4b2a76"}}});
     pod(&fixture, &namespace, "static", node, mirror).await;
     pod(&fixture, &namespace, "elsewhere", other, json!({})).await;
-    let budgets: Api<PodDisruptionBudget> = Api::namespaced(fixture.client.clone(), &namespace);
-    let pdb = json!({
-        "metadata": {"name": "web"},
-        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}},
-    });
-    budgets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pdb).unwrap(),
-        )
-        .await
-        .unwrap();
     budget_allows(&fixture, &namespace, "web", 0).await;
 
     fixture.report(node, "qemu-nbd", "HungTask", &[20]).await;
@@ -743,29 +747,7 @@ async fn a_drain_interrupted_by_killing_the_operator_resumes_after_restart() {
     fixture
         .cluster
         .kubectl(&["create", "namespace", &namespace]);
-    for web in ["web-0", "web-1"] {
-        pod(
-            &fixture,
-            &namespace,
-            web,
-            node,
-            json!({"metadata": {"labels": {"app": "web"}}}),
-        )
-        .await;
-        running(&fixture, &namespace, web).await;
-    }
-    let budgets: Api<PodDisruptionBudget> = Api::namespaced(fixture.client.clone(), &namespace);
-    let pdb = json!({
-        "metadata": {"name": "web"},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}},
-    });
-    budgets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pdb).unwrap(),
-        )
-        .await
-        .unwrap();
+    web_pods_behind_a_budget(&fixture, &namespace, node, 1).await;
     // One disruption allowed: one pod goes, the other waits on the budget.
     budget_allows(&fixture, &namespace, "web", 1).await;
     fixture

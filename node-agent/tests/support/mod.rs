@@ -230,6 +230,18 @@ pub fn crash(mode: &str) -> Crash {
     }
 }
 
+/// Crashes crashy `count` times (NULL read), as fast as processes start, printing nothing.
+pub fn crash_storm(count: u64) {
+    for _ in 0..count {
+        Command::new(crashy())
+            .arg("null")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+    }
+}
+
 /// The `[start, end)` address range of `symbol` in `binary`, from binutils' `nm -S`.
 pub fn symbol_range(binary: &Path, symbol: &str) -> (u64, u64) {
     let output = Command::new("nm")
