@@ -270,7 +270,7 @@ fn helm_install_creates_least_privilege_objects_and_uninstall_removes_them() {
             "leases.coordination.k8s.io [get create update]",
             "nodes [list watch patch]",
             "nodes/status [patch]",
-            "pods [list]",
+            "pods [list watch]",
             "pods/eviction [create]",
             "remediationpolicies.crashwatch.dev [list watch]",
             "remediationpolicies.crashwatch.dev/status [patch]",

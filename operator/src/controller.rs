@@ -29,8 +29,12 @@ use crate::policy::plan::{BlockReason, Change, ChangeKind, NodeView, Plan, Rules
 use crate::policy::status::{carry_since, news};
 use crate::remediate::{drain, node};
 
-/// How often a draining node is looked at while its pods go.
-const DRAIN_POLL: Duration = Duration::from_secs(1);
+/// How often a draining node is looked at while its pods go, besides whenever its Pod
+/// watch reports a change.
+const DRAIN_POLL: Duration = Duration::from_secs(5);
+/// The first wait after a disruption budget refused an eviction (budget changes are not
+/// watched), doubling up to [`MAX_EVICTION_BACKOFF`].
+const FIRST_EVICTION_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between two evictions a disruption budget refused.
 const MAX_EVICTION_BACKOFF: Duration = Duration::from_secs(30);
 /// A policy is reconciled at least this often, whatever happens.
@@ -47,6 +51,65 @@ pub struct Context {
     recorder: Recorder,
     metrics: Arc<OperatorMetrics>,
     eviction_backoff: Mutex<HashMap<String, Duration>>,
+    /// A Pod watch per draining node (field selector `spec.nodeName`), so that the
+    /// cluster's other Pods never sit in memory.
+    pod_watches: Mutex<HashMap<String, PodWatch>>,
+    /// Ticks when a watched Pod changes: every policy is reconciled again.
+    pod_changes: tokio::sync::mpsc::UnboundedSender<()>,
+    /// The status node list this process last wrote, per policy uid.
+    written_status: Mutex<HashMap<String, Vec<NodeRemediation>>>,
+}
+
+/// The Pods of one draining node, kept current by a watch.
+struct PodWatch {
+    pods: Store<Pod>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Context {
+    /// The Pods on `node`, from its watch, started on first use.
+    async fn pods_on(&self, node: &str) -> Result<Vec<Arc<Pod>>, Error> {
+        let pods = {
+            let mut watches = self.pod_watches.lock().unwrap();
+            let watch = watches.entry(node.to_owned()).or_insert_with(|| {
+                let (pods, writer) = reflector::store();
+                let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+                let changes = reflector::reflector(
+                    writer,
+                    watcher(Api::<Pod>::all(self.client.clone()), on_node),
+                )
+                .default_backoff()
+                .touched_objects();
+                let tick = self.pod_changes.clone();
+                let task = tokio::spawn(async move {
+                    let mut changes = std::pin::pin!(changes);
+                    while let Some(change) = changes.next().await {
+                        if change.is_ok() && tick.send(()).is_err() {
+                            return;
+                        }
+                    }
+                });
+                PodWatch { pods, task }
+            });
+            watch.pods.clone()
+        };
+        tokio::time::timeout(Duration::from_secs(30), pods.wait_until_ready())
+            .await
+            .map_err(|_| Error::CachesNotReady)?
+            .map_err(|_| Error::CachesNotReady)?;
+        Ok(pods.state())
+    }
+
+    /// Stops watching the Pods of a node that is no longer draining.
+    fn forget_pods_on(&self, node: &str) {
+        self.pod_watches.lock().unwrap().remove(node);
+    }
 }
 
 /// Why a reconcile failed; it is retried.
@@ -78,6 +141,8 @@ pub async fn run(
             instance: Some(identity.to_owned()),
         },
     );
+    let (pod_changes, mut pod_ticks) = tokio::sync::mpsc::unbounded_channel();
+    let pod_changes_stream = futures::stream::poll_fn(move |cx| pod_ticks.poll_recv(cx));
     let context = Arc::new(Context {
         client: client.clone(),
         eviction_client,
@@ -86,6 +151,9 @@ pub async fn run(
         recorder,
         metrics,
         eviction_backoff: Mutex::default(),
+        pod_watches: Mutex::default(),
+        pod_changes,
+        written_status: Mutex::default(),
     });
     Controller::new(
         Api::<RemediationPolicy>::all(client),
@@ -95,6 +163,7 @@ pub async fn run(
     .with_config(controller::Config::default().concurrency(1))
     .reconcile_all_on(report_changes)
     .reconcile_all_on(node_changes)
+    .reconcile_all_on(pod_changes_stream)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, context)
     .for_each(|result| async move {
@@ -261,6 +330,12 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             ChangeKind::DrainTimedOut => EventType::Warning,
             _ => EventType::Normal,
         };
+        if matches!(
+            change.kind,
+            ChangeKind::Release(_) | ChangeKind::DrainTimedOut
+        ) {
+            ctx.forget_pods_on(&change.node);
+        }
         let reason = node::condition_for(change.kind).1;
         publish(&ctx, &policy, &change.node, severity, reason, &message).await;
         tracing::info!(policy = %name, node = %change.node, %reason, "{message}");
@@ -277,17 +352,13 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             .drain
             .as_ref()
             .and_then(|d| d.grace_period_seconds);
-        let progress = drain::step(
-            &Api::<Pod>::all(ctx.client.clone()),
-            &ctx.eviction_client,
-            &order.node,
-            grace,
-        )
-        .await?;
+        let pods = ctx.pods_on(&order.node).await?;
+        let progress = drain::step(&pods, &ctx.eviction_client, &order.node, grace).await?;
         let entry = plan.nodes.iter_mut().find(|n| n.name == order.node);
         match progress {
             drain::Progress::Done => {
                 ctx.eviction_backoff.lock().unwrap().remove(&order.node);
+                ctx.forget_pods_on(&order.node);
                 let Some(current) = latest.get(&order.node) else {
                     continue;
                 };
@@ -324,7 +395,7 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
                 } else {
                     let next = backoffs
                         .get(&order.node)
-                        .map_or(DRAIN_POLL, |b| (*b * 2).min(MAX_EVICTION_BACKOFF));
+                        .map_or(FIRST_EVICTION_RETRY, |b| (*b * 2).min(MAX_EVICTION_BACKOFF));
                     backoffs.insert(order.node.clone(), next);
                     next
                 };
@@ -339,10 +410,19 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
         }
     }
 
-    let previous = policy.status.clone().unwrap_or_default();
+    // What this process last wrote is fresher than the cached policy, which may not show
+    // that write yet; a new process starts from the stored status.
+    let uid = policy.metadata.uid.clone().unwrap_or_default();
+    let previous = ctx
+        .written_status
+        .lock()
+        .unwrap()
+        .get(&uid)
+        .cloned()
+        .unwrap_or_else(|| policy.status.clone().unwrap_or_default().nodes);
     let mut entries = plan.nodes.clone();
-    carry_since(&previous.nodes, &mut entries, now);
-    for entry in news(&previous.nodes, &entries) {
+    carry_since(&previous, &mut entries, now);
+    for entry in news(&previous, &entries) {
         let reason = entry.reason.clone().unwrap_or_default();
         if entry.state == RemediationState::WouldAct {
             ctx.metrics
@@ -375,7 +455,8 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
         }
     }
     let conditions = conditions(&policy, &plan, &entries, now);
-    write_status(&ctx, &policy, entries, conditions).await?;
+    write_status(&ctx, &policy, entries.clone(), conditions).await?;
+    ctx.written_status.lock().unwrap().insert(uid, entries);
     ctx.metrics.nodes_remediated.set(
         ctx.nodes
             .state()

@@ -3,7 +3,9 @@
 //! with backoff.
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, EvictParams, ListParams};
+use std::sync::Arc;
+
+use kube::api::{Api, DeleteParams, EvictParams};
 
 /// The annotation the kubelet puts on a static pod's mirror.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -49,20 +51,20 @@ pub enum Progress {
     },
 }
 
-/// Evicts what can be evicted from `node`, with `grace_period_seconds` if the policy sets
-/// one (the pods' own otherwise). `eviction_client` must not retry 429s by itself (kube's
-/// default client does, for many minutes).
+/// Evicts what can be evicted of `pods` (those on `node`, from its watch), with
+/// `grace_period_seconds` if the policy sets one (the pods' own otherwise).
+/// `eviction_client` must not retry 429s by itself (kube's default client does, for many
+/// minutes).
 pub async fn step(
-    pods: &Api<Pod>,
+    pods: &[Arc<Pod>],
     eviction_client: &kube::Client,
     node: &str,
     grace_period_seconds: Option<i64>,
 ) -> kube::Result<Progress> {
-    let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
     let mut remaining = 0;
     let mut refused = Vec::new();
-    for pod in pods.list(&on_node).await? {
-        if stays(&pod).is_some() {
+    for pod in pods {
+        if stays(pod).is_some() {
             continue;
         }
         remaining += 1;
