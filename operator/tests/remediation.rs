@@ -793,3 +793,43 @@ async fn a_drain_interrupted_by_killing_the_operator_resumes_after_restart() {
         "the restarted operator did not cordon again"
     );
 }
+
+/// Starts kube-apiserver again when dropped, even if the test failed.
+struct RestartApiServer<'a>(&'a testkit::ControlPlane);
+
+impl Drop for RestartApiServer<'_> {
+    fn drop(&mut self) {
+        self.0.script("start-apiserver");
+    }
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_its_lease_stops_acting() {
+    let Some(fixture) = Fixture::begin("partition").await else {
+        return;
+    };
+    let lease = format!("{}-lease", fixture.id);
+    let mut leader = Operator::start(&fixture, &lease, "replica-a", &["--lease-duration", "3s"]);
+    leader.wait_leading().await;
+
+    let cut = Instant::now();
+    fixture.cluster.script("stop-apiserver");
+    let restart = RestartApiServer(&fixture.cluster);
+    let status = leader.wait_exit(Duration::from_secs(15));
+    let waited = cut.elapsed();
+    drop(restart);
+    let status =
+        status.unwrap_or_else(|| panic!("still running without its lease:\n{}", leader.log()));
+    assert!(!status.success(), "{status}");
+    assert!(
+        leader.log().contains("lost the leader lease"),
+        "{}",
+        leader.log()
+    );
+    // By design it gives up once a renewal could no longer land inside the lease (2 s after
+    // its last renewal with a 3 s lease), before a follower may take over (3 s after the last
+    // renewal the follower saw). The stop script's own time is included here.
+    eprintln!(
+        "the partitioned leader stopped {waited:?} after the API server began to stop (lease 3 s)"
+    );
+}
