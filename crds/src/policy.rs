@@ -109,6 +109,17 @@ fn default_taint_key() -> String {
     "crashwatch.dev/unhealthy".into()
 }
 
+impl Default for TaintSpec {
+    /// `crashwatch.dev/unhealthy:NoSchedule`, the taint when the policy names none.
+    fn default() -> Self {
+        TaintSpec {
+            key: default_taint_key(),
+            value: None,
+            effect: TaintEffect::default(),
+        }
+    }
+}
+
 /// A taint's effect.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum TaintEffect {

@@ -362,7 +362,7 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
                 let Some(current) = latest.get(&order.node) else {
                     continue;
                 };
-                let mut ledger = node::view(current).ledger;
+                let mut ledger = node::ledger_of(current).0;
                 if let Some(record) = ledger.get_mut(&name) {
                     record.drain = Some(DrainPhase::Drained);
                 }
@@ -461,7 +461,7 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
         ctx.nodes
             .state()
             .iter()
-            .filter(|n| node::view(n).ledger.values().any(|r| r.is_active()))
+            .filter(|n| node::ledger_of(n).0.values().any(|r| r.is_active()))
             .count() as i64,
     );
     Ok(Action::requeue(requeue))

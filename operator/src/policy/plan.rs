@@ -90,9 +90,7 @@ impl Rules {
                 .ok_or_else(|| InvalidPolicy::MaxUnavailable(text.clone()))?,
             IntOrString::Int(n) => return Err(InvalidPolicy::MaxUnavailable(n.to_string())),
         };
-        let taint = spec.taint.clone().unwrap_or_else(|| {
-            serde_json::from_value(serde_json::json!({})).expect("TaintSpec has defaults")
-        });
+        let taint = spec.taint.clone().unwrap_or_default();
         Ok(Rules {
             policy: policy.to_owned(),
             action: spec.action,

@@ -38,14 +38,20 @@ fn effect_of(name: &str) -> Option<TaintEffect> {
     serde_json::from_value(Value::String(name.to_owned())).ok()
 }
 
-/// A Node as policies see it, with no reports yet (the controller adds the matching ones).
-pub fn view(node: &Node) -> NodeView {
+/// What every policy did to a node, from its annotation. An annotation that is not a
+/// ledger reads as empty (see [`view`], which reports it).
+pub fn ledger_of(node: &Node) -> (Ledger, Option<serde_json::Error>) {
     let annotation = node
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(LEDGER_ANNOTATION));
-    let (ledger, error) = crate::policy::ledger::read_ledger(annotation.map(String::as_str));
+    crate::policy::ledger::read_ledger(annotation.map(String::as_str))
+}
+
+/// A Node as policies see it, with no reports yet (the controller adds the matching ones).
+pub fn view(node: &Node) -> NodeView {
+    let (ledger, error) = ledger_of(node);
     let name = node.metadata.name.clone().unwrap_or_default();
     if let Some(error) = error {
         tracing::warn!(node = %name, %error, "ignoring a {LEDGER_ANNOTATION} annotation that is not a ledger");
