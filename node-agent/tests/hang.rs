@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crds::{DetectedBy, EventKind};
 use support::{
-    Agent, ControlPlane, Sysctl, have, kernel_lock, require, require_kernel, wait_until,
+    Agent, ControlPlane, Sysctl, have, kernel_lock, reports_of, require, require_kernel, wait_until,
 };
 
 fn require_nbd_lab() -> bool {
@@ -292,13 +292,9 @@ fn two_real_qemu_nbd_hangs_cordon_this_machines_node_within_5_seconds_of_the_sec
     let run = format!("e2e-{nanos:x}");
     // A fresh Node object and no earlier reports of it.
     cluster.kubectl(&["delete", "node", &node, "--ignore-not-found"]);
-    let stale: serde_json::Value =
-        serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
-    for report in stale["items"].as_array().unwrap() {
-        if report["spec"]["nodeName"] == node.as_str() {
-            let name = report["metadata"]["name"].as_str().unwrap();
-            cluster.kubectl(&["delete", "crashreport", name]);
-        }
+    for report in reports_of(&cluster, &node) {
+        let name = report["metadata"]["name"].as_str().unwrap();
+        cluster.kubectl(&["delete", "crashreport", name]);
     }
     let objects = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Node",
@@ -328,13 +324,9 @@ fn two_real_qemu_nbd_hangs_cordon_this_machines_node_within_5_seconds_of_the_sec
         .spawn()
         .expect("start crashwatch-operator");
     let hang_reports = || -> u64 {
-        let list: serde_json::Value =
-            serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
-        list["items"]
-            .as_array()
-            .unwrap()
+        reports_of(&cluster, &node)
             .iter()
-            .filter(|r| r["spec"]["nodeName"] == node.as_str() && r["spec"]["kind"] == "HungTask")
+            .filter(|r| r["spec"]["kind"] == "HungTask")
             .map(|r| r["status"]["count"].as_u64().unwrap_or(0))
             .sum()
     };

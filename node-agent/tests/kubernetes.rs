@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    Agent, ControlPlane, KernelTest, crash, crash_storm, crashy, start_at_the_end_of_the_log,
+    Agent, ControlPlane, KernelTest, crash, crash_storm, crashy, reports_of,
+    start_at_the_end_of_the_log,
 };
 
 /// A node name no other test or run uses.
@@ -20,19 +21,6 @@ fn unique_node(test: &str) -> String {
         .unwrap()
         .subsec_nanos();
     format!("{test}-{}-{nanos}", std::process::id())
-}
-
-/// The CrashReports of `node`, as JSON.
-fn reports_of(cluster: &ControlPlane, node: &str) -> Vec<Value> {
-    let list: Value =
-        serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["spec"]["nodeName"] == node)
-        .cloned()
-        .collect()
 }
 
 /// Waits until `node`'s reports satisfy `done`, and returns them.
@@ -229,8 +217,7 @@ fn crashes_during_an_api_server_outage_are_all_published_when_it_returns() {
         r.len() == 1
     });
 
-    cluster.script("stop-apiserver");
-    let restart_guard = RestartApiServer(cluster);
+    let outage = cluster.api_server_outage();
     for _ in 0..3 {
         crash("null");
     }
@@ -253,7 +240,7 @@ fn crashes_during_an_api_server_outage_are_all_published_when_it_returns() {
     agent.stop();
     let mut agent = setup.agent(false);
 
-    drop(restart_guard); // starts kube-apiserver again
+    drop(outage); // starts kube-apiserver again
     let reports = wait_for_reports(cluster, node, "everything after the outage", |r| {
         find(r, "Segfault").map(count) == Some(4) && find(r, "DivideError").map(count) == Some(2)
     });
@@ -264,15 +251,6 @@ fn crashes_during_an_api_server_outage_are_all_published_when_it_returns() {
         0.0
     );
     agent.wait_ready();
-}
-
-/// Starts kube-apiserver again when dropped, even if the test failed.
-struct RestartApiServer<'a>(&'a ControlPlane);
-
-impl Drop for RestartApiServer<'_> {
-    fn drop(&mut self) {
-        self.0.script("start-apiserver");
-    }
 }
 
 #[test]

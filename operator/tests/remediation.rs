@@ -11,14 +11,14 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use operator::policy::ledger::{Ledger, ReleasedBy};
-use operator::remediate::node::{CONDITION_TYPE, view};
+use operator::remediate::node::{CONDITION_TYPE, ledger_of};
 use serde_json::{Value, json};
 use support::{Fixture, Operator, eventually};
 
 const SOON: Duration = Duration::from_secs(20);
 
 fn ledger(node: &Node) -> Ledger {
-    view(node).ledger
+    ledger_of(node).0
 }
 
 /// The node's `CrashwatchRemediation` condition as (status, reason).
@@ -794,15 +794,6 @@ async fn a_drain_interrupted_by_killing_the_operator_resumes_after_restart() {
     );
 }
 
-/// Starts kube-apiserver again when dropped, even if the test failed.
-struct RestartApiServer<'a>(&'a testkit::ControlPlane);
-
-impl Drop for RestartApiServer<'_> {
-    fn drop(&mut self) {
-        self.0.script("start-apiserver");
-    }
-}
-
 #[tokio::test]
 async fn a_leader_that_cannot_renew_its_lease_stops_acting() {
     let Some(fixture) = Fixture::begin("partition").await else {
@@ -813,11 +804,10 @@ async fn a_leader_that_cannot_renew_its_lease_stops_acting() {
     leader.wait_leading().await;
 
     let cut = Instant::now();
-    fixture.cluster.script("stop-apiserver");
-    let restart = RestartApiServer(&fixture.cluster);
+    let outage = fixture.cluster.api_server_outage();
     let status = leader.wait_exit(Duration::from_secs(15));
     let waited = cut.elapsed();
-    drop(restart);
+    drop(outage);
     let status =
         status.unwrap_or_else(|| panic!("still running without its lease:\n{}", leader.log()));
     assert!(!status.success(), "{status}");

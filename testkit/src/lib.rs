@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests of every crate: requirements that fail under CI
 //! instead of skipping, the test control plane, and the workspace's binaries.
 
+use std::collections::HashMap;
 use std::fs;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -83,8 +85,15 @@ impl ControlPlane {
         String::from_utf8(output.stdout).unwrap()
     }
 
-    /// Runs `scripts/control-plane.sh COMMAND DIR` (`stop-apiserver`, `start-apiserver`).
-    pub fn script(&self, command: &str) {
+    /// Stops kube-apiserver (etcd keeps running) until the returned guard is dropped, which
+    /// starts it again, also when the test fails.
+    pub fn api_server_outage(&self) -> ApiServerOutage<'_> {
+        self.script("stop-apiserver");
+        ApiServerOutage(self)
+    }
+
+    /// Runs `scripts/control-plane.sh COMMAND DIR`.
+    fn script(&self, command: &str) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/control-plane.sh");
         let status = Command::new(script)
             .arg(command)
@@ -106,6 +115,31 @@ impl ControlPlane {
             "crd/remediationpolicies.crashwatch.dev",
         ]);
     }
+}
+
+/// GETs `path` from a server on `127.0.0.1:port`: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The samples of a Prometheus text exposition, `name{labels}` → value.
+pub fn metric_samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(series, value)| Some((series.to_owned(), value.parse().ok()?)))
+        .collect()
 }
 
 /// Polls `done` every 20 ms until it holds; panics after `timeout`, naming `what`.
@@ -133,4 +167,13 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// kube-apiserver stopped; dropping this starts it again.
+pub struct ApiServerOutage<'a>(&'a ControlPlane);
+
+impl Drop for ApiServerOutage<'_> {
+    fn drop(&mut self) {
+        self.0.script("start-apiserver");
+    }
 }

@@ -433,28 +433,12 @@ impl Agent {
 
     /// GETs a path from the agent's HTTP endpoint.
     pub fn get(&self, path: &str) -> Option<String> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
+        testkit::http_get(self.metrics_port, path).map(|(_, body)| body)
     }
 
     /// The agent's metrics, `name{labels}` → value.
     pub fn metrics(&self) -> HashMap<String, f64> {
-        let body = self.get("/metrics").expect("/metrics");
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
-            .collect()
+        testkit::metric_samples(&self.get("/metrics").expect("/metrics"))
     }
 
     /// The sum of a labelled counter over every series of one process.
@@ -577,6 +561,19 @@ pub fn start_at_the_end_of_the_log(state_dir: &Path) {
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     let cursor = serde_json::json!({ "bootId": boot_id.trim(), "lastSeq": newest_kmsg_seq() });
     fs::write(state_dir.join("kmsg-cursor.json"), cursor.to_string()).unwrap();
+}
+
+/// The CrashReports of `node` in the test cluster, as JSON.
+pub fn reports_of(cluster: &ControlPlane, node: &str) -> Vec<serde_json::Value> {
+    let list: serde_json::Value =
+        serde_json::from_str(&cluster.kubectl(&["get", "crashreports", "-o", "json"])).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["spec"]["nodeName"] == node)
+        .cloned()
+        .collect()
 }
 
 /// The sequence number of the oldest record still in the kernel's ring.

@@ -4,8 +4,6 @@
 //! its policies select, so no test sees another's nodes.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -329,30 +327,23 @@ impl Operator {
 
     /// GETs a path of its HTTP server.
     pub fn get(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.0 200")
-            .then(|| body.to_owned())
-            .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+        testkit::http_get(self.port, path)
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
     }
 
     /// The sum of every series of metric `name` whose labels contain all of `labels`.
     pub fn metric_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let body = self.get("/metrics").unwrap_or_default();
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
+        testkit::metric_samples(&body)
+            .into_iter()
             .filter(|(series, _)| {
                 series.split('{').next() == Some(name)
                     && labels
                         .iter()
                         .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
             })
-            .map(|(_, value)| value.parse::<f64>().unwrap())
+            .map(|(_, value)| value)
             .sum()
     }
 
