@@ -1,13 +1,14 @@
-# Images for both binaries (docker build --target agent|operator). Not buildable on the
-# development VM (no Docker engine there); see the README.
+# Images for both binaries (docker build --target agent|operator). scripts/images.sh writes
+# the same images without a Docker engine (same binaries, entrypoints, users and files:
+# the binary, glibc and libgcc_s, CA certificates); see the README.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p node-agent -p operator \
  && strip target/release/crashwatch-agent target/release/crashwatch-operator
 
-# The agent needs root for /dev/kmsg and the host's files (the chart drops every capability
-# but SYSLOG, SYS_PTRACE and DAC_READ_SEARCH); CA certificates for https debuginfod.
+# The agent runs as root for /dev/kmsg and the host's files (the chart runs it privileged:
+# see agent in values.yaml); CA certificates for https debuginfod.
 FROM gcr.io/distroless/cc-debian12 AS agent
 COPY --from=build /src/target/release/crashwatch-agent /usr/bin/crashwatch-agent
 ENTRYPOINT ["/usr/bin/crashwatch-agent"]

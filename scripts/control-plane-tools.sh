@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds pinned kube-apiserver, kubectl, etcd, helm and promtool from the Go module proxy.
+# Builds pinned Kubernetes (kube-apiserver, kubectl, and the node's kube-controller-manager,
+# kube-scheduler, kubelet and kube-proxy), etcd, helm and promtool from the Go module proxy.
 #
 # Binaries, GOMODCACHE and GOCACHE live under $CRASHWATCH_TOOLS (default
 # /var/cache/crashwatch-tools), outside the repository, so a second run only
@@ -12,6 +13,9 @@ K8S_VERSION=v1.34.4
 ETCD_VERSION=v3.6.16
 HELM_VERSION=v4.3.1
 PROMETHEUS_MODULE_VERSION=v0.316.0 # Prometheus 3.16.0
+# Built from one helper module; the last four run the one-node cluster of scripts/cluster.sh.
+# CGO_ENABLED=0 gives a static kubelet that runs (no cgo-only features are used).
+KUBERNETES_COMMANDS=(kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 TOOLS=${CRASHWATCH_TOOLS:-/var/cache/crashwatch-tools}
 BIN=$TOOLS/bin
@@ -62,7 +66,9 @@ build_kubernetes() {
     awk '{print $1}' | while read -r module; do
     go mod edit -replace "$module=$module@$staging_version"
   done
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+  local pkgs=()
+  for cmd in "${KUBERNETES_COMMANDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd@$K8S_VERSION"); done
+  go get "${pkgs[@]}"
   local date
   date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   local ldflags="-s -w"
@@ -70,7 +76,8 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  for cmd in kube-apiserver kubectl; do
+  for cmd in "${KUBERNETES_COMMANDS[@]}"; do
+    [[ -x $BIN/$cmd-$K8S_VERSION ]] && continue
     go build -tags selinux,notest -ldflags "$ldflags" -o "$BIN/$cmd-$K8S_VERSION" "k8s.io/kubernetes/cmd/$cmd"
   done
 }
@@ -112,8 +119,9 @@ ensure() {
 
 command -v go >/dev/null || { log "go is not installed"; exit 1; }
 ensure etcd "$ETCD_VERSION" build_etcd
-ensure kube-apiserver "$K8S_VERSION" build_kubernetes
-ensure kubectl "$K8S_VERSION" build_kubernetes
+for cmd in "${KUBERNETES_COMMANDS[@]}"; do
+  ensure "$cmd" "$K8S_VERSION" build_kubernetes
+done
 ensure helm "$HELM_VERSION" build_helm
 ensure promtool "$PROMETHEUS_MODULE_VERSION" build_promtool
 echo "$BIN"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real, local Kubernetes control plane for the tests: etcd and kube-apiserver on loopback.
 #
-#   control-plane.sh start DIR          start both; write DIR/kubeconfig and DIR/env
+#   control-plane.sh start DIR [ADDRESS] start both; write DIR/kubeconfig and DIR/env
 #   control-plane.sh stop DIR           stop both (SIGTERM, then SIGKILL)
 #   control-plane.sh stop-apiserver DIR stop kube-apiserver only (for outage tests)
 #   control-plane.sh start-apiserver DIR start it again on the same port and data
@@ -37,16 +37,18 @@ wait_for() {
 start_apiserver() {
   # shellcheck source=/dev/null
   source "$dir/env"
+  local admission=(--disable-admission-plugins ServiceAccount)
+  [[ $APISERVER_ADDRESS == 127.0.0.1 ]] || admission=()
   setsid "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --cert-dir "$dir/pki" \
     --secure-port "$APISERVER_PORT" \
-    --bind-address 127.0.0.1 \
-    --advertise-address 127.0.0.1 \
+    --bind-address "$APISERVER_ADDRESS" \
+    --advertise-address "$APISERVER_ADDRESS" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true \
     --authorization-mode RBAC \
-    --disable-admission-plugins ServiceAccount \
+    "${admission[@]}" \
     --token-auth-file "$dir/tokens.csv" \
     --service-account-issuer "https://127.0.0.1:$APISERVER_PORT/" \
     --service-account-key-file "$dir/sa.key" \
@@ -54,7 +56,7 @@ start_apiserver() {
     --api-audiences "https://127.0.0.1:$APISERVER_PORT/" \
     >>"$dir/kube-apiserver.log" 2>&1 &
   echo $! >"$dir/kube-apiserver.pid"
-  wait_for "https://127.0.0.1:$APISERVER_PORT/readyz" 120 -H "Authorization: Bearer $ADMIN_TOKEN"
+  wait_for "https://$APISERVER_ADDRESS:$APISERVER_PORT/readyz" 120 -H "Authorization: Bearer $ADMIN_TOKEN"
 }
 
 stop_pid_file() {
@@ -73,6 +75,7 @@ stop_pid_file() {
 
 case $command in
   start)
+    address=${3:-127.0.0.1}
     mkdir -p "$dir/pki" "$dir/etcd"
     etcd_port=$(free_port)
     apiserver_port=$(free_port)
@@ -80,6 +83,7 @@ case $command in
     cat >"$dir/env" <<EOF
 ETCD_PORT=$etcd_port
 APISERVER_PORT=$apiserver_port
+APISERVER_ADDRESS=$address
 ADMIN_TOKEN=$admin_token
 KUBECONFIG=$dir/kubeconfig
 CONTROL_PLANE_BIN=$bin
@@ -103,7 +107,7 @@ kind: Config
 clusters:
 - name: test
   cluster:
-    server: https://127.0.0.1:$apiserver_port
+    server: https://$address:$apiserver_port
     certificate-authority: $dir/pki/apiserver.crt
 contexts:
 - name: test
@@ -113,7 +117,7 @@ users:
 - name: admin
   user: {token: $admin_token}
 EOF
-    echo "control-plane: up at https://127.0.0.1:$apiserver_port; KUBECONFIG=$dir/kubeconfig" >&2
+    echo "control-plane: up at https://$address:$apiserver_port; KUBECONFIG=$dir/kubeconfig" >&2
     ;;
   stop)
     stop_pid_file "$dir/kube-apiserver.pid"

@@ -13,6 +13,8 @@ packages=(
   dwz                     # dwz-compressed debug files with a supplementary file
   hyperfine               # the symbolization benchmark
   curl openssl            # the control plane script: readiness probes, the service-account key
+  containerd runc containernetworking-plugins iptables conntrack  # the real node (scripts/cluster.sh)
+  busybox-static          # the real node's test images
 )
 
 missing=()

@@ -27,8 +27,34 @@ use node_agent::symbolize::{NoSymbolizer, Places, Symbolize, Symbolizer};
 #[derive(Parser)]
 #[command(name = "crashwatch-agent", version, about)]
 struct Cli {
+    /// How log lines are written to standard error: `text` (colours only on a terminal) or
+    /// `json` (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines on standard error.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colours only when standard error is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to standard error at `RUST_LOG` (default `default_filter`) in `format`.
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -156,13 +182,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format, "info");
     let result = match cli.command {
         Command::Explain(args) => explain_command(args),
         Command::Run(args) => run_command(args),

@@ -98,6 +98,13 @@ fn the_chart_lints_and_renders_with_defaults_and_with_everything_on() {
         "sidecar label"
     );
     assert!(everything.contains("release: kps"), "additionalLabels");
+    // The operator's alerts need its metrics scraped: a Service and a ServiceMonitor of its own.
+    assert_eq!(
+        everything.matches("kind: ServiceMonitor").count(),
+        2,
+        "a ServiceMonitor for the agent and one for the operator"
+    );
+    assert!(everything.contains("name: t-crashwatch-operator-metrics"));
     assert!(
         everything.contains("dryRun: true"),
         "the default policy starts in dry run"

@@ -58,6 +58,8 @@ pub struct Context {
     pod_changes: tokio::sync::mpsc::UnboundedSender<()>,
     /// The status node list this process last wrote, per policy uid.
     written_status: Mutex<HashMap<String, Vec<NodeRemediation>>>,
+    /// This operator's own pod (namespace, name): a drain leaves its replicas in place.
+    own_pod: (String, String),
 }
 
 /// The Pods of one draining node, kept current by a watch.
@@ -125,9 +127,11 @@ pub enum Error {
 }
 
 /// Runs the controller until `shutdown` resolves.
+/// `identity` is this replica's name in the Lease, its pod's name in `namespace` in a cluster.
 pub async fn run(
     client: Client,
     eviction_client: Client,
+    namespace: &str,
     identity: &str,
     metrics: Arc<OperatorMetrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
@@ -154,6 +158,7 @@ pub async fn run(
         pod_watches: Mutex::default(),
         pod_changes,
         written_status: Mutex::default(),
+        own_pod: (namespace.to_owned(), identity.to_owned()),
     });
     Controller::new(
         Api::<RemediationPolicy>::all(client),
@@ -353,7 +358,9 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             .as_ref()
             .and_then(|d| d.grace_period_seconds);
         let pods = ctx.pods_on(&order.node).await?;
-        let progress = drain::step(&pods, &ctx.eviction_client, &order.node, grace).await?;
+        let own_pod = (ctx.own_pod.0.as_str(), ctx.own_pod.1.as_str());
+        let progress =
+            drain::step(&pods, own_pod, &ctx.eviction_client, &order.node, grace).await?;
         let entry = plan.nodes.iter_mut().find(|n| n.name == order.node);
         match progress {
             drain::Progress::Done => {

@@ -13,8 +13,35 @@ use operator::policy::duration::parse_duration;
 #[derive(Parser)]
 #[command(name = "crashwatch-operator", version, about)]
 struct Cli {
+    /// How log lines are written to standard error: `text` (colours only on a terminal) or
+    /// `json` (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines on standard error.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colours only when standard error is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to standard error at `RUST_LOG` (default: info, and warnings of kube-runtime).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube_runtime=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -46,8 +73,12 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Run(args) => run(args),
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(cli.log_format);
+            run(args)
+        }
         Command::Crds => {
             print!("{}", crds::crd_yaml());
             Ok(())
@@ -57,13 +88,6 @@ fn main() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube_runtime=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -86,6 +110,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let work = operator::controller::run(
         client,
         eviction_client,
+        &args.lease_namespace,
         &identity,
         metrics.clone(),
         shutdown_signal(),

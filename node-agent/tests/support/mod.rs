@@ -14,6 +14,8 @@ use crds::CrashEvent;
 #[allow(unused_imports)]
 pub use testkit::{ControlPlane, free_port, require, wait_until};
 
+pub mod stuck;
+
 /// Kernel tests share sysctls and the kernel log: they run one at a time.
 pub fn kernel_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());

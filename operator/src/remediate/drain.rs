@@ -17,10 +17,23 @@ pub enum Stays {
     Mirror,
     /// A DaemonSet's pod: the DaemonSet would put it right back.
     DaemonSet,
+    /// A replica of the operator that is draining: evicting it would stop the drain half way
+    /// (on a one-node cluster for good). It leaves the node when the node goes.
+    Operator,
 }
 
-/// Whether a pod stays on a drained node, and why.
-pub fn stays(pod: &Pod) -> Option<Stays> {
+/// The uid of a pod's controlling owner (a ReplicaSet for a Deployment's pod).
+fn controller_uid(pod: &Pod) -> Option<&str> {
+    let owners = pod.metadata.owner_references.iter().flatten();
+    owners
+        .filter(|owner| owner.controller == Some(true))
+        .map(|owner| owner.uid.as_str())
+        .next()
+}
+
+/// Whether a pod stays on a drained node, and why. `operator_controller` is the controlling
+/// owner of this operator's own pod, when that pod is on the node.
+pub fn stays(pod: &Pod, operator_controller: Option<&str>) -> Option<Stays> {
     let meta = &pod.metadata;
     if meta
         .annotations
@@ -34,7 +47,22 @@ pub fn stays(pod: &Pod) -> Option<Stays> {
         .iter()
         .flatten()
         .any(|owner| owner.kind == "DaemonSet" && owner.controller == Some(true));
-    by_daemon_set.then_some(Stays::DaemonSet)
+    if by_daemon_set {
+        return Some(Stays::DaemonSet);
+    }
+    let ours = operator_controller.is_some_and(|uid| controller_uid(pod) == Some(uid));
+    ours.then_some(Stays::Operator)
+}
+
+/// The controlling owner of the pod `namespace/name` (this operator's own), if it is among
+/// `pods`.
+pub fn operator_controller<'a>(pods: &'a [Arc<Pod>], own_pod: (&str, &str)) -> Option<&'a str> {
+    pods.iter()
+        .find(|pod| {
+            pod.metadata.namespace.as_deref() == Some(own_pod.0)
+                && pod.metadata.name.as_deref() == Some(own_pod.1)
+        })
+        .and_then(|pod| controller_uid(pod))
 }
 
 /// Where a drain stands after one step.
@@ -52,19 +80,21 @@ pub enum Progress {
 }
 
 /// Evicts what can be evicted of `pods` (those on `node`, from its watch), with
-/// `grace_period_seconds` if the policy sets one (the pods' own otherwise).
-/// `eviction_client` must not retry 429s by itself (kube's default client does, for many
-/// minutes).
+/// `grace_period_seconds` if the policy sets one (the pods' own otherwise). `own_pod` is this
+/// operator's pod (namespace, name): its replicas stay. `eviction_client` must not retry 429s
+/// by itself (kube's default client does, for many minutes).
 pub async fn step(
     pods: &[Arc<Pod>],
+    own_pod: (&str, &str),
     eviction_client: &kube::Client,
     node: &str,
     grace_period_seconds: Option<i64>,
 ) -> kube::Result<Progress> {
     let mut remaining = 0;
     let mut refused = Vec::new();
+    let operator = operator_controller(pods, own_pod);
     for pod in pods {
-        if stays(pod).is_some() {
+        if stays(pod, operator).is_some() {
             continue;
         }
         remaining += 1;
@@ -119,10 +149,42 @@ mod tests {
         let adopted = pod(json!({"name": "odd", "ownerReferences": [{
             "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "x", "uid": "u", "controller": false
         }]}));
-        assert_eq!(stays(&daemon), Some(Stays::DaemonSet));
-        assert_eq!(stays(&mirror), Some(Stays::Mirror));
-        assert_eq!(stays(&replica), None);
-        assert_eq!(stays(&adopted), None, "only the controlling owner counts");
-        assert_eq!(stays(&pod(json!({"name": "bare"}))), None);
+        assert_eq!(stays(&daemon, None), Some(Stays::DaemonSet));
+        assert_eq!(stays(&mirror, None), Some(Stays::Mirror));
+        assert_eq!(stays(&replica, None), None);
+        assert_eq!(
+            stays(&adopted, None),
+            None,
+            "only the controlling owner counts"
+        );
+        assert_eq!(stays(&pod(json!({"name": "bare"})), None), None);
+    }
+
+    #[test]
+    fn the_replicas_of_the_draining_operator_stay_when_its_own_pod_is_on_the_node() {
+        let replica = |name: &str, owner_uid: &str| {
+            Arc::new(pod(
+                json!({"name": name, "namespace": "crashwatch", "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": owner_uid,
+                    "controller": true
+                }]}),
+            ))
+        };
+        let pods = [
+            replica("operator-a", "rs-operator"),
+            replica("operator-b", "rs-operator"),
+            replica("web-1", "rs-web"),
+        ];
+        let ours = operator_controller(&pods, ("crashwatch", "operator-a"));
+        assert_eq!(ours, Some("rs-operator"));
+        let staying: Vec<_> = pods.iter().map(|p| stays(p, ours)).collect();
+        assert_eq!(
+            staying,
+            [Some(Stays::Operator), Some(Stays::Operator), None]
+        );
+        // Elsewhere (its pod is not on the node), the operator evicts its other replicas.
+        let elsewhere = operator_controller(&pods, ("crashwatch", "operator-z"));
+        assert_eq!(elsewhere, None);
+        assert_eq!(stays(&pods[1], elsewhere), None);
     }
 }

@@ -1,0 +1,972 @@
+//! End to end on a real one-node cluster, as a user runs crashwatch: `scripts/cluster.sh up`
+//! starts etcd, the Kubernetes control plane, containerd, runc, the CNI bridge and a kubelet on
+//! this machine; the archives of `scripts/images.sh` are loaded into it; the chart is installed
+//! with helm and default values. Each trial is one user's path, run in this order on the same
+//! node: install, a host crash, an upgrade, a drain on a real hang, uninstall, and `down`, which
+//! must leave the machine as it was.
+//!
+//! Needs root, the kernel (real segfaults and hung tasks), FUSE and qemu-nbd, the node's Debian
+//! packages and the tools of `scripts/control-plane-tools.sh`. The images come from
+//! `CRASHWATCH_IMAGES` (a directory written by `scripts/images.sh`; `scripts/test.sh` sets it),
+//! or are built here. Under `CI=true` anything missing fails.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::{Value, json};
+use support::stuck::{StuckReader, require_nbd_lab};
+use support::{Sysctl, compile_crashy, have, printed, require, run_to_crash, wait_until};
+
+const NAMESPACE: &str = "crashwatch";
+const RELEASE: &str = "crashwatch";
+/// The chart's default `agent.stateDir` on the node.
+const STATE_DIR: &str = "/var/lib/crashwatch";
+/// Where the test's workloads run.
+const SHOP: &str = "shop";
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1); // one node, one path after another
+    let trials = vec![
+        trial(
+            "install_gives_a_ready_agent_reading_kmsg_and_an_operator_leader",
+            install,
+        ),
+        trial("a_host_segfault_is_a_crash_report_within_10_s", host_crash),
+        trial("helm_upgrade_rolls_the_agent_and_counts_survive", upgrade),
+        trial(
+            "a_drain_on_a_real_hang_stops_pods_honours_the_pdb_and_the_budget",
+            drain,
+        ),
+        trial("helm_uninstall_removes_everything_but_the_crds", uninstall),
+        trial("cluster_down_leaves_the_machine_as_it_was", down),
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    // A filtered run may skip `down`: the node never outlives the harness.
+    if let Some(Ok(cluster)) = CLUSTER.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        cluster.down();
+    }
+    conclusion.exit();
+}
+
+fn trial(name: &'static str, run: fn(&Cluster)) -> Trial {
+    Trial::test(name, move || with_cluster(run))
+}
+
+/// The node, brought up by the first trial that runs; an error for every later trial if that
+/// failed.
+static CLUSTER: Mutex<Option<Result<Cluster, String>>> = Mutex::new(None);
+
+/// What the trials hand each other.
+static SHARED: Mutex<Shared> = Mutex::new(Shared {
+    crash_binary: None,
+    hang_name: None,
+});
+
+struct Shared {
+    /// The host program whose crash the host-crash trial reported.
+    crash_binary: Option<PathBuf>,
+    /// The watched process name the upgrade added, for the drain trial's hang.
+    hang_name: Option<String>,
+}
+
+fn with_cluster(run: fn(&Cluster)) -> Result<(), Failed> {
+    let mut slot = CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_none() {
+        *slot = Some(Cluster::up());
+    }
+    match slot.as_ref().unwrap() {
+        Ok(cluster) => {
+            // A panic is a failed trial; the node stays for the next one.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cluster)));
+            result.map_err(|panic| {
+                let text = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into());
+                Failed::from(text)
+            })
+        }
+        Err(why) => Err(Failed::from(format!("the node did not come up: {why}"))),
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The real node, its tools, and the state of the machine before it came up.
+struct Cluster {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    bin: PathBuf,
+    node: String,
+    before: HostState,
+    state_dir_existed: bool,
+}
+
+impl Cluster {
+    fn up() -> Result<Cluster, String> {
+        let ready = require_nbd_lab()
+            && require(
+                "needs containerd, runc, ctr and the CNI bridge plugin (scripts/install-test-deps.sh)",
+                have("containerd")
+                    && have("runc")
+                    && have("ctr")
+                    && Path::new("/usr/lib/cni/bridge").exists(),
+            );
+        if !ready {
+            return Err("requirements missing (see above)".into());
+        }
+        let images = images();
+        let bin = PathBuf::from(
+            String::from_utf8(script(&["control-plane-tools.sh"]).stdout)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap_or_default(),
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("crashwatch-node.")
+            .tempdir()
+            .unwrap();
+        let before = HostState::now(dir.path());
+        let state_dir_existed = Path::new(STATE_DIR).exists();
+        let start = Instant::now();
+        let up = script(&["cluster.sh", "up", dir.path().to_str().unwrap()]);
+        if !up.status.success() {
+            return Err(format!(
+                "cluster.sh up failed: {}",
+                String::from_utf8_lossy(&up.stderr)
+            ));
+        }
+        eprintln!(
+            "cluster.sh up: node Ready in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+        let cluster = Cluster {
+            kubeconfig: dir.path().join("kubeconfig"),
+            node: fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap()
+                .trim()
+                .to_owned(),
+            dir,
+            bin,
+            before,
+            state_dir_existed,
+        };
+        let dir = cluster.dir.path().to_str().unwrap();
+        let archives = [
+            images.join("crashwatch-agent.tar"),
+            images.join("crashwatch-operator.tar"),
+            busybox_image(cluster.dir.path()),
+        ];
+        let mut load = vec!["cluster.sh", "load", dir];
+        load.extend(archives.iter().map(|a| a.to_str().unwrap()));
+        let loaded = script(&load);
+        if !loaded.status.success() {
+            cluster.down();
+            return Err(format!(
+                "cluster.sh load failed: {}",
+                String::from_utf8_lossy(&loaded.stderr)
+            ));
+        }
+        Ok(cluster)
+    }
+
+    /// `cluster.sh down`; then the chart's state dir goes too, if the test made it.
+    fn down(&self) -> Duration {
+        let start = Instant::now();
+        let output = script(&["cluster.sh", "down", self.dir.path().to_str().unwrap()]);
+        let took = start.elapsed();
+        assert!(
+            output.status.success(),
+            "cluster.sh down: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !self.state_dir_existed {
+            let _ = fs::remove_dir_all(STATE_DIR);
+        }
+        took
+    }
+
+    fn command(&self, tool: &str, args: &[&str]) -> Output {
+        Command::new(self.bin.join(tool))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"))
+    }
+
+    /// kubectl's stdout; panics when it fails.
+    fn kubectl(&self, args: &[&str]) -> String {
+        let output = self.command("kubectl", args);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&args)).unwrap()
+    }
+
+    /// Applies a manifest given as JSON.
+    fn apply(&self, manifest: Value) {
+        let file = self.dir.path().join("manifest.json");
+        fs::write(&file, manifest.to_string()).unwrap();
+        self.kubectl(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+    }
+
+    fn helm(&self, args: &[&str]) -> String {
+        let output = self.command("helm", args);
+        assert!(
+            output.status.success(),
+            "helm {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// The pods of a component of the release.
+    fn release_pods(&self, component: &str) -> Vec<Value> {
+        let selector =
+            format!("app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component={component}");
+        let list = self.json(&["get", "pods", "-n", NAMESPACE, "-l", &selector]);
+        list["items"].as_array().unwrap().clone()
+    }
+
+    /// The one Ready agent pod (name, uid), once there is exactly one and it is Ready.
+    fn ready_agent(&self) -> (String, String) {
+        let mut found = None;
+        wait_until("one Ready agent pod", Duration::from_secs(120), || {
+            let pods = self.release_pods("agent");
+            found = match pods.as_slice() {
+                [pod] if is_ready(pod) && pod["metadata"]["deletionTimestamp"].is_null() => Some((
+                    str_of(&pod["metadata"]["name"]),
+                    str_of(&pod["metadata"]["uid"]),
+                )),
+                _ => None,
+            };
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// A pod's metrics, through the API server's pod proxy.
+    fn metrics(&self, pod: &str, port: u16) -> std::collections::HashMap<String, f64> {
+        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{port}/proxy/metrics");
+        let output = self.command("kubectl", &["get", "--raw", &path]);
+        testkit::metric_samples(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    /// The CrashReports of this node whose process is `comm`.
+    fn reports_of(&self, comm: &str) -> Vec<Value> {
+        let list = self.json(&["get", "crashreports"]);
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["spec"]["nodeName"] == self.node.as_str() && r["spec"]["comm"] == comm)
+            .cloned()
+            .collect()
+    }
+
+    fn node_object(&self) -> Value {
+        self.json(&["get", "node", &self.node])
+    }
+}
+
+/// Runs a script of the repository's `scripts/`.
+fn script(args: &[&str]) -> Output {
+    Command::new(repo().join("scripts").join(args[0]))
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]))
+}
+
+/// The directory with crashwatch-agent.tar and crashwatch-operator.tar.
+fn images() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CRASHWATCH_IMAGES") {
+        return PathBuf::from(dir);
+    }
+    let dir = std::env::temp_dir().join(format!("crashwatch-images-{}", std::process::id()));
+    let built = script(&["images.sh", dir.to_str().unwrap()]);
+    assert!(
+        built.status.success(),
+        "images.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    dir
+}
+
+/// A busybox image for the test's workloads (Debian's busybox-static).
+fn busybox_image(dir: &Path) -> PathBuf {
+    let out = dir.join("busybox.tar");
+    let mut command = Command::new(repo().join("scripts/node/oci-image.py"));
+    command
+        .arg(&out)
+        .arg("crashwatch.test/busybox:1")
+        .args([
+            "--entrypoint",
+            "/bin/sh",
+            "--file",
+            "/bin/busybox:/bin/busybox",
+        ])
+        .args([
+            "--dir", "/tmp", "--dir", "/proc", "--dir", "/sys", "--dir", "/dev",
+        ]);
+    for applet in ["sh", "sleep", "true"] {
+        command.args(["--link", &format!("busybox:/bin/{applet}")]);
+    }
+    let output = command.output().expect("oci-image.py");
+    assert!(
+        output.status.success(),
+        "oci-image.py: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+fn str_of(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+fn is_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// A fresh name that no earlier run on this boot used (process names are at most 15 bytes).
+fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}{:06x}", (nanos ^ std::process::id()) & 0xff_ffff)
+}
+
+fn install(c: &Cluster) {
+    let chart = repo().join("charts/crashwatch");
+    let start = Instant::now();
+    c.helm(&[
+        "install",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    let (agent, _) = c.ready_agent();
+    eprintln!(
+        "helm install: agent Ready after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    // The agent reads /dev/kmsg inside its container.
+    wait_until(
+        "the agent to read the kernel log",
+        Duration::from_secs(30),
+        || {
+            let m = c.metrics(&agent, 9477);
+            m.get("crashwatch_kmsg_reader_up") == Some(&1.0)
+                && m.get("crashwatch_kmsg_records_total")
+                    .is_some_and(|n| *n > 0.0)
+        },
+    );
+    // Its logs are plain text: the container's stderr is no terminal.
+    let logs = c.kubectl(&["logs", "-n", NAMESPACE, &agent]);
+    assert!(!logs.trim().is_empty(), "the agent logged nothing");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "ANSI escape codes in the agent's logs:\n{logs}"
+    );
+
+    // Both operator replicas run, and exactly one leads: the Lease names it and only its
+    // metrics say so.
+    c.kubectl(&[
+        "wait",
+        "-n",
+        NAMESPACE,
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "--timeout=120s",
+    ]);
+    let operators: Vec<String> = c
+        .release_pods("operator")
+        .iter()
+        .map(|p| str_of(&p["metadata"]["name"]))
+        .collect();
+    assert_eq!(operators.len(), 2, "{operators:?}");
+    let mut holder = String::new();
+    wait_until(
+        "an operator to hold the Lease",
+        Duration::from_secs(60),
+        || {
+            let lease = c.command(
+                "kubectl",
+                &[
+                    "get",
+                    "lease",
+                    "-n",
+                    NAMESPACE,
+                    "crashwatch-operator",
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ],
+            );
+            holder = String::from_utf8_lossy(&lease.stdout).into_owned();
+            operators.contains(&holder)
+        },
+    );
+    wait_until(
+        "the leader's metrics to say it leads",
+        Duration::from_secs(30),
+        || {
+            operators.iter().all(|pod| {
+                let leads = c
+                    .metrics(pod, 9478)
+                    .get("crashwatch_operator_leader")
+                    .copied();
+                leads == Some(if *pod == holder { 1.0 } else { 0.0 })
+            })
+        },
+    );
+    // Prometheus finds the operator through its metrics Service: it selects both replicas.
+    let endpoints = c.json(&[
+        "get",
+        "endpoints",
+        "-n",
+        NAMESPACE,
+        "crashwatch-operator-metrics",
+    ]);
+    let addresses = endpoints["subsets"][0]["addresses"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(addresses, 2, "{endpoints}");
+}
+
+fn host_crash(c: &Cluster) {
+    let name = unique_name("segv-");
+    let binary = c.dir.path().join(&name);
+    compile_crashy(&binary, &[]);
+    let start = Instant::now();
+    let output = run_to_crash(&binary, "null");
+    let pid: u64 = printed(&output, "pid").unwrap().parse().unwrap();
+    let mut report = Value::Null;
+    wait_until("its CrashReport", Duration::from_secs(10), || {
+        report = c.reports_of(&name).pop().unwrap_or(Value::Null);
+        !report.is_null()
+    });
+    eprintln!(
+        "host segfault to CrashReport: {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(report["spec"]["kind"], "Segfault", "{report}");
+    assert_eq!(report["spec"]["pid"], pid, "{report}");
+    assert_eq!(report["spec"]["faultAddress"], "0x100", "{report}");
+    wait_until("its count", Duration::from_secs(10), || {
+        c.reports_of(&name)[0]["status"]["count"] == 1
+    });
+    // kubectl get crashreports shows it.
+    let table = c.kubectl(&["get", "crashreports"]);
+    let row = table
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[0], report["metadata"]["name"], "{row}");
+    assert_eq!(
+        &columns[1..4],
+        [c.node.as_str(), name.as_str(), "Segfault"],
+        "{row}"
+    );
+    SHARED.lock().unwrap().crash_binary = Some(binary);
+}
+
+fn upgrade(c: &Cluster) {
+    let binary = SHARED
+        .lock()
+        .unwrap()
+        .crash_binary
+        .clone()
+        .expect("the host-crash trial ran");
+    let name = binary.file_name().unwrap().to_str().unwrap().to_owned();
+    let (old_agent, old_uid) = c.ready_agent();
+    let hang_name = unique_name("hang-");
+    let watch = format!("agent.watchProcesses={{qemu-nbd,{hang_name}}}");
+    let chart = repo().join("charts/crashwatch");
+    c.helm(&[
+        "upgrade",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "agent.hangThresholdSeconds=3",
+        "--set",
+        &watch,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    // The DaemonSet rolled: a new agent pod runs with the new value.
+    let mut agent = (String::new(), String::new());
+    wait_until("the rolled agent", Duration::from_secs(120), || {
+        agent = c.ready_agent();
+        agent.1 != old_uid
+    });
+    let args = c.json(&["get", "pod", "-n", NAMESPACE, &agent.0])["spec"]["containers"][0]["args"]
+        .to_string();
+    assert!(
+        args.contains("--hang-threshold=3") && args.contains(&hang_name),
+        "{args}"
+    );
+    assert_ne!(agent.0, old_agent);
+
+    // The cursor is in the node's state dir, for this boot.
+    let cursor = fs::read_to_string(Path::new(STATE_DIR).join("kmsg-cursor.json"))
+        .expect("the cursor in the hostPath state dir");
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert!(cursor.contains(boot_id.trim()), "{cursor}");
+
+    // Nothing was counted again: one more crash makes exactly 2, and stays 2.
+    run_to_crash(&binary, "null");
+    wait_until("the second occurrence", Duration::from_secs(10), || {
+        c.reports_of(&name)[0]["status"]["count"] == 2
+    });
+    std::thread::sleep(Duration::from_secs(4)); // two publish intervals
+    let report = c.reports_of(&name);
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert_eq!(
+        report[0]["status"]["count"], 2,
+        "counted again after the roll: {}",
+        report[0]
+    );
+    SHARED.lock().unwrap().hang_name = Some(hang_name);
+}
+
+fn drain(c: &Cluster) {
+    let hang_name = SHARED
+        .lock()
+        .unwrap()
+        .hang_name
+        .clone()
+        .expect("the upgrade trial ran");
+    let (agent, agent_uid) = c.ready_agent();
+    let operator_uids: BTreeSet<String> = c
+        .release_pods("operator")
+        .iter()
+        .map(|p| str_of(&p["metadata"]["uid"]))
+        .collect();
+    let _sysctls = [
+        Sysctl::set("kernel/hung_task_timeout_secs", "2"),
+        Sysctl::set("kernel/hung_task_check_interval_secs", "1"),
+        Sysctl::set("kernel/hung_task_warnings", "-1"),
+    ];
+    let _cleanup = Cleanup(c);
+
+    // Workloads: a Deployment whose PodDisruptionBudget allows no disruption, and a DaemonSet.
+    c.kubectl(&["create", "namespace", SHOP]);
+    let container = json!({
+        "name": "main", "image": "crashwatch.test/busybox:1", "imagePullPolicy": "Never",
+        "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+    });
+    let template = |app: &str| {
+        json!({
+            "metadata": {"labels": {"app": app}},
+            "spec": {"terminationGracePeriodSeconds": 5, "containers": [container]},
+        })
+    };
+    c.apply(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "checkout", "namespace": SHOP},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "checkout"}}, "template": template("checkout")},
+    }));
+    c.apply(json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "node-daemon", "namespace": SHOP},
+        "spec": {"selector": {"matchLabels": {"app": "node-daemon"}}, "template": template("node-daemon")},
+    }));
+    c.apply(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "checkout", "namespace": SHOP},
+        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "checkout"}}},
+    }));
+    c.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        SHOP,
+        "deployment/checkout",
+        "--timeout=120s",
+    ]);
+    c.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        SHOP,
+        "daemonset/node-daemon",
+        "--timeout=120s",
+    ]);
+    let shop = |app: &str| -> Vec<Value> {
+        c.json(&["get", "pods", "-n", SHOP, "-l", &format!("app={app}")])["items"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let checkout = shop("checkout");
+    assert_eq!(checkout.len(), 2);
+    let daemon_uid = str_of(&shop("node-daemon")[0]["metadata"]["uid"]);
+    let checkout_containers: Vec<String> = checkout
+        .iter()
+        .map(|p| {
+            str_of(&p["status"]["containerStatuses"][0]["containerID"]).replace("containerd://", "")
+        })
+        .collect();
+    assert!(
+        checkout_containers.iter().all(|id| id.len() == 64),
+        "{checkout_containers:?}"
+    );
+
+    // A real hang of a watched process, reported by the agent in its pod.
+    let stuck = StuckReader::start_named(&hang_name);
+    let reader = u64::from(stuck.reader_pid());
+    wait_until(
+        "a HungTask report of the stuck reader",
+        Duration::from_secs(30),
+        || {
+            c.reports_of(&hang_name).iter().any(|r| {
+                r["spec"]["kind"] == "HungTask"
+                    && r["status"]["recent"]
+                        .as_array()
+                        .is_some_and(|o| o.iter().any(|o| o["pid"] == reader))
+            })
+        },
+    );
+
+    // A Drain policy with no budget: blocked, the node untouched.
+    let policy = |max_unavailable: i64| {
+        json!({
+            "apiVersion": "crashwatch.dev/v1alpha1", "kind": "RemediationPolicy",
+            "metadata": {"name": "e2e-drain"},
+            "spec": {
+                "match": {"processNames": [hang_name], "kinds": ["HungTask"]},
+                "threshold": {"count": 1, "window": "30m"},
+                "action": "Drain",
+                "drain": {"timeout": "5m"},
+                "safety": {"maxUnavailable": max_unavailable, "cooldown": "1s", "dryRun": false, "paused": false},
+            },
+        })
+    };
+    c.apply(policy(0));
+    let node_state = || -> (String, String) {
+        let policy = c.json(&["get", "remediationpolicy", "e2e-drain"]);
+        let entry = policy["status"]["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == c.node.as_str()).cloned())
+            .unwrap_or(Value::Null);
+        (str_of(&entry["state"]), str_of(&entry["reason"]))
+    };
+    wait_until(
+        "the budget to block the drain",
+        Duration::from_secs(30),
+        || {
+            let (state, reason) = node_state();
+            state == "Blocked" && reason.starts_with("budget")
+        },
+    );
+    assert_ne!(
+        c.node_object()["spec"]["unschedulable"],
+        true,
+        "cordoned with no budget"
+    );
+
+    // With a budget of one node: cordoned, and the drain waits on the PDB.
+    c.apply(policy(1));
+    wait_until(
+        "the cordon and the PDB's refusal",
+        Duration::from_secs(30),
+        || {
+            let (state, reason) = node_state();
+            c.node_object()["spec"]["unschedulable"] == true
+                && state == "Blocked"
+                && reason.starts_with("pdb")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let guarded = shop("checkout");
+    assert_eq!(
+        guarded
+            .iter()
+            .map(|p| str_of(&p["metadata"]["uid"]))
+            .collect::<BTreeSet<_>>(),
+        checkout
+            .iter()
+            .map(|p| str_of(&p["metadata"]["uid"]))
+            .collect::<BTreeSet<_>>(),
+        "the PDB allowed no disruption, yet checkout pods went"
+    );
+    assert!(guarded.iter().all(is_ready));
+
+    // The budget allows it: the kubelet stops the pods for real.
+    c.apply(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "checkout", "namespace": SHOP},
+        "spec": {"minAvailable": 0, "selector": {"matchLabels": {"app": "checkout"}}},
+    }));
+    wait_until("the drain to finish", Duration::from_secs(90), || {
+        node_state().0 == "Drained"
+    });
+    let ctr = |args: &[&str]| -> String {
+        let sock = c.dir.path().join("containerd/containerd.sock");
+        let output = Command::new("ctr")
+            .arg("-a")
+            .arg(&sock)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    wait_until(
+        "the checkout containers to stop",
+        Duration::from_secs(30),
+        || {
+            let tasks = ctr(&["tasks", "ls", "-q"]);
+            checkout_containers
+                .iter()
+                .all(|id| !tasks.contains(id.as_str()))
+        },
+    );
+    let old: BTreeSet<String> = checkout
+        .iter()
+        .map(|p| str_of(&p["metadata"]["uid"]))
+        .collect();
+    for pod in shop("checkout") {
+        assert!(
+            !old.contains(&str_of(&pod["metadata"]["uid"])),
+            "an evicted pod is back: {pod}"
+        );
+        assert_eq!(
+            pod["status"]["phase"], "Pending",
+            "a replacement ran on the cordoned node: {pod}"
+        );
+    }
+    // DaemonSet pods stay: the test's, and crashwatch's agent; so do the operator's replicas.
+    let daemon = shop("node-daemon");
+    assert_eq!(str_of(&daemon[0]["metadata"]["uid"]), daemon_uid);
+    assert!(is_ready(&daemon[0]));
+    assert_eq!(c.ready_agent(), (agent, agent_uid));
+    let operators: BTreeSet<String> = c
+        .release_pods("operator")
+        .iter()
+        .map(|p| str_of(&p["metadata"]["uid"]))
+        .collect();
+    assert_eq!(operators, operator_uids);
+    drop(stuck); // continue qemu-nbd before the sysctls go back
+}
+
+/// Undoes the drain trial's cluster changes, also when it fails.
+struct Cleanup<'a>(&'a Cluster);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let c = self.0;
+        for args in [
+            &[
+                "delete",
+                "remediationpolicy",
+                "e2e-drain",
+                "--ignore-not-found",
+            ][..],
+            &[
+                "delete",
+                "namespace",
+                SHOP,
+                "--ignore-not-found",
+                "--wait=false",
+            ],
+            &["uncordon", &c.node],
+        ] {
+            let _ = c.command("kubectl", args);
+        }
+    }
+}
+
+fn uninstall(c: &Cluster) {
+    c.helm(&[
+        "uninstall",
+        RELEASE,
+        "-n",
+        NAMESPACE,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let selector = format!("app.kubernetes.io/instance={RELEASE}");
+    for kind in [
+        "daemonsets,deployments,services,serviceaccounts,roles,rolebindings,pods",
+        "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+    ] {
+        wait_until(
+            "the release's objects to go",
+            Duration::from_secs(60),
+            || {
+                let left = c.kubectl(&["get", kind, "-A", "-l", &selector, "-o", "name"]);
+                left.trim().is_empty()
+            },
+        );
+    }
+    // The CRDs stay, with the reports.
+    for crd in [
+        "crashreports.crashwatch.dev",
+        "remediationpolicies.crashwatch.dev",
+    ] {
+        c.kubectl(&["get", "crd", crd]);
+    }
+    let reports = c.json(&["get", "crashreports"]);
+    assert!(!reports["items"].as_array().unwrap().is_empty());
+}
+
+fn down(c: &Cluster) {
+    let took = c.down();
+    eprintln!("cluster.sh down: {:.1} s", took.as_secs_f64());
+    let after = HostState::now(c.dir.path());
+    assert_eq!(c.before, after, "the machine differs after cluster.sh down");
+}
+
+/// What a node run may change on this machine, as `cluster.sh down` must restore it.
+#[derive(Debug, PartialEq)]
+struct HostState {
+    mount_points: BTreeSet<String>,
+    root_propagation: String,
+    links: BTreeSet<String>,
+    iptables: BTreeSet<String>,
+    kubepods_cgroups: BTreeSet<PathBuf>,
+    network_namespaces: BTreeSet<String>,
+    ip_forward: String,
+    fixed_dirs: BTreeSet<String>,
+    node_processes: BTreeSet<String>,
+}
+
+impl HostState {
+    /// The machine now; `cluster_dir` marks the processes that belong to the node.
+    fn now(cluster_dir: &Path) -> HostState {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let fields = |line: &str| line.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        let root = mountinfo.lines().map(fields).find(|f| f[4] == "/").unwrap();
+        let propagation = root[6..]
+            .iter()
+            .take_while(|f| *f != "-")
+            .map(|f| f.split(':').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(",");
+        let lines = |program: &str, args: &[&str]| -> BTreeSet<String> {
+            let output = Command::new(program).args(args).output().unwrap();
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        let mut iptables = BTreeSet::new();
+        for program in ["iptables", "ip6tables"] {
+            for table in ["filter", "nat", "mangle"] {
+                for rule in lines(program, &["-t", table, "-S"]) {
+                    iptables.insert(format!("{program} {table} {rule}"));
+                }
+            }
+        }
+        let kubepods_cgroups = fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .flatten()
+            .map(|c| c.path().join("kubepods"))
+            .filter(|p| p.exists())
+            .collect();
+        let network_namespaces = fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let fixed_dirs = [
+            "/var/lib/kubelet",
+            "/var/log/containers",
+            "/run/containerd",
+            "/var/lib/cni",
+        ]
+        .into_iter()
+        .filter(|d| Path::new(d).exists())
+        .map(str::to_owned)
+        .collect();
+        // The node's own programs, and anything whose command line names its directory.
+        let node_programs = [
+            "kubelet",
+            "containerd",
+            "containerd-shim",
+            "kube-apiserver",
+            "kube-controller",
+            "kube-scheduler",
+            "kube-proxy",
+            "etcd",
+            "pause",
+            "crashwatch-agen",
+            "crashwatch-oper",
+        ];
+        let dir = cluster_dir.to_string_lossy().into_owned();
+        let node_processes = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|e| {
+                let comm = fs::read_to_string(e.path().join("comm")).ok()?;
+                let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+                let comm = comm.trim();
+                let ours = node_programs.iter().any(|p| comm.starts_with(p))
+                    || String::from_utf8_lossy(&cmdline).contains(&dir);
+                ours.then(|| format!("{} {comm}", e.file_name().to_string_lossy()))
+            })
+            .collect();
+        HostState {
+            mount_points: mountinfo.lines().map(|l| fields(l)[4].clone()).collect(),
+            root_propagation: propagation,
+            links: lines("ip", &["-o", "link", "show"])
+                .iter()
+                .filter_map(|l| l.split(": ").nth(1).map(str::to_owned))
+                .collect(),
+            iptables,
+            kubepods_cgroups,
+            network_namespaces,
+            ip_forward: fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+            fixed_dirs,
+            node_processes,
+        }
+    }
+}
