@@ -266,11 +266,18 @@ impl Cluster {
         found.unwrap()
     }
 
-    /// A pod's metrics, through the API server's pod proxy.
-    fn metrics(&self, pod: &str, port: u16) -> std::collections::HashMap<String, f64> {
+    /// The sum of a metric's series on a pod, through the API server's pod proxy; None when
+    /// the pod does not answer or has no such metric.
+    fn metric(&self, pod: &str, port: u16, name: &str) -> Option<f64> {
         let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{port}/proxy/metrics");
         let output = self.command("kubectl", &["get", "--raw", &path]);
-        testkit::metric_samples(&String::from_utf8_lossy(&output.stdout))
+        let samples = testkit::metric_samples(&String::from_utf8_lossy(&output.stdout));
+        let series: Vec<f64> = samples
+            .iter()
+            .filter(|(series, _)| series.split('{').next() == Some(name))
+            .map(|(_, value)| *value)
+            .collect();
+        (!series.is_empty()).then(|| series.iter().sum())
     }
 
     /// The CrashReports of this node whose process is `comm`.
@@ -341,6 +348,18 @@ fn busybox_image(dir: &Path) -> PathBuf {
     out
 }
 
+/// Polls `check` until it gives a value; panics after `timeout` with its last complaint.
+fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) if Instant::now() > deadline => panic!("timed out waiting for {what}: {why}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 fn str_of(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_owned()
 }
@@ -386,10 +405,9 @@ fn install(c: &Cluster) {
         "the agent to read the kernel log",
         Duration::from_secs(30),
         || {
-            let m = c.metrics(&agent, 9477);
-            m.get("crashwatch_kmsg_reader_up") == Some(&1.0)
-                && m.get("crashwatch_kmsg_records_total")
-                    .is_some_and(|n| *n > 0.0)
+            c.metric(&agent, 9477, "crashwatch_kmsg_reader_up") == Some(1.0)
+                && c.metric(&agent, 9477, "crashwatch_kmsg_records_total")
+                    .is_some_and(|n| n > 0.0)
         },
     );
     // Its logs are plain text: the container's stderr is no terminal.
@@ -444,10 +462,7 @@ fn install(c: &Cluster) {
         Duration::from_secs(30),
         || {
             operators.iter().all(|pod| {
-                let leads = c
-                    .metrics(pod, 9478)
-                    .get("crashwatch_operator_leader")
-                    .copied();
+                let leads = c.metric(pod, 9478, "crashwatch_operator_leader");
                 leads == Some(if *pod == holder { 1.0 } else { 0.0 })
             })
         },
@@ -553,8 +568,15 @@ fn upgrade(c: &Cluster) {
 
     // Nothing was counted again: one more crash makes exactly 2, and stays 2.
     run_to_crash(&binary, "null");
-    wait_until("the second occurrence", Duration::from_secs(10), || {
-        c.reports_of(&name)[0]["status"]["count"] == 2
+    eventually("the second occurrence", Duration::from_secs(10), || {
+        let report = c.reports_of(&name);
+        match report.first() {
+            Some(r) if r["status"]["count"] == 2 => Ok(()),
+            _ => Err(format!(
+                "{report:?}\nagent log:\n{}",
+                c.kubectl(&["logs", "-n", NAMESPACE, &agent.0, "--tail=20"])
+            )),
+        }
     });
     std::thread::sleep(Duration::from_secs(4)); // two publish intervals
     let report = c.reports_of(&name);
@@ -921,19 +943,14 @@ impl HostState {
         .filter(|d| Path::new(d).exists())
         .map(str::to_owned)
         .collect();
-        // The node's own programs, and anything whose command line names its directory.
+        // The node's own programs, anything whose command line names its directory (etcd,
+        // kube-apiserver, the lock holder), and any process left in a pod's cgroup.
         let node_programs = [
             "kubelet",
             "containerd",
-            "containerd-shim",
-            "kube-apiserver",
             "kube-controller",
             "kube-scheduler",
             "kube-proxy",
-            "etcd",
-            "pause",
-            "crashwatch-agen",
-            "crashwatch-oper",
         ];
         let dir = cluster_dir.to_string_lossy().into_owned();
         let node_processes = fs::read_dir("/proc")
@@ -948,9 +965,11 @@ impl HostState {
             .filter_map(|e| {
                 let comm = fs::read_to_string(e.path().join("comm")).ok()?;
                 let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+                let cgroups = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
                 let comm = comm.trim();
                 let ours = node_programs.iter().any(|p| comm.starts_with(p))
-                    || String::from_utf8_lossy(&cmdline).contains(&dir);
+                    || String::from_utf8_lossy(&cmdline).contains(&dir)
+                    || cgroups.contains("/kubepods");
                 ours.then(|| format!("{} {comm}", e.file_name().to_string_lossy()))
             })
             .collect();
