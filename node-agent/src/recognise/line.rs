@@ -80,6 +80,8 @@ impl LogLine {
                 rest = after;
             }
         }
+        // printk's caller id with no timestamp before it: `[  T817] INFO: task …`.
+        rest = strip_caller_id(rest);
         line.message = rest.to_owned();
         line
     }
@@ -120,10 +122,41 @@ fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
     if after_time.starts_with('[') {
         return Some((after_time, None)); // a dmesg timestamp follows, no host or tag
     }
+    if let Some(rest) = after_time.strip_prefix("kernel: ") {
+        return Some((rest, Some(true))); // a tag and no host
+    }
+    // A remote syslog server writes the sender's address and, for kernel lines relayed by
+    // netconsole, no tag: `10.20.22.1 [139221.203949][  T817] INFO: task …`.
+    if let Some((host, rest)) = after_time.split_once(' ')
+        && is_address(host)
+        && (rest.starts_with('[') || !has_program_tag(rest))
+    {
+        return Some((rest, None));
+    }
     Some(match strip_host_tag(after_time) {
         Some((rest, from_kernel)) => (rest, Some(from_kernel)),
         None => (after_time, None),
     })
+}
+
+/// An IPv4 or IPv6 address, as remote syslog servers write the sending host.
+fn is_address(host: &str) -> bool {
+    let v4 = host.split('.').count() == 4
+        && host
+            .split('.')
+            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let v6 = host.contains(':') && host.bytes().all(|b| b.is_ascii_hexdigit() || b == b':');
+    v4 || v6
+}
+
+/// Whether a line starts with a program's syslog tag (`sshd[12]: `, `kernel: `) rather than
+/// with a kernel message's own prefix (`INFO: task`, `BUG: `, `traps: `).
+fn has_program_tag(text: &str) -> bool {
+    let Some((tag, _)) = text.split_once(": ") else {
+        return false;
+    };
+    let name = tag.split('[').next().unwrap_or(tag);
+    !tag.contains(' ') && name != "traps" && name.starts_with(|c: char| c.is_ascii_lowercase())
 }
 
 /// A month name or abbreviation in any language (`Nov`, `vas.`, `may`).
@@ -291,6 +324,13 @@ mod tests {
                 None,
                 Some(605_503_265),
             ),
+            (format!("May 17 18:48:11 kernel: {MSG}"), None, None),
+            (
+                format!("Aug 30 05:34:55 10.20.22.1 [139221.203949][  T817] {MSG}"),
+                None,
+                Some(139_221_203_949),
+            ),
+            (format!("[  T817] {MSG}"), None, None),
         ];
         for (text, level, usec) in cases {
             let line = LogLine::parse_text(&text);
@@ -303,12 +343,29 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_syslog_line_with_no_tag_is_the_kernel_s() {
+        let line = LogLine::parse_text(
+            "Aug 30 05:34:55 10.20.22.1 INFO: task pppd:6009 blocked for more than 122 seconds.",
+        );
+        assert_eq!(
+            line.message,
+            "INFO: task pppd:6009 blocked for more than 122 seconds."
+        );
+        assert!(!line.from_user_space);
+    }
+
+    #[test]
     fn user_space_sources_are_marked() {
         let line = LogLine::parse_text(&format!("14,8265,1,-;{MSG}"));
         assert!(line.from_user_space);
         let line = LogLine::parse_text(&format!("Nov 24 20:50:35 node-7 evil[99]: {MSG}"));
         assert!(line.from_user_space);
         assert_eq!(line.message, MSG);
+        let line = LogLine::parse_text(&format!("Nov 24 20:50:35 10.0.0.9 evil[99]: {MSG}"));
+        assert!(
+            line.from_user_space,
+            "a remote program's tag still marks it"
+        );
     }
 
     #[test]
