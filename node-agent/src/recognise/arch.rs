@@ -190,11 +190,14 @@ pub fn parse_s390(message: &str) -> Option<CrashEvent> {
 }
 
 /// The kind of an s390 program interruption (Principles of Operation, "Program-Interruption
-/// Conditions"); the PER (0x80) and transaction (0x200) flags are ignored.
+/// Conditions"): operation, privileged-operation, execute and specification exceptions are
+/// SIGILL, arithmetic ones SIGFPE (`DivideError`), the rest are faults on memory. The PER
+/// (0x80) and transaction (0x200) flags are ignored.
 fn s390_kind(code: u64) -> EventKind {
     match code & 0x7f {
         0x01..=0x03 | 0x06 => EventKind::InvalidOpcode,
-        0x09 | 0x0b => EventKind::DivideError,
+        // Data, fixed-point and decimal, and floating-point exceptions: SIGFPE.
+        0x07..=0x0f => EventKind::DivideError,
         _ => EventKind::Segfault,
     }
 }
@@ -401,7 +404,8 @@ fn s390_line(event: &mut CrashEvent, message: &str) -> bool {
         }
         return true;
     }
-    const OTHERS: [&str; 8] = [
+    const OTHERS: [&str; 9] = [
+        "task: ",
         "Fault in ",
         "AS:",
         "Hardware name: ",

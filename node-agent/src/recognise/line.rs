@@ -51,6 +51,12 @@ impl LogLine {
     /// ISO timestamps (`2026-11-24T20:50:35.1+00:00 host kernel: …`), or a bare message.
     pub fn parse_text(text: &str) -> Self {
         let text = text.trim_end_matches(['\r', '\n']);
+        // Lines quoted in a mail or a Markdown block (`> `, `>> `) from the first column.
+        let text = if text.starts_with('>') {
+            text.trim_start_matches(['>', ' '])
+        } else {
+            text
+        };
         if looks_like_kmsg_header(text)
             && let Ok(record) = parse_record(text.as_bytes())
         {
@@ -240,7 +246,12 @@ fn strip_angle_level(text: &str) -> Option<(&str, Level)> {
 
 /// `[  605.503265] ` (dmesg) or `[Tue Nov 24 20:50:35 2026] ` (dmesg -T).
 fn strip_bracket_timestamp(text: &str) -> Option<(&str, Option<u64>)> {
-    let inner_and_rest = text.strip_prefix('[')?;
+    // A paste that lost the opening bracket: `22734.139015] INFO: …`.
+    let inner_and_rest = text.strip_prefix('[').or_else(|| {
+        let first = text.bytes().next()?;
+        let close = text.find("] ")?;
+        (first.is_ascii_digit() && text[..close].contains('.')).then_some(text)
+    })?;
     let (inner, rest) = inner_and_rest.split_once(']')?;
     let rest = rest.strip_prefix(' ').unwrap_or(rest);
     let inner = inner.trim();

@@ -160,7 +160,15 @@ pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
         return None;
     }
     let rest = &message[at + "Killed process ".len()..];
-    let (pid, rest) = rest.split_once(" (")?;
+    // RHEL 6 kernels: `Killed process PID, UID N, (NAME) total-vm:…`.
+    let rhel = rest
+        .split_once(", UID ")
+        .filter(|(pid, _)| pid.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|(pid, after)| Some((pid, after.split_once(", (")?.1)));
+    let (pid, rest) = match rhel {
+        Some(split) => split,
+        None => rest.split_once(" (")?,
+    };
     let close = [") total-vm:", "), UID ", ") vsz:", ")."]
         .iter()
         .filter_map(|end| rest.find(end))
@@ -366,6 +374,13 @@ mod tests {
             OomVictim {
                 pid: 5,
                 comm: "tidb-server".into()
+            }
+        );
+        assert_eq!(
+            parse_oom_kill("Killed process 7, UID 503, (redis-server) total-vm:9kB").unwrap(),
+            OomVictim {
+                pid: 7,
+                comm: "redis-server".into()
             }
         );
         assert_eq!(

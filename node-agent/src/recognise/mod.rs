@@ -101,7 +101,12 @@ impl Recogniser {
             return self.feed_one(line);
         };
         let mut out = Vec::new();
-        for piece in pieces {
+        for (n, piece) in pieces.into_iter().enumerate() {
+            // Text in front of a timestamp (a prompt, a build log's own clock) is fed only
+            // when it starts a report of its own.
+            if n == 0 && !starts_anything(piece) {
+                continue;
+            }
             let parsed = LogLine::parse_text(piece);
             let mut sub = line.clone();
             sub.message = parsed.message;
@@ -226,6 +231,12 @@ fn starts_report(message: &str) -> bool {
         || hung::parse_header(message).is_some()
 }
 
+/// Whether a line starts any report or notice on its own.
+fn starts_anything(message: &str) -> bool {
+    let mut scratch = Recogniser::new();
+    !scratch.feed_one(&LogLine::bare(message)).is_empty() || scratch.has_open_report()
+}
+
 /// The kernel lines inside one line of text, when there is more than one: a `traps:` report
 /// glued to the end of another (`… error 14traps: kdump[5307] general protection …`), or a
 /// dmesg timestamp after other text (a shell prompt, a `grep -n` prefix, another record).
@@ -261,7 +272,7 @@ fn is_timestamp_at(text: &str) -> bool {
     let Some((inner, _)) = text[1..].split_once(']') else {
         return false;
     };
-    let Some((secs, frac)) = inner.trim_start().split_once('.') else {
+    let Some((secs, frac)) = inner.trim().split_once('.') else {
         return false;
     };
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());

@@ -115,22 +115,27 @@ fn trap_kind(description: &str) -> Option<EventKind> {
     })
 }
 
+/// `ip:IP sp:SP error:E[ in FILE[…]]`; a line cut short after `ip:` keeps what it has.
 fn trap_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
     let mut words = tail.splitn(4, ' ');
     let ip_word = words.next()?;
     let ip = hex(ip_word
         .strip_prefix("ip:")
         .or_else(|| ip_word.strip_prefix("rip:"))?)?;
-    let sp_word = words.next()?;
+    let mut event = CrashEvent::new(kind);
+    event.ip = Some(Address(ip));
+    let Some(sp_word) = words.next().filter(|w| !w.is_empty()) else {
+        return Some(event);
+    };
     let sp = hex(sp_word
         .strip_prefix("sp:")
         .or_else(|| sp_word.strip_prefix("rsp:"))?)?;
-    let error_code = hex(words.next()?.strip_prefix("error:")?)?;
-    let rest = words.next().map_or("", |r| r);
-    let mut event = CrashEvent::new(kind);
-    event.ip = Some(Address(ip));
     event.sp = Some(Address(sp));
-    event.error_code = Some(error_code);
+    let Some(error_word) = words.next().filter(|w| !w.is_empty()) else {
+        return Some(event);
+    };
+    event.error_code = Some(hex(error_word.strip_prefix("error:")?)?);
+    let rest = words.next().map_or("", |r| r);
     apply_location(&mut event, rest)?;
     Some(event)
 }
@@ -252,11 +257,23 @@ pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
 
 /// Adds a location that arrived as a record of its own (` in FILE[START+SIZE]`, printed as a
 /// continuation by some 4.x kernels) to an event that has none; false if it is not one.
+///
+/// The mapping must contain the event's instruction pointer: when two CPUs print at once, the
+/// location that follows may be another report's.
 pub fn trailing_location(event: &mut CrashEvent, message: &str) -> bool {
-    event.module.is_none()
-        && message.trim_start().starts_with("in ")
-        && apply_location(event, message.trim_start()).is_some()
-        && event.module.is_some()
+    if event.module.is_some() || !message.trim_start().starts_with("in ") {
+        return false;
+    }
+    let mut located = event.clone();
+    let fits = apply_location(&mut located, message.trim_start()).is_some()
+        && match (located.ip, located.vma_start, located.vma_size) {
+            (Some(ip), Some(start), Some(size)) => ip.0 >= start.0 && ip.0 - start.0 < size.0,
+            _ => false,
+        };
+    if fits {
+        *event = located;
+    }
+    fits
 }
 
 /// Parses the `[ in FILE[OFF,START+SIZE]][ likely on CPU N (core C, socket S)]` tail.
