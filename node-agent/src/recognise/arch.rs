@@ -107,22 +107,26 @@ pub fn parse_powerpc(message: &str) -> Option<CrashEvent> {
     None
 }
 
-/// `ADDR nip NIP lr LR code CODE[ in FILE[…]]`
+/// `ADDR nip NIP lr LR code CODE[ in FILE[…]]`; a line a console wrapped or a paste cut keeps
+/// the fields printed before the cut (at least `nip`).
 fn powerpc_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
-    let mut words = tail.splitn(8, ' ');
-    let address = hex(words.next()?)?;
+    let mut words = tail.trim_end().splitn(8, ' ');
+    let mut event = CrashEvent::new(kind);
+    event.fault_address = Some(Address(hex(words.next()?)?));
     (words.next()? == "nip").then_some(())?;
     let nip = hex(words.next()?)?;
-    (words.next()? == "lr").then_some(())?;
-    let lr = hex(words.next()?)?;
-    (words.next()? == "code").then_some(())?;
-    let code = hex(words.next()?)?;
-    let mut event = CrashEvent::new(kind);
-    event.fault_address = Some(Address(address));
     event.ip = Some(Address(nip));
     event.nip = Some(Address(nip));
-    event.lr = Some(Address(lr));
-    event.si_code = Some(code);
+    let Some(word) = words.next() else {
+        return Some(event);
+    };
+    (word == "lr").then_some(())?;
+    event.lr = Some(Address(hex(words.next()?)?));
+    let Some(word) = words.next() else {
+        return Some(event);
+    };
+    (word == "code").then_some(())?;
+    event.si_code = Some(hex(words.next()?)?);
     if let Some(rest) = words.next() {
         apply_location(&mut event, &format!(" {rest}"))?;
     }
@@ -449,8 +453,9 @@ mod tests {
         let bus = parse_powerpc("x[7]: bus error (7) at 3 nip 4 lr 5 code 2").unwrap();
         assert_eq!((bus.kind, bus.si_code), (EventKind::Segfault, Some(2)));
         for near_miss in [
-            "x[7]: segfault (11) at 8 nip 1 lr 2",
+            "x[7]: segfault (11) at 8 nip 1 lr 2 cod",
             "x[7]: segfault (11) at 8 nip 1 lr 2 code zz",
+            "x[7]: segfault (11) at 8 nip",
             "x[7]: segfault (99) at 8 nip 1 lr 2 code 1",
             "x[7]: Segfault (11) at 8 nip 1 lr 2 code 1",
             "x[7]: segfault (11) at 8 nip 1 lr 2 code 1 garbage",

@@ -57,6 +57,11 @@ impl LogLine {
         } else {
             text
         };
+        if let Some(rest) = strip_grep_prefix(text) {
+            let mut line = LogLine::parse_text(rest);
+            line.raw = text.to_owned();
+            return line;
+        }
         if looks_like_kmsg_header(text)
             && let Ok(record) = parse_record(text.as_bytes())
         {
@@ -107,6 +112,12 @@ fn looks_like_kmsg_header(text: &str) -> bool {
 /// `2026-11-24T20:50:35… host TAG: `; returns the rest and, when a tag was present, whether it
 /// is the kernel.
 fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
+    if let Some(rest) = strip_logread_header(text) {
+        return Some(match strip_host_tag_less(rest) {
+            Some((rest, from_kernel)) => (rest, Some(from_kernel)),
+            None => (rest, None),
+        });
+    }
     let (first, rest) = text.split_once(' ')?;
     let after_time = if is_month_name(first) {
         let rest = rest.trim_start_matches(' ');
@@ -143,6 +154,57 @@ fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
         Some((rest, from_kernel)) => (rest, Some(from_kernel)),
         None => (after_time, None),
     })
+}
+
+/// OpenWrt's `logread`: `Sat Apr 26 10:18:56 2025 kern.info ` (weekday, month, day, clock,
+/// year, facility.level); returns what follows.
+fn strip_logread_header(text: &str) -> Option<&str> {
+    let mut words = text.splitn(6, ' ').filter(|w| !w.is_empty());
+    let weekday = words.next()?;
+    let month = words.next()?;
+    (is_month_name(weekday) && is_month_name(month)).then_some(())?;
+    let rest = text[weekday.len()..].trim_start();
+    let rest = rest[month.len()..].trim_start();
+    let (day, rest) = rest.split_once(' ')?;
+    let (clock, rest) = rest.split_once(' ')?;
+    let (year, rest) = rest.split_once(' ')?;
+    let (facility, rest) = rest.split_once(' ')?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let ok = numeric(day)
+        && is_clock(clock)
+        && year.len() == 4
+        && numeric(year)
+        && facility.split_once('.').is_some_and(|(f, l)| {
+            f.bytes().all(|b| b.is_ascii_lowercase()) && l.bytes().all(|b| b.is_ascii_lowercase())
+        });
+    ok.then_some(rest)
+}
+
+/// `TAG: ` with no host before it (OpenWrt's `logread`); whether TAG is `kernel`.
+fn strip_host_tag_less(text: &str) -> Option<(&str, bool)> {
+    let (tag, rest) = text.split_once(": ")?;
+    (!tag.is_empty() && !tag.contains(' ')).then_some((rest, tag == "kernel"))
+}
+
+/// A prefix `grep` adds (`kern.log:`, `1412:`, `kern.log:1412:`) in front of a syslog, dmesg
+/// or kmsg line; returns the line without it.
+fn strip_grep_prefix(text: &str) -> Option<&str> {
+    let (file, rest) = text.split_once(':')?;
+    if file.is_empty() || file.contains([' ', '[', '<']) {
+        return None;
+    }
+    let rest = match rest.split_once(':') {
+        Some((number, after))
+            if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            after
+        }
+        _ => rest,
+    };
+    let known = strip_syslog_header(rest).is_some()
+        || strip_bracket_timestamp(rest).is_some_and(|(_, usec)| usec.is_some())
+        || looks_like_kmsg_header(rest);
+    known.then_some(rest)
 }
 
 /// An IPv4 or IPv6 address, as remote syslog servers write the sending host.
@@ -342,6 +404,21 @@ mod tests {
                 Some(139_221_203_949),
             ),
             (format!("[  T817] {MSG}"), None, None),
+            (
+                format!("Sat Apr 26 10:18:56 2025 kern.info kernel: [ 5479.109560] {MSG}"),
+                None,
+                Some(5_479_109_560),
+            ),
+            (
+                format!("messages-20150510:May  9 23:40:38 localhost kernel: {MSG}"),
+                None,
+                None,
+            ),
+            (
+                format!("kern.log:1412:[  605.503265] {MSG}"),
+                None,
+                Some(605_503_265),
+            ),
         ];
         for (text, level, usec) in cases {
             let line = LogLine::parse_text(&text);
