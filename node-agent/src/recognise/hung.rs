@@ -60,6 +60,7 @@ pub fn is_report_continuation(message: &str) -> bool {
     message.starts_with(' ')
         || message.starts_with("task:")
         || message.starts_with("Call Trace:")
+        || message.starts_with("Call trace:")
         || message.starts_with("Workqueue: ")
         || message.starts_with("Backtrace:")
         || message.starts_with("[<")
@@ -67,6 +68,14 @@ pub fn is_report_continuation(message: &str) -> bool {
         || message.starts_with("INFO: task ") && message.contains(" blocked on ")
         || is_register_line(message)
         || is_old_state_line(message)
+        || is_stack_words(message)
+}
+
+/// Raw stack words (`ffff882fd0627c70 0000000000000086 …`) whose leading space syslog dropped.
+fn is_stack_words(message: &str) -> bool {
+    let mut words = message.split_whitespace().peekable();
+    words.peek().is_some()
+        && words.all(|w| matches!(w.len(), 8 | 16) && w.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `RIP: 0033:0x7fa0e70e42ad`, `RSP: …`, `RAX: …` … `R15: …`.
@@ -165,12 +174,15 @@ mod tests {
             "RIP: 0033:0x7fe35d664c20",
             "R13: 0000000000000000 R14: 0000000000000001 R15: 0000000000000001",
             "qemu-nbd        D ffff88003fc13780     0  1234      2 0x00000000",
+            "ffff882fd0627c70 0000000000000086 ffff880844fe8fb0 ffff882fd0627fd8",
+            "Call trace:",
         ] {
             assert!(is_report_continuation(line), "{line}");
         }
         assert!(!is_report_continuation(
             "crashy[1]: segfault at 0 ip 0 sp 0 error 4"
         ));
+        assert!(!is_report_continuation("deadbeef is not a stack"));
         assert_eq!(
             stack_frame(" folio_wait_bit+0xd6/0x220"),
             Some("folio_wait_bit+0xd6/0x220")

@@ -47,6 +47,10 @@ pub fn parse_nbd(message: &str) -> Option<NbdError> {
             "Buffer I/O error on dev nbd",
             "a buffered I/O request to the NBD device failed",
         ),
+        (
+            "Buffer I/O error on device nbd",
+            "a buffered I/O request to the NBD device failed",
+        ),
     ] {
         if let Some(at) = message.find(marker) {
             let number: String = message[at + marker.len()..]
@@ -152,11 +156,20 @@ const OOM_REASONS: [&str; 6] = [
     "Memory cgroup out of memory (oom_kill_allocating_task): ",
 ];
 
+/// Whether `prefix` is one of the reasons, or ends with one after other text (a Kubernetes
+/// event's `Warning OOMKilling  ` in front of the kernel's message).
+fn is_oom_reason(prefix: &str) -> bool {
+    OOM_REASONS.contains(&prefix)
+        || OOM_REASONS[1..].iter().any(|reason| {
+            prefix.ends_with(reason) && prefix[..prefix.len() - reason.len()].ends_with(' ')
+        })
+}
+
 /// Recognises `[Memory cgroup ]Out of memory: Killed process PID (NAME) total-vm:…` and the
 /// older `Killed process PID (NAME)[, UID N,] total-vm:…` that followed `Kill process …`.
 pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
     let at = message.find("Killed process ")?;
-    if !OOM_REASONS.contains(&&message[..at]) {
+    if !is_oom_reason(&message[..at]) {
         return None;
     }
     let rest = &message[at + "Killed process ".len()..];
@@ -187,7 +200,7 @@ pub fn parse_oom_choice(message: &str) -> Option<OomVictim> {
     let at = message
         .find(": Kill process ")
         .or_else(|| message.find(": kill process "))?;
-    if !OOM_REASONS.contains(&&message[..at + 2]) || at == 0 {
+    if !is_oom_reason(&message[..at + 2]) {
         return None;
     }
     let rest = &message[at + ": Kill process ".len()..];

@@ -233,8 +233,17 @@ pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
         event.cpu.get_or_insert(cpu);
         return true;
     }
-    const BANNERS: [&str; 4] = ["Hardware name: ", "task: ", "PC is at ", "LR is at "];
-    if BANNERS.iter().any(|b| message.starts_with(b)) {
+    const BANNERS: [&str; 6] = [
+        "Hardware name: ",
+        "task: ",
+        "PC is at ",
+        "LR is at ",
+        "pgd = ",
+        ", *p",
+    ];
+    // The page-table walk (`[00000028] *pgd=…`) and the empty line before the registers.
+    let walk = message.starts_with('[') && message.contains("] *pgd=");
+    if message.trim().is_empty() || walk || BANNERS.iter().any(|b| message.starts_with(b)) {
         return true;
     }
     let Some((name, value)) = message.split_once(" : ") else {
@@ -380,7 +389,7 @@ fn trim_pasted_prefix(comm: &str) -> &str {
     }
     for (at, _) in comm.char_indices() {
         let rest = &comm[at..];
-        let separator = ["] ", ": ", "# ", "$ ", "> "]
+        let separator = ["] ", ": ", "# ", "$ ", "> ", "]"]
             .iter()
             .find(|s| rest.starts_with(**s));
         if let Some(separator) = separator {
