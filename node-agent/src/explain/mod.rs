@@ -524,7 +524,9 @@ mod tests {
         .unwrap();
         let text = fault_explanation(&event, classify(&event).unwrap());
         assert!(!text.contains("0x0"), "{text}");
-        assert!(text.starts_with("Access to unmapped memory: read, "), "{text}");
+        assert!(
+            text.starts_with("Access to unmapped memory: read, "),
+            "{text}"
+        );
     }
-
 }

@@ -91,13 +91,19 @@ impl Recogniser {
 
     /// Feeds the next line; returns whatever it completed or found.
     ///
-    /// A line that holds more than one kernel line (another CPU's report glued into it, or
-    /// text pasted in front of a timestamp) is fed as its pieces.
+    /// A pasted line that holds more than one kernel line (another CPU's report glued into it,
+    /// or text pasted in front of a timestamp) is fed as its pieces. A `/dev/kmsg` record is
+    /// one message by construction and is never split: a task name such as `[1.1] x` must not
+    /// cut the report that prints it in two.
     pub fn feed(&mut self, line: &LogLine) -> Vec<Recognised> {
         if line.from_user_space {
             return vec![Recognised::Untrusted];
         }
-        let Some(pieces) = glued_pieces(&line.message) else {
+        let pieces = match line.seq {
+            Some(_) => None,
+            None => glued_pieces(&line.message),
+        };
+        let Some(pieces) = pieces else {
             return self.feed_one(line);
         };
         let mut out = Vec::new();
@@ -599,6 +605,21 @@ qemu-nbd[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4";
         assert_eq!(found[0].comm.as_deref(), Some("pidof"));
         assert_eq!(found[0].module.as_deref(), Some("libc.so"));
         assert_eq!(found[0].raw.len(), 3);
+    }
+
+    #[test]
+    fn a_kmsg_record_is_never_split_by_the_task_name_it_prints() {
+        // A task may name itself like a timestamp or a `traps:` line; in a record read from
+        // /dev/kmsg that text is the task name, and the report must survive it.
+        let found = events(
+            "3,10,1,-;INFO: task [1.1] a:5 blocked for more than 120 seconds.\n6,11,2,-;xtraps: b[6]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4",
+        );
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            (found[0].kind, found[0].comm.as_deref(), found[0].pid),
+            (EventKind::HungTask, Some("[1.1] a"), Some(5))
+        );
+        assert_eq!(found[1].comm.as_deref(), Some("xtraps: b"));
     }
 
     #[test]
