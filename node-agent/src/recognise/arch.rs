@@ -75,7 +75,9 @@ fn kind_of_signal(signal: u32) -> Option<EventKind> {
 /// Parses powerpc's `NAME[PID]: segfault (11) at ADDR nip NIP lr LR code N[ in FILE[…]]` (and
 /// the other signal names), or the older `NAME[PID]: unhandled signal 11 at ADDR nip … code N`.
 pub fn parse_powerpc(message: &str) -> Option<CrashEvent> {
-    for (at, _) in message.match_indices("]: ") {
+    // Every powerpc line has " nip "; most records have "]: " and are not powerpc lines.
+    anchor!(" nip ").find(message.as_bytes())?;
+    for at in anchor!("]: ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
@@ -136,7 +138,7 @@ fn powerpc_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
 /// Parses riscv's `NAME[PID]: unhandled signal 11 code 0x1 at 0xADDR[ in FILE[…]]`.
 pub fn parse_riscv(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "]: unhandled signal ";
-    for (at, _) in message.match_indices(ANCHOR) {
+    for at in anchor!("]: unhandled signal ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
@@ -170,7 +172,7 @@ fn riscv_tail(tail: &str) -> Option<CrashEvent> {
 /// is absent when the address has no mapping; kernels before 3.x print `code 0x11` and no ilc).
 pub fn parse_s390(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "User process fault: interruption code ";
-    let at = message.find(ANCHOR)?;
+    let at = anchor!("User process fault: interruption code ").find(message.as_bytes())?;
     let rest = &message[at + ANCHOR.len()..];
     let (code, ilc, location) = if let Some(old) = rest.strip_prefix("0x") {
         let (code, location) = old.split_once(' ').unwrap_or((old, ""));
@@ -210,7 +212,7 @@ fn s390_kind(code: u64) -> EventKind {
 /// (or `write access to`); kernels before 3.x print `do_page_fault() #2: …` and the address on
 /// the next line, which [`continuation`] reads.
 pub fn parse_mips(message: &str) -> Option<CrashEvent> {
-    let at = message.find("do_page_fault")?;
+    let at = anchor!("do_page_fault").find(message.as_bytes())?;
     let rest = &message[at + "do_page_fault".len()..];
     let rest = rest
         .strip_prefix("(): sending SIGSEGV to ")
@@ -240,7 +242,7 @@ pub fn parse_mips(message: &str) -> Option<CrashEvent> {
 /// is printed for faults in kernel mode: a kernel address is not a user crash.
 pub fn parse_arm_undefined(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "]: undefined instruction: pc=";
-    for (at, _) in message.match_indices(ANCHOR) {
+    for at in anchor!("]: undefined instruction: pc=").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };

@@ -14,7 +14,10 @@ pub struct NbdError {
 /// driver printed the disk name itself), also behind console text printed on the same line,
 /// and block-layer I/O errors on nbd.
 pub fn parse_nbd(message: &str) -> Option<NbdError> {
-    for (marker, at) in [("block nbd", message.find("block nbd")), ("nbd", Some(0))] {
+    // Every nbd line names the device.
+    anchor!("nbd").find(message.as_bytes())?;
+    let block = anchor!("block nbd").find(message.as_bytes());
+    for (marker, at) in [("block nbd", block), ("nbd", Some(0))] {
         let Some(at) = at else { continue };
         let Some(rest) = message[at..].strip_prefix(marker) else {
             continue;
@@ -168,7 +171,7 @@ fn is_oom_reason(prefix: &str) -> bool {
 /// Recognises `[Memory cgroup ]Out of memory: Killed process PID (NAME) total-vm:…` and the
 /// older `Killed process PID (NAME)[, UID N,] total-vm:…` that followed `Kill process …`.
 pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
-    let at = message.find("Killed process ")?;
+    let at = anchor!("Killed process ").find(message.as_bytes())?;
     if !is_oom_reason(&message[..at]) {
         return None;
     }
@@ -197,9 +200,10 @@ pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
 /// `[Memory cgroup ]Out of memory: Kill process PID (NAME) score N or sacrifice child`
 /// (before 2.6.36: `kill process PID (NAME) score N or a child`).
 pub fn parse_oom_choice(message: &str) -> Option<OomVictim> {
-    let at = message
-        .find(": Kill process ")
-        .or_else(|| message.find(": kill process "))?;
+    let at = anchor!("ill process ").find(message.as_bytes())?;
+    let at = at
+        .checked_sub(3)
+        .filter(|&at| matches!(&message[at..at + 3], ": K" | ": k"))?;
     if !is_oom_reason(&message[..at + 2]) {
         return None;
     }
@@ -220,8 +224,8 @@ pub fn parse_oom_choice(message: &str) -> Option<OomVictim> {
 
 /// Recognises `NAME invoked oom-killer: gfp_mask=…`, the start of an OOM report.
 pub fn parse_oom_invoker(message: &str) -> Option<&str> {
-    message
-        .find(" invoked oom-killer: ")
+    anchor!(" invoked oom-killer: ")
+        .find(message.as_bytes())
         .map(|at| &message[..at])
 }
 
@@ -301,8 +305,8 @@ pub fn parse_oops_location(message: &str) -> Option<&str> {
 /// The count from a rate-limit notice of the user-fault printers
 /// (`show_signal_msg: 990 callbacks suppressed`, `show_signal: 10 callbacks suppressed`).
 pub fn parse_crash_suppression(message: &str) -> Option<u64> {
-    let (function, rest) = message.split_once(": ")?;
-    let count = rest.strip_suffix(" callbacks suppressed")?;
+    let before = message.strip_suffix(" callbacks suppressed")?;
+    let (function, count) = before.split_once(": ")?;
     const CRASH_PRINTERS: [&str; 5] = [
         "show_signal_msg",
         "show_signal",

@@ -6,6 +6,16 @@
 //! does not belong, when the report's last record arrives, or when the caller
 //! [flushes](Recogniser::flush) it after a quiet period.
 
+/// A substring finder for an anchor, built once (memchr's SIMD `memmem`). Every record is
+/// searched for a dozen anchors; `str::find` would build a new searcher on every call.
+macro_rules! anchor {
+    ($needle:literal) => {{
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new($needle));
+        &*FINDER
+    }};
+}
+
 pub mod arch;
 pub mod error_code;
 pub mod hung;

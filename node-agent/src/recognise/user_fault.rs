@@ -14,7 +14,7 @@ use super::error_code;
 /// when what is left has the grammar so far, and so is a bare `segfault at …` with no task.
 pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "]: segfault at ";
-    for (at, _) in message.match_indices(ANCHOR) {
+    for at in anchor!("]: segfault at ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
@@ -79,17 +79,21 @@ fn segfault_tail(tail: &str) -> Option<CrashEvent> {
 /// accepted too, with no task.
 pub fn parse_trap(message: &str) -> Option<CrashEvent> {
     let body = message.strip_prefix("traps: ").unwrap_or(message);
-    if let Some(ip_at) = body.find(" ip:").or_else(|| body.find(" rip:"))
-        && let Some(kind) = trap_kind(&body[..ip_at])
-    {
-        return trap_tail(kind, &body[ip_at + 1..]);
+    let ip_at = |text: &str| {
+        anchor!(" ip:")
+            .find(text.as_bytes())
+            .or_else(|| anchor!(" rip:").find(text.as_bytes()))
+    };
+    let first_ip = ip_at(body)?;
+    if let Some(kind) = trap_kind(&body[..first_ip]) {
+        return trap_tail(kind, &body[first_ip + 1..]);
     }
-    for (at, _) in body.match_indices("] ") {
+    for at in anchor!("] ").find_iter(body.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&body[..at]) else {
             continue;
         };
         let after = &body[at + 2..];
-        let Some(ip_at) = after.find(" ip:").or_else(|| after.find(" rip:")) else {
+        let Some(ip_at) = ip_at(after) else {
             continue;
         };
         let Some(kind) = trap_kind(&after[..ip_at]) else {
@@ -145,7 +149,7 @@ fn trap_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
 /// (up to 4.x) or `COMM[PID]: unhandled exception: CLASS, ESR 0xESR, DESCRIPTION[ in FILE[…]]`
 /// (5.x on). The `pc :` and `sp :` register lines that follow are added by [`arm64_register`].
 pub fn parse_arm64_fault(message: &str) -> Option<CrashEvent> {
-    for (at, _) in message.match_indices("]: unhandled ") {
+    for at in anchor!("]: unhandled ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
