@@ -1,6 +1,7 @@
 //! Stage 4 of the pipeline: saying in plain words what went wrong (pure).
 
 pub mod access;
+pub mod arm64;
 pub mod disasm;
 
 use std::fmt::Write as _;
