@@ -85,6 +85,21 @@ mod tests {
     }
 
     #[test]
+    fn the_explanation_names_the_decoded_instruction() {
+        let mut e = event(
+            "os-config[959]: undefined instruction: pc=00000000003ed2e4",
+            "aa1e03e2 b90013e3 910043e3 d61f01e0 (f81f0ffe)",
+        );
+        e.comm = Some("os-config".into());
+        e.pid = Some(959);
+        let text = crate::explain::explanation(&e);
+        assert!(
+            text.contains("in os-config (pid 959) at `str x30, [sp, #-0x10]!`"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn decodes_branch_with_link_to_register() {
         // 0xd63f0020: BLR x1 (opc 0b0001 of the unconditional branch (register) class, Rn = 1).
         assert_eq!(decode_word(0xd63f0020).as_deref(), Some("blr x1"));

@@ -238,7 +238,7 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
         }
         FaultClass::DivideError => "Divide error: integer division by zero (or INT_MIN / -1)".to_owned(),
         FaultClass::InvalidOpcode => {
-            "Invalid opcode: an undefined instruction, usually ud2 from __builtin_trap() or an assertion, or a jump into data".to_owned()
+            "Invalid opcode: an undefined instruction (on x86 usually ud2 from __builtin_trap() or an assertion), or a jump into data".to_owned()
         }
         FaultClass::Breakpoint => "Breakpoint trap: an int3 instruction ran with no debugger attached".to_owned(),
     };
@@ -264,6 +264,8 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
                 let _ = write!(text, " at `{}`", instruction.text);
             }
         }
+    } else if let Some(instruction) = arm64::faulting_instruction(event) {
+        let _ = write!(text, " at `{instruction}`");
     }
     if let Some(innermost) = event.frames.first() {
         write_frames(&mut text, event, innermost);
