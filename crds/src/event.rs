@@ -186,6 +186,24 @@ pub struct CrashEvent {
     /// The decoded error code, for example `["user", "read", "not-present"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub error_bits: Vec<String>,
+    /// powerpc: the next-instruction pointer the kernel printed (`nip`), also in `ip`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nip: Option<Address>,
+    /// powerpc: the link register (`lr`), the return address of the faulting function.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<Address>,
+    /// The signal's `si_code` the kernel printed (riscv `code 0x1`, powerpc `code 1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub si_code: Option<u64>,
+    /// arm64: the Exception Syndrome Register (also in `errorCode`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub esr: Option<u64>,
+    /// s390: the program interruption code (`interruption code 0038`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interruption_code: Option<u64>,
+    /// s390: the instruction length code (`ilc:3`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ilc: Option<u64>,
     /// The file name the kernel printed in brackets after ` in `.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
@@ -270,6 +288,12 @@ impl CrashEvent {
             sp: None,
             error_code: None,
             error_bits: Vec::new(),
+            nip: None,
+            lr: None,
+            si_code: None,
+            esr: None,
+            interruption_code: None,
+            ilc: None,
             module: None,
             module_offset: None,
             vma_start: None,

@@ -101,7 +101,9 @@ impl<S: Symbolize> Pipeline<S> {
             }
         }
         if event.instruction.is_none() {
-            event.instruction = explain::faulting_instruction(&event).map(|i| i.text);
+            event.instruction = explain::faulting_instruction(&event)
+                .map(|i| i.text)
+                .or_else(|| explain::arm64::faulting_instruction(&event));
         }
         let text = explain::explanation(&event);
         if !text.is_empty() {

@@ -124,3 +124,17 @@ fn a_failed_symbolization_is_said_once_and_the_event_still_printed() {
         "{stderr}"
     );
 }
+
+// https://github.com/balena-os/meta-balena/issues/1182 (aarch64). 0xf81f0ffe read by hand:
+// STR (immediate, pre-index), 64-bit, imm9 = -16, Rn = sp, Rt = x30.
+#[test]
+fn an_arm64_code_word_is_decoded_into_the_instruction_field() {
+    let input = "[   10.620694] os-config[959]: undefined instruction: pc=00000000003ed2e4\n\
+                 [   10.627381] Code: aa1e03e2 b90013e3 910043e3 d61f01e0 (f81f0ffe) \n";
+    let out = agent(&["explain", "--no-symbolize", "--json", "-"], input);
+    assert!(out.status.success());
+    let event: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(event["kind"], "InvalidOpcode");
+    assert_eq!(event["instruction"], "str x30, [sp, #-0x10]!");
+}

@@ -1,6 +1,7 @@
 //! Stage 4 of the pipeline: saying in plain words what went wrong (pure).
 
 pub mod access;
+pub mod arm64;
 pub mod disasm;
 
 use std::fmt::Write as _;
@@ -196,6 +197,12 @@ fn task(event: &CrashEvent) -> String {
     }
 }
 
+/// ` at 0x…`, or nothing when the kernel printed no fault address (s390's first line, arm64's
+/// `unhandled exception` line): an absent fact is not faked.
+fn at_address(address: Option<u64>) -> String {
+    address.map_or_else(String::new, |a| format!(" at {a:#x}"))
+}
+
 fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
     let address = event.fault_address.map(|a| a.0);
     let access = if event.error_bits.iter().any(|b| b == "write") {
@@ -215,23 +222,23 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
             address.unwrap_or(0)
         ),
         FaultClass::WriteToReadOnly => format!(
-            "Write to read-only memory at {:#x} (a string literal, const data or code)",
-            address.unwrap_or(0)
+            "Write to read-only memory{} (a string literal, const data or code)",
+            at_address(address)
         ),
         FaultClass::ExecuteNonExecutable => format!(
             "Execution of non-executable memory at {:#x} (data, heap or stack)",
             address.or(event.ip.map(|a| a.0)).unwrap_or(0)
         ),
         FaultClass::WildPointer => format!(
-            "Access to unmapped memory: {access} at {:#x}, a wild, freed or corrupted pointer",
-            address.unwrap_or(0)
+            "Access to unmapped memory: {access}{}, a wild, freed or corrupted pointer",
+            at_address(address)
         ),
         FaultClass::GeneralProtection => {
             "General protection fault: a non-canonical address (often a corrupted pointer) or a privileged instruction".to_owned()
         }
         FaultClass::DivideError => "Divide error: integer division by zero (or INT_MIN / -1)".to_owned(),
         FaultClass::InvalidOpcode => {
-            "Invalid opcode: an undefined instruction, usually ud2 from __builtin_trap() or an assertion, or a jump into data".to_owned()
+            "Invalid opcode: an undefined instruction (on x86 usually ud2 from __builtin_trap() or an assertion), or a jump into data".to_owned()
         }
         FaultClass::Breakpoint => "Breakpoint trap: an int3 instruction ran with no debugger attached".to_owned(),
     };
@@ -257,6 +264,8 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
                 let _ = write!(text, " at `{}`", instruction.text);
             }
         }
+    } else if let Some(instruction) = arm64::faulting_instruction(event) {
+        let _ = write!(text, " at `{instruction}`");
     }
     if let Some(innermost) = event.frames.first() {
         write_frames(&mut text, event, innermost);
@@ -505,6 +514,21 @@ mod tests {
         // 0x561c8817d1c7 - 0x561c88107000 = 0x761c7
         assert!(
             text.contains("in qemu-nbd (pid 13647), in qemu-nbd at 0x761c7 into its mapping"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn no_fault_address_is_made_up_when_the_kernel_printed_none() {
+        // s390's first line and arm64's `unhandled exception` line carry no fault address.
+        let event = crate::recognise::arch::parse_s390(
+            "User process fault: interruption code 0038 ilc:3 in libstdc++.so.6.0.23[3ff9d000000+1b9000]",
+        )
+        .unwrap();
+        let text = fault_explanation(&event, classify(&event).unwrap());
+        assert!(!text.contains("0x0"), "{text}");
+        assert!(
+            text.starts_with("Access to unmapped memory: read, "),
             "{text}"
         );
     }

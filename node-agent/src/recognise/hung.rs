@@ -11,11 +11,23 @@ pub struct HungHeader {
     pub blocked_seconds: u64,
 }
 
-/// Parses `INFO: task NAME:PID blocked for more than N seconds.`
+/// Parses `INFO: task NAME:PID blocked for more than N seconds.` and the newest wording,
+/// `INFO: task NAME:PID blocked in I/O wait for more than N seconds.` (the final period may be
+/// lost when a line is cut or pasted).
 pub fn parse_header(message: &str) -> Option<HungHeader> {
     let rest = message.strip_prefix("INFO: task ")?;
-    let at = rest.rfind(" blocked for more than ")?;
-    let seconds = rest[at + " blocked for more than ".len()..].strip_suffix(" seconds.")?;
+    let (at, anchor) = [
+        " blocked for more than ",
+        " blocked in I/O wait for more than ",
+    ]
+    .iter()
+    .filter_map(|anchor| rest.rfind(anchor).map(|at| (at, anchor.len())))
+    .max()?;
+    let tail = rest[at + anchor..].trim_end();
+    let seconds = tail
+        .strip_suffix('.')
+        .unwrap_or(tail)
+        .strip_suffix(" seconds")?;
     let (comm, pid) = rest[..at].rsplit_once(':')?;
     Some(HungHeader {
         comm: comm.to_owned(),
@@ -48,10 +60,22 @@ pub fn is_report_continuation(message: &str) -> bool {
     message.starts_with(' ')
         || message.starts_with("task:")
         || message.starts_with("Call Trace:")
+        || message.starts_with("Call trace:")
+        || message.starts_with("Workqueue: ")
+        || message.starts_with("Backtrace:")
+        || message.starts_with("[<")
         || message.starts_with("\"echo 0 > /proc/sys/kernel/hung_task_timeout_secs\"")
         || message.starts_with("INFO: task ") && message.contains(" blocked on ")
         || is_register_line(message)
         || is_old_state_line(message)
+        || is_stack_words(message)
+}
+
+/// Raw stack words (`ffff882fd0627c70 0000000000000086 …`) whose leading space syslog dropped.
+fn is_stack_words(message: &str) -> bool {
+    let mut words = message.split_whitespace().peekable();
+    words.peek().is_some()
+        && words.all(|w| matches!(w.len(), 8 | 16) && w.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `RIP: 0033:0x7fa0e70e42ad`, `RSP: …`, `RAX: …` … `R15: …`.
@@ -112,6 +136,15 @@ mod tests {
         assert_eq!(h.comm, "jbd2/loop1-8");
         let h = parse_header("INFO: task a:b c:7 blocked for more than 120 seconds.").unwrap();
         assert_eq!((h.comm.as_str(), h.pid), ("a:b c", 7));
+        let h = parse_header(
+            "INFO: task kworker/u8:0:5 blocked in I/O wait for more than 122 seconds.",
+        )
+        .unwrap();
+        assert_eq!(
+            (h.comm.as_str(), h.pid, h.blocked_seconds),
+            ("kworker/u8:0", 5, 122)
+        );
+        assert!(parse_header("INFO: task x:1 blocked for more than 12 minutes.").is_none());
         assert!(
             parse_header(
                 "INFO: task x:1 blocked on an rw-semaphore likely owned by task dd:2 <writer>"
@@ -141,12 +174,15 @@ mod tests {
             "RIP: 0033:0x7fe35d664c20",
             "R13: 0000000000000000 R14: 0000000000000001 R15: 0000000000000001",
             "qemu-nbd        D ffff88003fc13780     0  1234      2 0x00000000",
+            "ffff882fd0627c70 0000000000000086 ffff880844fe8fb0 ffff882fd0627fd8",
+            "Call trace:",
         ] {
             assert!(is_report_continuation(line), "{line}");
         }
         assert!(!is_report_continuation(
             "crashy[1]: segfault at 0 ip 0 sp 0 error 4"
         ));
+        assert!(!is_report_continuation("deadbeef is not a stack"));
         assert_eq!(
             stack_frame(" folio_wait_bit+0xd6/0x220"),
             Some("folio_wait_bit+0xd6/0x220")

@@ -51,6 +51,17 @@ impl LogLine {
     /// ISO timestamps (`2026-11-24T20:50:35.1+00:00 host kernel: …`), or a bare message.
     pub fn parse_text(text: &str) -> Self {
         let text = text.trim_end_matches(['\r', '\n']);
+        // Lines quoted in a mail or a Markdown block (`> `, `>> `) from the first column.
+        let text = if text.starts_with('>') {
+            text.trim_start_matches(['>', ' '])
+        } else {
+            text
+        };
+        if let Some(rest) = strip_grep_prefix(text) {
+            let mut line = LogLine::parse_text(rest);
+            line.raw = text.to_owned();
+            return line;
+        }
         if looks_like_kmsg_header(text)
             && let Ok(record) = parse_record(text.as_bytes())
         {
@@ -80,6 +91,8 @@ impl LogLine {
                 rest = after;
             }
         }
+        // printk's caller id with no timestamp before it: `[  T817] INFO: task …`.
+        rest = strip_caller_id(rest);
         line.message = rest.to_owned();
         line
     }
@@ -99,6 +112,12 @@ fn looks_like_kmsg_header(text: &str) -> bool {
 /// `2026-11-24T20:50:35… host TAG: `; returns the rest and, when a tag was present, whether it
 /// is the kernel.
 fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
+    if let Some(rest) = strip_logread_header(text) {
+        return Some(match strip_host_tag_less(rest) {
+            Some((rest, from_kernel)) => (rest, Some(from_kernel)),
+            None => (rest, None),
+        });
+    }
     let (first, rest) = text.split_once(' ')?;
     let after_time = if is_month_name(first) {
         let rest = rest.trim_start_matches(' ');
@@ -120,10 +139,92 @@ fn strip_syslog_header(text: &str) -> Option<(&str, Option<bool>)> {
     if after_time.starts_with('[') {
         return Some((after_time, None)); // a dmesg timestamp follows, no host or tag
     }
+    if let Some(rest) = after_time.strip_prefix("kernel: ") {
+        return Some((rest, Some(true))); // a tag and no host
+    }
+    // A remote syslog server writes the sender's address and, for kernel lines relayed by
+    // netconsole, no tag: `10.20.22.1 [139221.203949][  T817] INFO: task …`.
+    if let Some((host, rest)) = after_time.split_once(' ')
+        && is_address(host)
+        && (rest.starts_with('[') || !has_program_tag(rest))
+    {
+        return Some((rest, None));
+    }
     Some(match strip_host_tag(after_time) {
         Some((rest, from_kernel)) => (rest, Some(from_kernel)),
         None => (after_time, None),
     })
+}
+
+/// OpenWrt's `logread`: `Sat Apr 26 10:18:56 2025 kern.info ` (weekday, month, day, clock,
+/// year, facility.level); returns what follows.
+fn strip_logread_header(text: &str) -> Option<&str> {
+    let mut words = text.splitn(6, ' ').filter(|w| !w.is_empty());
+    let weekday = words.next()?;
+    let month = words.next()?;
+    (is_month_name(weekday) && is_month_name(month)).then_some(())?;
+    let rest = text[weekday.len()..].trim_start();
+    let rest = rest[month.len()..].trim_start();
+    let (day, rest) = rest.split_once(' ')?;
+    let (clock, rest) = rest.split_once(' ')?;
+    let (year, rest) = rest.split_once(' ')?;
+    let (facility, rest) = rest.split_once(' ')?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let ok = numeric(day)
+        && is_clock(clock)
+        && year.len() == 4
+        && numeric(year)
+        && facility.split_once('.').is_some_and(|(f, l)| {
+            f.bytes().all(|b| b.is_ascii_lowercase()) && l.bytes().all(|b| b.is_ascii_lowercase())
+        });
+    ok.then_some(rest)
+}
+
+/// `TAG: ` with no host before it (OpenWrt's `logread`); whether TAG is `kernel`.
+fn strip_host_tag_less(text: &str) -> Option<(&str, bool)> {
+    let (tag, rest) = text.split_once(": ")?;
+    (!tag.is_empty() && !tag.contains(' ')).then_some((rest, tag == "kernel"))
+}
+
+/// A prefix `grep` adds (`kern.log:`, `1412:`, `kern.log:1412:`) in front of a syslog, dmesg
+/// or kmsg line; returns the line without it.
+fn strip_grep_prefix(text: &str) -> Option<&str> {
+    let (file, rest) = text.split_once(':')?;
+    if file.is_empty() || file.contains([' ', '[', '<']) {
+        return None;
+    }
+    let rest = match rest.split_once(':') {
+        Some((number, after))
+            if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            after
+        }
+        _ => rest,
+    };
+    let known = strip_syslog_header(rest).is_some()
+        || strip_bracket_timestamp(rest).is_some_and(|(_, usec)| usec.is_some())
+        || looks_like_kmsg_header(rest);
+    known.then_some(rest)
+}
+
+/// An IPv4 or IPv6 address, as remote syslog servers write the sending host.
+fn is_address(host: &str) -> bool {
+    let v4 = host.split('.').count() == 4
+        && host
+            .split('.')
+            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let v6 = host.contains(':') && host.bytes().all(|b| b.is_ascii_hexdigit() || b == b':');
+    v4 || v6
+}
+
+/// Whether a line starts with a program's syslog tag (`sshd[12]: `, `kernel: `) rather than
+/// with a kernel message's own prefix (`INFO: task`, `BUG: `, `traps: `).
+fn has_program_tag(text: &str) -> bool {
+    let Some((tag, _)) = text.split_once(": ") else {
+        return false;
+    };
+    let name = tag.split('[').next().unwrap_or(tag);
+    !tag.contains(' ') && name != "traps" && name.starts_with(|c: char| c.is_ascii_lowercase())
 }
 
 /// A month name or abbreviation in any language (`Nov`, `vas.`, `may`).
@@ -207,7 +308,12 @@ fn strip_angle_level(text: &str) -> Option<(&str, Level)> {
 
 /// `[  605.503265] ` (dmesg) or `[Tue Nov 24 20:50:35 2026] ` (dmesg -T).
 fn strip_bracket_timestamp(text: &str) -> Option<(&str, Option<u64>)> {
-    let inner_and_rest = text.strip_prefix('[')?;
+    // A paste that lost the opening bracket: `22734.139015] INFO: …`.
+    let inner_and_rest = text.strip_prefix('[').or_else(|| {
+        let first = text.bytes().next()?;
+        let close = text.find("] ")?;
+        (first.is_ascii_digit() && text[..close].contains('.')).then_some(text)
+    })?;
     let (inner, rest) = inner_and_rest.split_once(']')?;
     let rest = rest.strip_prefix(' ').unwrap_or(rest);
     let inner = inner.trim();
@@ -291,6 +397,28 @@ mod tests {
                 None,
                 Some(605_503_265),
             ),
+            (format!("May 17 18:48:11 kernel: {MSG}"), None, None),
+            (
+                format!("Aug 30 05:34:55 10.20.22.1 [139221.203949][  T817] {MSG}"),
+                None,
+                Some(139_221_203_949),
+            ),
+            (format!("[  T817] {MSG}"), None, None),
+            (
+                format!("Sat Apr 26 10:18:56 2025 kern.info kernel: [ 5479.109560] {MSG}"),
+                None,
+                Some(5_479_109_560),
+            ),
+            (
+                format!("messages-20150510:May  9 23:40:38 localhost kernel: {MSG}"),
+                None,
+                None,
+            ),
+            (
+                format!("kern.log:1412:[  605.503265] {MSG}"),
+                None,
+                Some(605_503_265),
+            ),
         ];
         for (text, level, usec) in cases {
             let line = LogLine::parse_text(&text);
@@ -303,12 +431,29 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_syslog_line_with_no_tag_is_the_kernel_s() {
+        let line = LogLine::parse_text(
+            "Aug 30 05:34:55 10.20.22.1 INFO: task pppd:6009 blocked for more than 122 seconds.",
+        );
+        assert_eq!(
+            line.message,
+            "INFO: task pppd:6009 blocked for more than 122 seconds."
+        );
+        assert!(!line.from_user_space);
+    }
+
+    #[test]
     fn user_space_sources_are_marked() {
         let line = LogLine::parse_text(&format!("14,8265,1,-;{MSG}"));
         assert!(line.from_user_space);
         let line = LogLine::parse_text(&format!("Nov 24 20:50:35 node-7 evil[99]: {MSG}"));
         assert!(line.from_user_space);
         assert_eq!(line.message, MSG);
+        let line = LogLine::parse_text(&format!("Nov 24 20:50:35 10.0.0.9 evil[99]: {MSG}"));
+        assert!(
+            line.from_user_space,
+            "a remote program's tag still marks it"
+        );
     }
 
     #[test]

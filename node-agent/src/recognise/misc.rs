@@ -10,16 +10,34 @@ pub struct NbdError {
     pub meaning: &'static str,
 }
 
-/// Recognises nbd driver errors: `block nbd0: …` messages and block-layer I/O errors on nbd.
+/// Recognises nbd driver errors: `block nbd0: …` messages (`nbd0: …` before 4.x, when the
+/// driver printed the disk name itself), also behind console text printed on the same line,
+/// and block-layer I/O errors on nbd.
 pub fn parse_nbd(message: &str) -> Option<NbdError> {
-    if let Some(rest) = message.strip_prefix("block nbd") {
-        let (number, text) = rest.split_once(": ")?;
-        number.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
-        let meaning = nbd_meaning(text)?;
-        return Some(NbdError {
-            device: format!("nbd{number}"),
-            meaning,
-        });
+    // Every nbd line names the device.
+    anchor!("nbd").find(message.as_bytes())?;
+    let block = anchor!("block nbd").find(message.as_bytes());
+    for (marker, at) in [("block nbd", block), ("nbd", Some(0))] {
+        let Some(at) = at else { continue };
+        let Some(rest) = message[at..].strip_prefix(marker) else {
+            continue;
+        };
+        let Some((number, text)) = rest.split_once(": ") else {
+            continue;
+        };
+        let boundary = message[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric() && c != '_');
+        if !boundary || number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Some(meaning) = nbd_meaning(text) {
+            return Some(NbdError {
+                device: format!("nbd{number}"),
+                meaning,
+            });
+        }
     }
     // "I/O error, dev nbd0, sector 0 op 0x0:(READ) …" with or without a
     // "blk_update_request: " / "print_req_error: " prefix, and "Buffer I/O error on dev nbd0, …".
@@ -30,6 +48,10 @@ pub fn parse_nbd(message: &str) -> Option<NbdError> {
         ),
         (
             "Buffer I/O error on dev nbd",
+            "a buffered I/O request to the NBD device failed",
+        ),
+        (
+            "Buffer I/O error on device nbd",
             "a buffered I/O request to the NBD device failed",
         ),
     ] {
@@ -50,7 +72,7 @@ pub fn parse_nbd(message: &str) -> Option<NbdError> {
 }
 
 fn nbd_meaning(text: &str) -> Option<&'static str> {
-    const MEANINGS: [(&str, &str); 11] = [
+    const MEANINGS: [(&str, &str); 14] = [
         (
             "Connection timed out",
             "the NBD server stopped answering and the request timed out",
@@ -95,10 +117,25 @@ fn nbd_meaning(text: &str) -> Option<&'static str> {
             "Double reply on req",
             "the NBD server answered one request twice",
         ),
+        (
+            "Attempted send on closed socket",
+            "the driver tried to send a request on a connection that was already closed",
+        ),
+        (
+            "Receive data failed",
+            "reading the data of a reply from the NBD server failed",
+        ),
+        (
+            "Send data failed",
+            "sending the data of a request to the NBD server failed",
+        ),
     ];
     MEANINGS
         .iter()
-        .find(|(prefix, _)| text.starts_with(prefix))
+        .find(|(prefix, _)| {
+            text.get(..prefix.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+        })
         .map(|(_, meaning)| *meaning)
 }
 
@@ -111,21 +148,74 @@ pub struct OomVictim {
     pub comm: String,
 }
 
+/// The reasons `oom_kill_process` prints before `: Killed process` (and before 5.x before
+/// `: Kill process`), plus no reason at all for the `Killed process` line that followed.
+const OOM_REASONS: [&str; 6] = [
+    "",
+    "Out of memory: ",
+    "Out of Memory: ",
+    "Memory cgroup out of memory: ",
+    "Out of memory (oom_kill_allocating_task): ",
+    "Memory cgroup out of memory (oom_kill_allocating_task): ",
+];
+
+/// Whether `prefix` is one of the reasons, or ends with one after other text (a Kubernetes
+/// event's `Warning OOMKilling  ` in front of the kernel's message).
+fn is_oom_reason(prefix: &str) -> bool {
+    OOM_REASONS.contains(&prefix)
+        || OOM_REASONS[1..].iter().any(|reason| {
+            prefix.ends_with(reason) && prefix[..prefix.len() - reason.len()].ends_with(' ')
+        })
+}
+
 /// Recognises `[Memory cgroup ]Out of memory: Killed process PID (NAME) total-vm:…` and the
-/// older `Killed process PID (NAME) …` that followed `Out of memory: Kill process …`.
+/// older `Killed process PID (NAME)[, UID N,] total-vm:…` that followed `Kill process …`.
 pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
-    let at = message.find("Killed process ")?;
-    let prefix = &message[..at];
-    let allowed = ["", "Out of memory: ", "Memory cgroup out of memory: "];
-    if !allowed.contains(&prefix) {
+    let at = anchor!("Killed process ").find(message.as_bytes())?;
+    if !is_oom_reason(&message[..at]) {
         return None;
     }
     let rest = &message[at + "Killed process ".len()..];
-    let (pid, rest) = rest.split_once(" (")?;
-    let close = match rest.find(") total-vm:") {
-        Some(i) => i,
-        None => rest.rfind(')')?,
+    // RHEL 6 kernels: `Killed process PID, UID N, (NAME) total-vm:…`.
+    let rhel = rest
+        .split_once(", UID ")
+        .filter(|(pid, _)| pid.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|(pid, after)| Some((pid, after.split_once(", (")?.1)));
+    let (pid, rest) = match rhel {
+        Some(split) => split,
+        None => rest.split_once(" (")?,
     };
+    let close = [") total-vm:", "), UID ", ") vsz:", ")."]
+        .iter()
+        .filter_map(|end| rest.find(end))
+        .min()
+        .or_else(|| rest.strip_suffix(')').map(str::len))?;
+    Some(OomVictim {
+        pid: pid.parse().ok()?,
+        comm: rest[..close].to_owned(),
+    })
+}
+
+/// Recognises the victim chosen by the OOM killer before 5.x:
+/// `[Memory cgroup ]Out of memory: Kill process PID (NAME) score N or sacrifice child`
+/// (before 2.6.36: `kill process PID (NAME) score N or a child`).
+pub fn parse_oom_choice(message: &str) -> Option<OomVictim> {
+    let at = anchor!("ill process ").find(message.as_bytes())?;
+    let at = at
+        .checked_sub(3)
+        .filter(|&at| matches!(&message[at..at + 3], ": K" | ": k"))?;
+    if !is_oom_reason(&message[..at + 2]) {
+        return None;
+    }
+    let rest = &message[at + ": Kill process ".len()..];
+    let (pid, rest) = rest.split_once(" (")?;
+    let close = rest.rfind(") score ")?;
+    let score = &rest[close + ") score ".len()..];
+    let (score, child) = score.split_once(' ')?;
+    let ok = !score.is_empty()
+        && score.bytes().all(|b| b.is_ascii_digit())
+        && matches!(child, "or sacrifice child" | "or a child");
+    ok.then_some(())?;
     Some(OomVictim {
         pid: pid.parse().ok()?,
         comm: rest[..close].to_owned(),
@@ -134,14 +224,14 @@ pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {
 
 /// Recognises `NAME invoked oom-killer: gfp_mask=…`, the start of an OOM report.
 pub fn parse_oom_invoker(message: &str) -> Option<&str> {
-    message
-        .find(" invoked oom-killer: ")
+    anchor!(" invoked oom-killer: ")
+        .find(message.as_bytes())
         .map(|at| &message[..at])
 }
 
 /// Whether a line opens a kernel oops (a fault or BUG inside the kernel itself).
 pub fn is_oops_header(message: &str) -> bool {
-    const HEADERS: [&str; 11] = [
+    const HEADERS: [&str; 13] = [
         "BUG: unable to handle ",
         "BUG: kernel NULL pointer dereference",
         "general protection fault, ",
@@ -153,6 +243,8 @@ pub fn is_oops_header(message: &str) -> bool {
         "stack segment: ",
         "divide error: ",
         "invalid opcode: ",
+        "double fault: ",
+        "traps: PANIC: double fault",
     ];
     HEADERS.iter().any(|h| message.starts_with(h))
 }
@@ -213,8 +305,8 @@ pub fn parse_oops_location(message: &str) -> Option<&str> {
 /// The count from a rate-limit notice of the user-fault printers
 /// (`show_signal_msg: 990 callbacks suppressed`, `show_signal: 10 callbacks suppressed`).
 pub fn parse_crash_suppression(message: &str) -> Option<u64> {
-    let (function, rest) = message.split_once(": ")?;
-    let count = rest.strip_suffix(" callbacks suppressed")?;
+    let before = message.strip_suffix(" callbacks suppressed")?;
+    let (function, count) = before.split_once(": ")?;
     const CRASH_PRINTERS: [&str; 5] = [
         "show_signal_msg",
         "show_signal",
@@ -254,6 +346,20 @@ mod tests {
         );
         assert!(parse_nbd("I/O error, dev sda, sector 0").is_none());
         assert!(parse_nbd("block nbdx: Connection timed out").is_none());
+        assert_eq!(
+            parse_nbd("nbd3: Attempted send on closed socket")
+                .unwrap()
+                .device,
+            "nbd3"
+        );
+        assert_eq!(
+            parse_nbd("[  OK  ] Started x.block nbd1: Receive control failed (result -32)")
+                .unwrap()
+                .device,
+            "nbd1"
+        );
+        assert!(parse_nbd("unblock nbd0: Connection timed out").is_none());
+        assert!(parse_nbd("xnbd0: Connection timed out").is_none());
     }
 
     #[test]
@@ -280,6 +386,33 @@ mod tests {
             parse_oom_kill("Out of memory: Kill process 1 (x) score 9 or sacrifice child")
                 .is_none()
         );
+        assert_eq!(
+            parse_oom_kill("Killed process 5 (tidb-server), UID 1000, total-vm:33kB").unwrap(),
+            OomVictim {
+                pid: 5,
+                comm: "tidb-server".into()
+            }
+        );
+        assert_eq!(
+            parse_oom_kill("Killed process 7, UID 503, (redis-server) total-vm:9kB").unwrap(),
+            OomVictim {
+                pid: 7,
+                comm: "redis-server".into()
+            }
+        );
+        assert_eq!(
+            parse_oom_choice("Out of memory: Kill process 1 (a) b) score 9 or sacrifice child"),
+            Some(OomVictim {
+                pid: 1,
+                comm: "a) b".into()
+            })
+        );
+        assert!(
+            parse_oom_choice("Memory cgroup out of memory: Kill process 2 (x) score 0 or a child")
+                .is_some()
+        );
+        assert!(parse_oom_choice("Kill process 1 (x) score 9 or sacrifice child").is_none());
+        assert!(parse_oom_choice("Out of memory: Kill process 1 (x) score 9").is_none());
         assert!(parse_oom_kill("someone said Killed process 1 (x)").is_none());
         assert_eq!(
             parse_oom_invoker("qemu-nbd invoked oom-killer: gfp_mask=0x0"),

@@ -6,6 +6,17 @@
 //! does not belong, when the report's last record arrives, or when the caller
 //! [flushes](Recogniser::flush) it after a quiet period.
 
+/// A substring finder for an anchor, built once (memchr's SIMD `memmem`). Every record is
+/// searched for a dozen anchors; `str::find` would build a new searcher on every call.
+macro_rules! anchor {
+    ($needle:literal) => {{
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new($needle));
+        &*FINDER
+    }};
+}
+
+pub mod arch;
 pub mod error_code;
 pub mod hung;
 pub mod line;
@@ -61,12 +72,17 @@ enum Shape {
     X86Fault,
     /// An arm64 user fault, taking the register lines that follow.
     Arm64Fault,
+    /// Another architecture's user fault, taking that architecture's lines that follow.
+    Arch(arch::Arch),
     /// A hung-task report; `stack_done` once its own stack has ended.
     Hung { stack_done: bool },
     /// A kernel oops, until `---[ end trace`.
     Oops { records: usize },
     /// An OOM report, from `invoked oom-killer` until `Killed process`.
     Oom { records: usize },
+    /// The victim an OOM killer before 5.x chose (`Kill process … or sacrifice child`),
+    /// waiting for its `Killed process` line.
+    OomChosen,
     /// Consecutive nbd errors on one device.
     Nbd,
 }
@@ -84,10 +100,40 @@ impl Recogniser {
     }
 
     /// Feeds the next line; returns whatever it completed or found.
+    ///
+    /// A pasted line that holds more than one kernel line (another CPU's report glued into it,
+    /// or text pasted in front of a timestamp) is fed as its pieces. A `/dev/kmsg` record is
+    /// one message by construction and is never split: a task name such as `[1.1] x` must not
+    /// cut the report that prints it in two.
     pub fn feed(&mut self, line: &LogLine) -> Vec<Recognised> {
         if line.from_user_space {
             return vec![Recognised::Untrusted];
         }
+        let pieces = match line.seq {
+            Some(_) => None,
+            None => glued_pieces(&line.message),
+        };
+        let Some(pieces) = pieces else {
+            return self.feed_one(line);
+        };
+        let mut out = Vec::new();
+        for (n, piece) in pieces.into_iter().enumerate() {
+            // Text in front of a timestamp (a prompt, a build log's own clock) is fed only
+            // when it starts a report of its own.
+            if n == 0 && !starts_anything(piece) {
+                continue;
+            }
+            let parsed = LogLine::parse_text(piece);
+            let mut sub = line.clone();
+            sub.message = parsed.message;
+            sub.raw = piece.to_owned();
+            sub.monotonic_usec = parsed.monotonic_usec.or(line.monotonic_usec);
+            out.extend(self.feed_one(&sub));
+        }
+        out
+    }
+
+    fn feed_one(&mut self, line: &LogLine) -> Vec<Recognised> {
         let mut out = Vec::new();
         if let Some(open) = self.open.as_mut() {
             match open.absorb(line) {
@@ -130,6 +176,8 @@ impl Recogniser {
             self.open = Some(open(Shape::X86Fault, event));
         } else if let Some(event) = user_fault::parse_arm64_fault(message) {
             self.open = Some(open(Shape::Arm64Fault, event));
+        } else if let Some((arch, event)) = arch::parse(message) {
+            self.open = Some(open(Shape::Arch(arch), event));
         } else if let Some(header) = hung::parse_header(message) {
             let mut event = CrashEvent::new(EventKind::HungTask);
             event.comm = Some(header.comm);
@@ -161,6 +209,12 @@ impl Recogniser {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(invoker.to_owned());
             self.open = Some(open(Shape::Oom { records: 1 }, event));
+        } else if let Some(victim) = misc::parse_oom_choice(message) {
+            let mut event = CrashEvent::new(EventKind::OomKill);
+            event.comm = Some(victim.comm.clone());
+            event.victim_pid = Some(victim.pid);
+            event.victim_comm = Some(victim.comm);
+            self.open = Some(open(Shape::OomChosen, event));
         } else if let Some(victim) = misc::parse_oom_kill(message) {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(victim.comm.clone());
@@ -189,7 +243,56 @@ fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
 fn starts_report(message: &str) -> bool {
     user_fault::parse_segfault(message).is_some()
         || user_fault::parse_trap(message).is_some()
+        || arch::parse(message).is_some()
         || hung::parse_header(message).is_some()
+}
+
+/// Whether a line starts any report or notice on its own.
+fn starts_anything(message: &str) -> bool {
+    let mut scratch = Recogniser::new();
+    !scratch.feed_one(&LogLine::bare(message)).is_empty() || scratch.has_open_report()
+}
+
+/// The kernel lines inside one line of text, when there is more than one: a `traps:` report
+/// glued to the end of another (`… error 14traps: kdump[5307] general protection …`), or a
+/// dmesg timestamp after other text (a shell prompt, a `grep -n` prefix, another record).
+fn glued_pieces(message: &str) -> Option<Vec<&str>> {
+    let mut starts: Vec<usize> = message
+        .match_indices("traps: ")
+        .map(|(at, _)| at)
+        .filter(|&at| at > 0)
+        .collect();
+    starts.extend(
+        message
+            .match_indices('[')
+            .map(|(at, _)| at)
+            .filter(|&at| at > 0 && is_timestamp_at(&message[at..])),
+    );
+    if starts.is_empty() {
+        return None;
+    }
+    starts.sort_unstable();
+    starts.insert(0, 0);
+    starts.push(message.len());
+    Some(
+        starts
+            .windows(2)
+            .map(|w| &message[w[0]..w[1]])
+            .filter(|piece| !piece.trim().is_empty())
+            .collect(),
+    )
+}
+
+/// Whether `text` starts with a dmesg timestamp, `[  605.503265]`.
+fn is_timestamp_at(text: &str) -> bool {
+    let Some((inner, _)) = text[1..].split_once(']') else {
+        return false;
+    };
+    let Some((secs, frac)) = inner.trim().split_once('.') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(secs) && digits(frac) && frac.len() <= 9
 }
 
 impl OpenReport {
@@ -227,6 +330,11 @@ impl OpenReport {
                     Absorb::NotMine
                 }
             }
+            Shape::Arch(which) => match arch::continuation(*which, event, message) {
+                arch::Continuation::Taken => Absorb::Taken,
+                arch::Continuation::TakenAndComplete => Absorb::TakenAndComplete,
+                arch::Continuation::NotMine => Absorb::NotMine,
+            },
             Shape::Hung { stack_done } => {
                 if hung::parse_header(message).is_some() || !hung::is_report_continuation(message) {
                     Absorb::NotMine
@@ -279,6 +387,10 @@ impl OpenReport {
                         event.victim_pid = Some(victim.pid);
                         event.victim_comm = Some(victim.comm);
                         Absorb::TakenAndComplete
+                    } else if let Some(chosen) = misc::parse_oom_choice(message) {
+                        event.victim_pid = Some(chosen.pid);
+                        event.victim_comm = Some(chosen.comm);
+                        Absorb::Taken
                     } else if *records >= MAX_REPORT_RECORDS {
                         Absorb::TakenAndComplete
                     } else {
@@ -286,6 +398,14 @@ impl OpenReport {
                     }
                 }
             }
+            Shape::OomChosen => match misc::parse_oom_kill(message) {
+                Some(victim) => {
+                    event.victim_pid = Some(victim.pid);
+                    event.victim_comm = Some(victim.comm);
+                    Absorb::TakenAndComplete
+                }
+                None => Absorb::NotMine,
+            },
             Shape::Nbd => match misc::parse_nbd(message) {
                 Some(error) if Some(&error.device) == event.device.as_ref() => Absorb::Taken,
                 _ => Absorb::NotMine,
@@ -461,6 +581,88 @@ qemu-nbd[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4";
         assert_eq!(found[0].kernel_stack, ["nbd_queue_rq+0x12/0x340 [nbd]"]);
         assert_eq!(found[0].raw.len(), 6);
         assert_eq!(found[1].kind, EventKind::Segfault);
+    }
+
+    #[test]
+    fn reports_glued_into_one_line_are_each_recognised() {
+        // Two CPUs printing at once: the second report starts right after the first one's
+        // error code, and the first one's location arrives later on its own.
+        let found = events(
+            "cat[11602]: segfault at 0 ip           (null) sp 00007fff85a583f0 error 14traps: kdump[5307] general protection ip:3c8d22a8db sp:7fff03d1b418 error:0 in libc-2.12.so[3c8d200000+18a000]",
+        );
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            (found[0].kind, found[0].comm.as_deref(), found[0].error_code),
+            (EventKind::Segfault, Some("cat"), Some(0x14))
+        );
+        assert_eq!(
+            (
+                found[1].kind,
+                found[1].comm.as_deref(),
+                found[1].module.as_deref()
+            ),
+            (
+                EventKind::GeneralProtection,
+                Some("kdump"),
+                Some("libc-2.12.so")
+            )
+        );
+        // A shell prompt in front of the timestamp.
+        let found = events(
+            "root@Gateway:~# [138846.005947] do_page_fault(): sending SIGSEGV to pidof for invalid read access from 00000ea1\n[138846.014883] epc = 77e1f034 in libc.so[77d98000+b2000]\n[138846.020327] ra  = 77e1f3f8 in libc.so[77d98000+b2000]",
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].comm.as_deref(), Some("pidof"));
+        assert_eq!(found[0].module.as_deref(), Some("libc.so"));
+        assert_eq!(found[0].raw.len(), 3);
+    }
+
+    #[test]
+    fn a_kmsg_record_is_never_split_by_the_task_name_it_prints() {
+        // A task may name itself like a timestamp or a `traps:` line; in a record read from
+        // /dev/kmsg that text is the task name, and the report must survive it.
+        let found = events(
+            "3,10,1,-;INFO: task [1.1] a:5 blocked for more than 120 seconds.\n6,11,2,-;xtraps: b[6]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4",
+        );
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            (found[0].kind, found[0].comm.as_deref(), found[0].pid),
+            (EventKind::HungTask, Some("[1.1] a"), Some(5))
+        );
+        assert_eq!(found[1].comm.as_deref(), Some("xtraps: b"));
+    }
+
+    #[test]
+    fn no_user_crash_from_context_registers_or_kernel_faults() {
+        let text = "CPU: 3 PID: 1673 Comm: udevd Not tainted 4.14.0-xilinx-v2018.2 #5
+pc : [<0000007f9867eb10>] lr : [<0000007f98681b20>] pstate: 60000000
+x29: 0000007fc50c0b50 x28: 0000007f98758a20
+epc : 0000003faee8d1aa ra : 0000003faf093baa sp : 0000003faae67fc0
+User PSW : 0705000180000000 000003ff9ed119fe
+Call Trace:
+ [<ffffffff8150b9f5>] schedule+0x35/0x80
+NIP [c0088b8c] free_block+0xc4/0x16c
+Code: 48 89 44 24 38 31 c0 <ff> 10
+epc = 77e1f034 in libc.so[77d98000+b2000]
+vi[4489]: code: 813f000c 2c090000 41800034 813f0008 <8129010c> 815f000c 7c0a4800 40800020
+swapper/2[0]: undefined instruction: pc=ffffffc0006e77e4
+Failing address: 00000d52b2080000 TEID: 00000d52b2080800
+traps: PANIC: double fault, error_code: 0x0";
+        let found = events(text);
+        assert!(found.iter().all(|e| !e.kind.is_user_crash()), "{found:#?}");
+    }
+
+    #[test]
+    fn an_old_oom_kill_names_the_chosen_victim() {
+        let found = events(
+            "Out of memory: Kill process 18694 (perl) score 246 or sacrifice child\nKilled process 18694 (perl) total-vm:1972392kB, anon-rss:1953348kB, file-rss:0kB",
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].victim_pid, found[0].victim_comm.as_deref()),
+            (Some(18694), Some("perl"))
+        );
+        assert_eq!(found[0].raw.len(), 2);
     }
 
     #[test]

@@ -9,10 +9,12 @@ use crds::{Address, CrashEvent, EventKind};
 use super::error_code;
 
 /// Parses an x86 `COMM[TID]: segfault at ADDR ip IP sp SP error ERR[ in FILE[…]][ likely on CPU …]`
-/// line of any kernel era (`rip`/`rsp` on old 64-bit kernels, 8-digit addresses on 32-bit).
+/// line of any kernel era (`rip`/`rsp` on old 64-bit kernels, 8-digit addresses on 32-bit,
+/// `ip           (null)` before 4.15). A line that a paste or a title cut short is accepted
+/// when what is left has the grammar so far, and so is a bare `segfault at …` with no task.
 pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "]: segfault at ";
-    for (at, _) in message.match_indices(ANCHOR) {
+    for at in anchor!("]: segfault at ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
@@ -21,27 +23,49 @@ pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
         };
         return Some(with_task(event, comm, pid));
     }
-    None
+    let bare = message.strip_prefix("segfault at ")?;
+    let event = segfault_tail(bare)?;
+    event.ip.is_some().then_some(event)
+}
+
+/// One `NAME VALUE` field of a segfault line: the value is hex, or `(null)` padded to the
+/// pointer's width (`%p` before 4.15). Returns None when the text has another shape, and
+/// `Some(None)` when the text ends (a line cut short) before the field.
+fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
+    if rest.is_empty() {
+        return Some(None);
+    }
+    let rest = rest.strip_prefix(' ')?;
+    let (name, after) = rest.split_once(' ').unwrap_or((rest, ""));
+    if after.is_empty() && names.iter().any(|n| n.starts_with(name)) {
+        return Some(None); // cut inside or right after the name
+    }
+    if !names.contains(&name) {
+        return None;
+    }
+    if let Some(after_null) = after.trim_start_matches(' ').strip_prefix("(null)") {
+        return Some(Some((0, after_null)));
+    }
+    let end = after.find(' ').unwrap_or(after.len());
+    Some(Some((hex(&after[..end])?, &after[end..])))
 }
 
 fn segfault_tail(tail: &str) -> Option<CrashEvent> {
-    let mut words = tail.splitn(8, ' ');
-    let fault_address = hex(words.next()?)?;
-    let ip_word = words.next()?;
-    let ip = hex(words.next()?)?;
-    let sp_word = words.next()?;
-    let sp = hex(words.next()?)?;
-    let ok_words = matches!((ip_word, sp_word), ("ip", "sp") | ("rip", "rsp"));
-    if !ok_words || words.next()? != "error" {
-        return None;
-    }
-    let error_code = hex(words.next()?)?;
-    let rest = words.next().map_or("", |r| r);
-
+    let end = tail.find(' ').unwrap_or(tail.len());
     let mut event = CrashEvent::new(EventKind::Segfault);
-    event.fault_address = Some(Address(fault_address));
+    event.fault_address = Some(Address(hex(&tail[..end])?));
+    let rest = &tail[end..];
+    let Some((ip, rest)) = field(rest, &["ip", "rip"])? else {
+        return Some(event);
+    };
     event.ip = Some(Address(ip));
+    let Some((sp, rest)) = field(rest, &["sp", "rsp"])? else {
+        return Some(event);
+    };
     event.sp = Some(Address(sp));
+    let Some((error_code, rest)) = field(rest, &["error"])? else {
+        return Some(event);
+    };
     event.error_code = Some(error_code);
     event.error_bits = error_code::x86_page_fault_bits(error_code);
     apply_location(&mut event, rest)?;
@@ -50,14 +74,26 @@ fn segfault_tail(tail: &str) -> Option<CrashEvent> {
 
 /// Parses `traps: COMM[TID] <what> ip:IP sp:SP error:E[ in FILE[…]]`, with or without the
 /// `traps: ` prefix (kernels before 3.x printed none).
+///
+/// A pasted line that lost its `NAME[PID]` (`trap divide error ip:… sp:… error:0 in …`) is
+/// accepted too, with no task.
 pub fn parse_trap(message: &str) -> Option<CrashEvent> {
     let body = message.strip_prefix("traps: ").unwrap_or(message);
-    for (at, _) in body.match_indices("] ") {
+    let ip_at = |text: &str| {
+        anchor!(" ip:")
+            .find(text.as_bytes())
+            .or_else(|| anchor!(" rip:").find(text.as_bytes()))
+    };
+    let first_ip = ip_at(body)?;
+    if let Some(kind) = trap_kind(&body[..first_ip]) {
+        return trap_tail(kind, &body[first_ip + 1..]);
+    }
+    for at in anchor!("] ").find_iter(body.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&body[..at]) else {
             continue;
         };
         let after = &body[at + 2..];
-        let Some(ip_at) = after.find(" ip:").or_else(|| after.find(" rip:")) else {
+        let Some(ip_at) = ip_at(after) else {
             continue;
         };
         let Some(kind) = trap_kind(&after[..ip_at]) else {
@@ -83,22 +119,27 @@ fn trap_kind(description: &str) -> Option<EventKind> {
     })
 }
 
+/// `ip:IP sp:SP error:E[ in FILE[…]]`; a line cut short after `ip:` keeps what it has.
 fn trap_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
     let mut words = tail.splitn(4, ' ');
     let ip_word = words.next()?;
     let ip = hex(ip_word
         .strip_prefix("ip:")
         .or_else(|| ip_word.strip_prefix("rip:"))?)?;
-    let sp_word = words.next()?;
+    let mut event = CrashEvent::new(kind);
+    event.ip = Some(Address(ip));
+    let Some(sp_word) = words.next().filter(|w| !w.is_empty()) else {
+        return Some(event);
+    };
     let sp = hex(sp_word
         .strip_prefix("sp:")
         .or_else(|| sp_word.strip_prefix("rsp:"))?)?;
-    let error_code = hex(words.next()?.strip_prefix("error:")?)?;
-    let rest = words.next().map_or("", |r| r);
-    let mut event = CrashEvent::new(kind);
-    event.ip = Some(Address(ip));
     event.sp = Some(Address(sp));
-    event.error_code = Some(error_code);
+    let Some(error_word) = words.next().filter(|w| !w.is_empty()) else {
+        return Some(event);
+    };
+    event.error_code = Some(hex(error_word.strip_prefix("error:")?)?);
+    let rest = words.next().map_or("", |r| r);
     apply_location(&mut event, rest)?;
     Some(event)
 }
@@ -108,7 +149,7 @@ fn trap_tail(kind: EventKind, tail: &str) -> Option<CrashEvent> {
 /// (up to 4.x) or `COMM[PID]: unhandled exception: CLASS, ESR 0xESR, DESCRIPTION[ in FILE[…]]`
 /// (5.x on). The `pc :` and `sp :` register lines that follow are added by [`arm64_register`].
 pub fn parse_arm64_fault(message: &str) -> Option<CrashEvent> {
-    for (at, _) in message.match_indices("]: unhandled ") {
+    for at in anchor!("]: unhandled ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
@@ -138,6 +179,7 @@ fn arm64_legacy(tail: &str) -> Option<CrashEvent> {
     event.fault_address = Some(Address(hex(address.strip_prefix("0x")?)?));
     let esr = hex(esr.strip_prefix("0x")?)?;
     event.error_code = Some(esr);
+    event.esr = Some(esr);
     event.error_bits = error_code::arm64_esr_bits(esr);
     if !rest.is_empty() {
         apply_location(&mut event, &format!("in {rest}"))?;
@@ -164,6 +206,7 @@ fn arm64_exception(tail: &str) -> Option<CrashEvent> {
     let mut event = CrashEvent::new(arm64_kind(description));
     if let Some(esr) = esr {
         event.error_code = Some(esr);
+        event.esr = Some(esr);
         event.error_bits = error_code::arm64_esr_bits(esr);
     }
     apply_location(&mut event, location)?;
@@ -184,14 +227,38 @@ fn arm64_kind(description: &str) -> EventKind {
 
 /// Adds an arm64 `pc : HEX` or `sp : HEX` register line to an open fault report; false when
 /// the line is not one of the register dump lines that follow such a report.
+/// Before 4.16 the report also has `CPU:`, `Hardware name:`, `task:`, `PC is at`, `LR is at`
+/// and `pc : [<…>] lr : [<…>] pstate: …` lines, which are taken too.
 pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
     if message.starts_with('x') && message.as_bytes().get(1).is_some_and(u8::is_ascii_digit) {
         return true; // general-purpose registers: x29: … x28: …
     }
+    if let Some((cpu, _, _)) = super::misc::parse_oops_task(message) {
+        event.cpu.get_or_insert(cpu);
+        return true;
+    }
+    const BANNERS: [&str; 6] = [
+        "Hardware name: ",
+        "task: ",
+        "PC is at ",
+        "LR is at ",
+        "pgd = ",
+        ", *p",
+    ];
+    // The page-table walk (`[00000028] *pgd=…`) and the empty line before the registers.
+    let walk = message.starts_with('[') && message.contains("] *pgd=");
+    if message.trim().is_empty() || walk || BANNERS.iter().any(|b| message.starts_with(b)) {
+        return true;
+    }
     let Some((name, value)) = message.split_once(" : ") else {
         return false;
     };
-    let value = value.split_whitespace().next().and_then(hex);
+    let value = value.split_whitespace().next().map(|v| {
+        v.strip_prefix("[<")
+            .and_then(|v| v.strip_suffix(">]"))
+            .unwrap_or(v)
+    });
+    let value = value.and_then(hex);
     match (name, value) {
         ("pc", Some(pc)) => event.ip = Some(Address(pc)),
         ("sp", Some(sp)) => event.sp = Some(Address(sp)),
@@ -203,16 +270,29 @@ pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
 
 /// Adds a location that arrived as a record of its own (` in FILE[START+SIZE]`, printed as a
 /// continuation by some 4.x kernels) to an event that has none; false if it is not one.
+///
+/// The mapping must contain the event's instruction pointer: when two CPUs print at once, the
+/// location that follows may be another report's.
 pub fn trailing_location(event: &mut CrashEvent, message: &str) -> bool {
-    event.module.is_none()
-        && message.trim_start().starts_with("in ")
-        && apply_location(event, message.trim_start()).is_some()
-        && event.module.is_some()
+    if event.module.is_some() || !message.trim_start().starts_with("in ") {
+        return false;
+    }
+    let mut located = event.clone();
+    let fits = apply_location(&mut located, message.trim_start()).is_some()
+        && match (located.ip, located.vma_start, located.vma_size) {
+            (Some(ip), Some(start), Some(size)) => ip.0 >= start.0 && ip.0 - start.0 < size.0,
+            _ => false,
+        };
+    if fits {
+        *event = located;
+    }
+    fits
 }
 
 /// Parses the `[ in FILE[OFF,START+SIZE]][ likely on CPU N (core C, socket S)]` tail.
-/// Returns None when the tail has some other shape.
-fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
+/// Returns None when the tail has some other shape. A tail cut short (`in libc.so.6[7f12`,
+/// `in parser.so`, `…+1000] likely on CPU 3 (co`) keeps what was printed before the cut.
+pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
     let rest = rest.trim_end();
     let rest = match strip_cpu_suffix(rest) {
         Some((before, cpu)) => {
@@ -221,18 +301,36 @@ fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
         }
         None => rest,
     };
-    if rest.is_empty() {
+    if rest.is_empty() || is_cut_keyword(rest) {
         return Some(());
     }
     let mapping = rest
         .strip_prefix("in ")
         .or_else(|| rest.strip_prefix(" in "))?;
-    let inner_start = mapping.rfind('[')?;
-    let inner = mapping[inner_start + 1..].strip_suffix(']')?;
+    let Some(inner_start) = mapping.rfind('[') else {
+        // Cut before the brackets: only the file name is left.
+        (!mapping.is_empty() && !mapping.contains(' ')).then_some(())?;
+        event.module = Some(mapping.to_owned());
+        return Some(());
+    };
     let file = &mapping[..inner_start];
     if file.is_empty() {
         return None;
     }
+    let inner = &mapping[inner_start + 1..];
+    let inner = match inner.strip_suffix(']') {
+        Some(inner) => inner,
+        None => match inner.split_once(']') {
+            // Cut inside the CPU suffix.
+            Some((inner, after)) if is_cut_keyword(after) => inner,
+            Some(_) => return None,
+            // Cut inside the brackets.
+            None => {
+                event.module = Some(file.to_owned());
+                return Some(());
+            }
+        },
+    };
     let (offset, range) = match inner.split_once(',') {
         Some((offset, range)) => (Some(hex(offset)?), range),
         None => (None, inner),
@@ -243,6 +341,18 @@ fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
     event.vma_start = Some(Address(hex(start)?));
     event.vma_size = Some(Address(hex(size)?));
     Some(())
+}
+
+/// Whether `text` is the start of ` in …` or ` likely on CPU N (core …` that a cut ended.
+fn is_cut_keyword(text: &str) -> bool {
+    const LIKELY: &str = " likely on CPU ";
+    let cpu_tail = |t: &str| {
+        t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" (),".contains(&b))
+    };
+    " in".starts_with(text)
+        || (!text.is_empty() && LIKELY.starts_with(text))
+        || text.strip_prefix(LIKELY).is_some_and(cpu_tail)
 }
 
 /// `… likely on CPU 0 (core 0, socket 0)` at the very end.
@@ -262,16 +372,41 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
 }
 
 /// Splits `COMM[PID` (the text before an anchor's `]`) at its last `[`.
+///
+/// A task name has at most 15 bytes (`TASK_COMM_LEN`). A longer head carries text pasted in
+/// front of the line (a shell prompt, a `grep -n` prefix, another report printed on the same
+/// line); the name then starts after the first separator that leaves at most 15 bytes.
 pub(crate) fn comm_and_pid(head: &str) -> Option<(&str, u32)> {
     let open = head.rfind('[')?;
     let digits = &head[open + 1..];
     if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some((&head[..open], digits.parse().ok()?))
+    Some((trim_pasted_prefix(&head[..open]), digits.parse().ok()?))
 }
 
-fn with_task(mut event: CrashEvent, comm: &str, pid: u32) -> CrashEvent {
+/// The task name at the end of `comm`, without text pasted in front of it.
+fn trim_pasted_prefix(comm: &str) -> &str {
+    const MAX_COMM: usize = 15;
+    if comm.len() <= MAX_COMM {
+        return comm;
+    }
+    for (at, _) in comm.char_indices() {
+        let rest = &comm[at..];
+        let separator = ["] ", ": ", "# ", "$ ", "> ", "]"]
+            .iter()
+            .find(|s| rest.starts_with(**s));
+        if let Some(separator) = separator {
+            let name = &comm[at + separator.len()..];
+            if !name.is_empty() && name.len() <= MAX_COMM {
+                return name;
+            }
+        }
+    }
+    comm
+}
+
+pub(crate) fn with_task(mut event: CrashEvent, comm: &str, pid: u32) -> CrashEvent {
     event.comm = Some(comm.to_owned());
     event.pid = Some(pid);
     event
@@ -331,13 +466,13 @@ mod tests {
             (e.comm.as_deref(), e.module.as_deref()),
             (Some("my prog"), Some("my prog"))
         );
-        // A comm that contains the anchor text itself.
+        // A comm (15 bytes, the most there can be) that contains the anchor text itself.
         let e = seg(
-            "a]: segfault at [7]: segfault at 0 ip 0000000000000000 sp 00007ffdd7237068 error 14",
+            "]: segfault at [7]: segfault at 0 ip 0000000000000000 sp 00007ffdd7237068 error 14",
         );
         assert_eq!(
             (e.comm.as_deref(), e.pid),
-            (Some("a]: segfault at "), Some(7))
+            (Some("]: segfault at "), Some(7))
         );
     }
 
@@ -407,12 +542,82 @@ mod tests {
     }
 
     #[test]
+    fn null_pointers_before_4_15() {
+        // %p printed a NULL pointer as "(null)", right-aligned in the pointer's width.
+        let e = seg(
+            "init[1]: segfault at 0 ip           (null) sp 00007ffd484cf5f0 error 14 in init[400000+1000]",
+        );
+        assert_eq!(e.ip, Some(Address(0)));
+        assert_eq!(e.sp, Some(Address(0x7ffd_484c_f5f0)));
+        assert_eq!(e.error_code, Some(0x14));
+        assert_eq!(e.module.as_deref(), Some("init"));
+        let e = seg("mlock[7097]: segfault at 0 ip   (null) sp ff8a00d4 error 14");
+        assert_eq!((e.ip, e.sp), (Some(Address(0)), Some(Address(0xff8a_00d4))));
+    }
+
+    #[test]
+    fn lines_cut_short_keep_what_was_printed() {
+        let e = seg(
+            "a[1]: segfault at 7 ip 0000000000401271 sp 00007fff2ce4d210 error 4 in libc.so.6[7f12",
+        );
+        assert_eq!(e.module.as_deref(), Some("libc.so.6"));
+        assert_eq!((e.vma_start, e.error_code), (None, Some(4)));
+        let e = seg("a[1]: segfault at 7 ip 0000000000401271 sp 00007fff2ce4d210 err");
+        assert_eq!(
+            (e.sp, e.error_code),
+            (Some(Address(0x7fff_2ce4_d210)), None)
+        );
+        let e = seg("a[1]: segfault at 7 ip 0000000000401271");
+        assert_eq!((e.ip, e.sp), (Some(Address(0x40_1271)), None));
+        let e = seg(
+            "a[1]: segfault at 7 ip 0000000000401271 sp 00007fff2ce4d210 error 6 in a[1271,400000+1000] likely on CPU 3 (co",
+        );
+        assert_eq!((e.module_offset, e.cpu), (Some(Address(0x1271)), None));
+        // A title that kept only the fault: no task, and the file with no mapping.
+        let e =
+            seg("segfault at 2000 ip 00007fe490fb8a39 sp 00007fe46f7d1c40 error 4 in parser.so");
+        assert_eq!((e.comm, e.pid), (None, None));
+        assert_eq!(e.module.as_deref(), Some("parser.so"));
+        assert_eq!(e.fault_address, Some(Address(0x2000)));
+    }
+
+    #[test]
+    fn text_pasted_before_the_task_name_is_not_part_of_it() {
+        let e = seg(
+            "root@gw:~# [  197.236518] pigz[2908]: segfault at 0 ip 0000000000000000 sp 00007f347bffed00 error 14",
+        );
+        assert_eq!((e.comm.as_deref(), e.pid), (Some("pigz"), Some(2908)));
+        let e = seg(
+            "kern.log:1412:Mar 27 10:37:41 h kernel: a b[1]: segfault at 0 ip 0000000000000000 sp 0000000000000001 error 14",
+        );
+        assert_eq!(e.comm.as_deref(), Some("a b"));
+    }
+
+    #[test]
+    fn a_trap_that_lost_its_task() {
+        let e =
+            parse_trap("trap divide error ip:400523 sp:7fffe4e2c3b0 error:0 in a.out[400000+1000]")
+                .unwrap();
+        assert_eq!(
+            (e.kind, e.comm, e.pid),
+            (EventKind::DivideError, None, None)
+        );
+        assert_eq!(e.ip, Some(Address(0x40_0523)));
+        assert!(parse_trap("trap divide error").is_none());
+    }
+
+    #[test]
     fn near_misses_are_rejected() {
         for line in [
             "crashy[1]: segfault at zz ip 0 sp 0 error 4",
             "crashy[]: segfault at 0 ip 0 sp 0 error 4",
             "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in [1+2]",
-            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in x[1+2",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in x[1+2] garbage",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in x[1+2] likely on GPU",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4 in two words",
+            "crashy[1]: segfault at 0 ip (nul) sp 0 error 4",
+            "crashy[1]: segfault at 0 ip 0 sp 0 error 4in x[1+2]",
+            "segfault at 0 sp 0 error 4",
             "crashy[1]: segfault at 0 ip 0 sp 0 error 4 garbage",
             "crashy[1]: segfault at 0 pc 0 sp 0 error 4",
             "crashy[1]: segfault at 11112222333344445 ip 0 sp 0 error 4",
