@@ -22,6 +22,9 @@ BIN=$TOOLS/bin
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 export GOMODCACHE=$TOOLS/gomod GOCACHE=$TOOLS/gocache
 mkdir -p "$BIN" "$TOOLS/modules"
+# One build at a time: a second caller waits, then finds the binaries there.
+exec 9>>"$TOOLS/.lock"
+flock 9
 
 log() { echo "control-plane-tools: $*" >&2; }
 
