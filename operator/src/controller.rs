@@ -108,7 +108,9 @@ impl Context {
                 }
             });
             watch.drained_by.insert(policy.to_owned());
-            watch.pods.clone()
+            let pods = watch.pods.clone();
+            self.metrics.drain_pod_watches.set(watches.len() as i64);
+            pods
         };
         tokio::time::timeout(Duration::from_secs(30), pods.wait_until_ready())
             .await
@@ -120,7 +122,9 @@ impl Context {
     /// Stops watching the Pods of a node that is no longer draining, and forgets its
     /// backoff.
     fn forget_pods_on(&self, node: &str) {
-        self.pod_watches.lock().unwrap().remove(node);
+        let mut watches = self.pod_watches.lock().unwrap();
+        watches.remove(node);
+        self.metrics.drain_pod_watches.set(watches.len() as i64);
         self.eviction_backoff.lock().unwrap().remove(node);
     }
 
@@ -143,11 +147,7 @@ impl Context {
             keep
         });
         backoff.retain(|node, _| watches.contains_key(node));
-    }
-
-    /// How many Pod watches are open (for tests and the benchmark).
-    pub fn pod_watch_count(&self) -> usize {
-        self.pod_watches.lock().unwrap().len()
+        self.metrics.drain_pod_watches.set(watches.len() as i64);
     }
 }
 

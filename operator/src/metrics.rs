@@ -24,6 +24,8 @@ pub struct OperatorMetrics {
     pub reports_undecodable: IntCounter,
     /// CrashReports the operator deleted, by reason (`expired`, `over_cap`).
     pub reports_deleted: IntCounterVec,
+    /// Pod watches open for draining nodes.
+    pub drain_pod_watches: IntGauge,
 }
 
 impl OperatorMetrics {
@@ -87,6 +89,14 @@ impl OperatorMetrics {
             &["reason"],
         )
         .unwrap();
+        let drain_pod_watches = IntGauge::new(
+            "crashwatch_drain_pod_watches",
+            "Pod watches open, one per node being drained",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(drain_pod_watches.clone()))
+            .unwrap();
         registry.register(Box::new(leader.clone())).unwrap();
         registry
             .register(Box::new(reports_undecodable.clone()))
@@ -103,6 +113,7 @@ impl OperatorMetrics {
             leader,
             reports_undecodable,
             reports_deleted,
+            drain_pod_watches,
         }
     }
 
