@@ -267,7 +267,7 @@ fn helm_install_creates_least_privilege_objects_and_uninstall_removes_them() {
     assert_eq!(
         permissions(&cluster, &namespace, &format!("{full}-operator")),
         set(&[
-            "crashreports.crashwatch.dev [list watch]",
+            "crashreports.crashwatch.dev [list watch delete]",
             "events.events.k8s.io [create patch]",
             "leases.coordination.k8s.io [get create update]",
             "nodes [list watch patch]",
