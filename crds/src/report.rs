@@ -346,9 +346,10 @@ mod tests {
         assert_eq!(buckets.len(), bounds::BUCKETS);
         // 1_800_000_000 is a whole minute: the newest bucket starts at the last day.
         assert_eq!(buckets.last().unwrap().start, at(399 * 86_400).to_string());
+        // One bucket per day; the 144 oldest days went. Old buckets are whole UTC days.
         assert_eq!(
             buckets.first().unwrap().start,
-            at((400 - 256) * 86_400).to_string()
+            at(144 * 86_400).strftime("%Y-%m-%dT00:00:00Z").to_string()
         );
     }
 
