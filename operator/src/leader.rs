@@ -197,7 +197,13 @@ impl LeaseLock {
                 lost = keep => Err(lost.into()),
             }
         };
+        // The work is dropped here: nothing acts any more.
         metrics.leader.set(0);
+        if let Err(error) = &result
+            && error.is::<LostLease>()
+        {
+            tracing::error!(%error, "stopped acting: no longer the leader");
+        }
         if result.is_ok() {
             match tokio::time::timeout(self.request_deadline(), self.release()).await {
                 Ok(Ok(())) => {}

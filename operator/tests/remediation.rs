@@ -1035,10 +1035,24 @@ async fn a_leader_cut_off_by_a_blackholed_api_server_stops_before_a_follower_may
     eprintln!(
         "last renewal {renewed}, the blackholed leader stopped at {stopped}, a follower may take over from {takeover}"
     );
+    // When it stopped acting, as it logged (its controller dropped); the process exits
+    // just after, once the error is printed.
+    let log = leader.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped acting: no longer the leader"))
+        .unwrap_or_else(|| panic!("no stop logged:\n{log}"));
+    let plain: String = line
+        .split('\u{1b}')
+        .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
+        .collect();
+    let acted_until: jiff::Timestamp = plain.split_whitespace().next().unwrap().parse().unwrap();
+    eprintln!("it stopped acting at {acted_until}");
     assert!(
-        stopped < takeover,
-        "the leader stopped at {stopped}, after a follower could take over ({takeover})"
+        acted_until < takeover,
+        "the leader acted until {acted_until}, after a follower could take over ({takeover})"
     );
+    assert!(acted_until <= stopped);
 
     // And a follower does take over.
     let follower = Operator::start(
