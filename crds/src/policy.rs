@@ -91,6 +91,10 @@ pub struct PodSelector {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MATCH_ITEMS), inner(length(max = bounds::LABEL_LEN)))]
     pub namespaces: Vec<String>,
+    /// The labels those pods must have. The operator reads each Pod's labels when it
+    /// plans; a pod that is gone does not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
 }
 
 /// How many occurrences within which window.

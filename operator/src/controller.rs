@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crds::policy::{NodeRemediation, RemediationState};
 use crds::{RemediationPolicy, RemediationPolicyStatus};
@@ -23,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::metrics::OperatorMetrics;
-use crate::policy::activity::{ReportTimes, report_matches};
+use crate::policy::activity::{PodLabels, ReportTimes, report_matches};
 use crate::policy::ledger::{DrainPhase, LEDGER_ANNOTATION, ReleasedBy};
 use crate::policy::plan::{BlockReason, Change, ChangeKind, NodeView, Plan, Rules, plan, verb};
 use crate::policy::retention::{self, Held, Retention};
@@ -60,6 +60,9 @@ pub struct Context {
     pod_watches: Mutex<HashMap<String, PodWatch>>,
     /// Ticks when a watched Pod changes: every policy is reconciled again.
     pod_changes: tokio::sync::mpsc::UnboundedSender<()>,
+    /// The labels of pods that reports name, read when a policy selects pods by label, for
+    /// [`POD_LABELS_TTL`] (None: the pod is gone).
+    pod_labels: Mutex<HashMap<(String, String), (Instant, Option<Labels>)>>,
     /// The status node list this process last wrote, per policy uid.
     written_status: Mutex<HashMap<String, Vec<NodeRemediation>>>,
 }
@@ -119,6 +122,63 @@ impl Context {
         Ok(pods.state())
     }
 
+    /// The labels of the pods that `reports` name in the namespaces `policy` opts in, when
+    /// it selects pods by label (read with a list by name, cached for [`POD_LABELS_TTL`]).
+    async fn labels_for(
+        &self,
+        policy: &RemediationPolicy,
+        reports: &[Arc<CachedReport>],
+    ) -> Result<HashMap<(String, String), Labels>, Error> {
+        let Some(pods) = policy
+            .spec
+            .selector
+            .pods
+            .as_ref()
+            .filter(|p| p.selector.is_some())
+        else {
+            return Ok(HashMap::new());
+        };
+        let wanted: HashSet<(String, String)> = reports
+            .iter()
+            .filter_map(|r| r.facts.as_ref().ok()?.pod.as_ref())
+            .filter(|p| pods.namespaces.is_empty() || pods.namespaces.contains(&p.namespace))
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .collect();
+        let mut known = HashMap::new();
+        for (namespace, name) in wanted {
+            let cached = {
+                let mut cache = self.pod_labels.lock().unwrap();
+                cache.retain(|_, (read, _)| read.elapsed() < POD_LABELS_TTL);
+                cache
+                    .get(&(namespace.clone(), name.clone()))
+                    .map(|(_, l)| l.clone())
+            };
+            let labels = match cached {
+                Some(labels) => labels,
+                None => {
+                    let on_name = ListParams::default().fields(&format!("metadata.name={name}"));
+                    let listed = Api::<Pod>::namespaced(self.client.clone(), &namespace)
+                        .list(&on_name)
+                        .await?;
+                    let labels = listed
+                        .items
+                        .into_iter()
+                        .next()
+                        .map(|p| p.metadata.labels.unwrap_or_default());
+                    self.pod_labels.lock().unwrap().insert(
+                        (namespace.clone(), name.clone()),
+                        (Instant::now(), labels.clone()),
+                    );
+                    labels
+                }
+            };
+            if let Some(labels) = labels {
+                known.insert((namespace, name), labels);
+            }
+        }
+        Ok(known)
+    }
+
     /// Stops watching the Pods of a node that is no longer draining, and forgets its
     /// backoff.
     fn forget_pods_on(&self, node: &str) {
@@ -163,6 +223,11 @@ pub enum Error {
     CachesNotReady,
 }
 
+/// A pod's labels, as read for `match.pods.selector`.
+type Labels = std::collections::BTreeMap<String, String>;
+/// How long a pod's labels are reused before they are read again.
+const POD_LABELS_TTL: Duration = Duration::from_secs(30);
+
 /// How often retention looks for reports to delete.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// Nodes per page of a consistent Node list.
@@ -203,6 +268,7 @@ pub async fn run(
         eviction_backoff: Mutex::default(),
         pod_watches: Mutex::default(),
         pod_changes,
+        pod_labels: Mutex::default(),
         written_status: Mutex::default(),
     });
     let retention_task = tokio::spawn(enforce_retention(context.clone(), retention));
@@ -439,10 +505,18 @@ fn views(
     selector: &Selector,
     nodes: &[Arc<Node>],
     reports: &[Arc<CachedReport>],
+    pod_labels: &HashMap<(String, String), Labels>,
 ) -> Vec<NodeView> {
     let mut by_node: HashMap<&str, Vec<ReportTimes>> = HashMap::new();
     let decoded = reports.iter().filter_map(|r| r.facts.as_ref().ok());
-    for facts in decoded.filter(|f| report_matches(&policy.spec, f)) {
+    let labels = |facts: &crate::reports::ReportFacts| {
+        facts
+            .pod
+            .as_ref()
+            .and_then(|p| pod_labels.get(&(p.namespace.clone(), p.name.clone())))
+            .map_or(PodLabels::Unknown, PodLabels::Known)
+    };
+    for facts in decoded.filter(|f| report_matches(&policy.spec, f, labels(f))) {
         by_node
             .entry(facts.node_name.as_str())
             .or_default()
@@ -477,6 +551,11 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
                 || Ok(Selector::default()),
                 |s| Selector::try_from(s).map_err(|e| format!("match.nodeSelector: {e}")),
             )?;
+            if let Some(pods) = policy.spec.selector.pods.as_ref()
+                && let Some(wanted) = pods.selector.clone()
+            {
+                Selector::try_from(wanted).map_err(|e| format!("match.pods.selector: {e}"))?;
+            }
             Ok((rules, selector))
         });
     let (rules, selector) = match checked {
@@ -495,13 +574,22 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
     };
 
     let reports = ctx.reports.state();
+    let pod_labels = ctx.labels_for(&policy, &reports).await?;
     let mut nodes = ctx.nodes.state();
-    let mut plan = plan(&rules, &views(&policy, &selector, &nodes, &reports), now);
+    let mut plan = plan(
+        &rules,
+        &views(&policy, &selector, &nodes, &reports, &pod_labels),
+        now,
+    );
     if !plan.changes.is_empty() {
         // Whatever writes is decided on a consistent read of the Nodes, not on the cache,
         // which may not show the last writes yet: the budget holds even then.
         nodes = list_nodes(&ctx.client).await?;
-        plan = crate::policy::plan::plan(&rules, &views(&policy, &selector, &nodes, &reports), now);
+        plan = crate::policy::plan::plan(
+            &rules,
+            &views(&policy, &selector, &nodes, &reports, &pod_labels),
+            now,
+        );
     }
     let draining: Vec<&str> = plan.drains.iter().map(|d| d.node.as_str()).collect();
     ctx.keep_drains(&name, &draining);

@@ -1208,3 +1208,42 @@ async fn expired_reports_and_reports_over_the_per_node_cap_are_deleted() {
         ) >= 1.0
     );
 }
+
+#[tokio::test]
+async fn a_pod_label_selector_opts_in_only_the_pods_it_selects() {
+    let Some(fixture) = Fixture::begin("podlabels").await else {
+        return;
+    };
+    let nodes = fixture.nodes(3).await;
+    let namespace = fixture.id.clone();
+    fixture
+        .cluster
+        .kubectl(&["create", "namespace", &namespace]);
+    let labelled = |app: &str| json!({"metadata": {"labels": {"app": app}}});
+    pod(&fixture, &namespace, "nbd", &nodes[0], labelled("nbd")).await;
+    pod(&fixture, &namespace, "web", &nodes[1], labelled("web")).await;
+    // Hangs of qemu-nbd in pod nbd (node 0), in pod web (node 1), and in a pod that is gone
+    // (node 2).
+    for (i, pod_name) in ["nbd", "web", "gone"].into_iter().enumerate() {
+        let in_pod = json!({"pod": {"namespace": namespace, "name": pod_name}});
+        let name = format!("{}.hungtask.{pod_name}", nodes[i]);
+        fixture
+            .report_with(&name, &nodes[i], "qemu-nbd", "HungTask", &[90, 60], in_pod)
+            .await;
+    }
+    let policy = fixture
+        .policy(
+            "podlabels",
+            json!({"match": {"pods": {"namespaces": [namespace], "selector": {"matchLabels": {"app": "nbd"}}}},
+                   "safety": {"maxUnavailable": 3}}),
+        )
+        .await;
+    let _operator = Operator::leading(&fixture, &[]).await;
+    eventually("the labelled pod's node cordoned", SOON, || async {
+        (fixture.cordoned().await == [nodes[0].clone()]).then_some(())
+    })
+    .await;
+    let status = reconciled(&fixture, &policy).await;
+    let names: Vec<String> = entries(&status).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, [nodes[0].clone()]);
+}

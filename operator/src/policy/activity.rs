@@ -1,8 +1,11 @@
 //! Occurrences in a window, from CrashReport counts and timestamps (a report stands for many
 //! occurrences of one fault, so counting objects would be wrong).
 
+use std::collections::BTreeMap;
+
 use crds::{CrashReportStatus, RemediationPolicySpec};
 use jiff::Timestamp;
+use kube::core::{Selector, SelectorExt};
 
 use crate::reports::ReportFacts;
 
@@ -76,10 +79,25 @@ impl ReportTimes {
     }
 }
 
+/// What is known of the labels of the pod a report names: `Unknown` when the policy
+/// needs them and they could not be read (the pod is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodLabels<'a> {
+    /// The pod's labels.
+    Known(&'a BTreeMap<String, String>),
+    /// Not read, or the pod is gone.
+    Unknown,
+}
+
 /// Whether a report counts against its node for a policy: its kind and identity (process
 /// name, binary path, build-id) match, and its process ran on the host, or in a pod the
-/// policy opts in. The node selector is applied to Nodes.
-pub fn report_matches(spec: &RemediationPolicySpec, report: &ReportFacts) -> bool {
+/// policy opts in (namespace, and labels when `pods.selector` is set: `labels` are the
+/// labels of the report's pod). The node selector is applied to Nodes.
+pub fn report_matches(
+    spec: &RemediationPolicySpec,
+    report: &ReportFacts,
+    labels: PodLabels<'_>,
+) -> bool {
     let selector = &spec.selector;
     let listed = |list: &[String], value: &Option<String>| {
         list.is_empty() || value.as_ref().is_some_and(|v| list.contains(v))
@@ -88,7 +106,14 @@ pub fn report_matches(spec: &RemediationPolicySpec, report: &ReportFacts) -> boo
         (None, _) => true,
         (Some(_), None) => false,
         (Some(pod), Some(pods)) => {
-            pods.namespaces.is_empty() || pods.namespaces.contains(&pod.namespace)
+            let labelled = match (&pods.selector, labels) {
+                (None, _) => true,
+                (Some(_), PodLabels::Unknown) => false,
+                (Some(wanted), PodLabels::Known(labels)) => {
+                    Selector::try_from(wanted.clone()).is_ok_and(|wanted| wanted.matches(labels))
+                }
+            };
+            (pods.namespaces.is_empty() || pods.namespaces.contains(&pod.namespace)) && labelled
         }
     };
     (selector.kinds.is_empty() || selector.kinds.contains(&report.kind))
@@ -213,43 +238,105 @@ mod tests {
     #[test]
     fn by_default_only_host_processes_count_and_pods_must_be_opted_in() {
         let plain = spec(serde_json::json!({"processNames": ["qemu-nbd"]}));
-        assert!(report_matches(&plain, &facts("qemu-nbd", None)));
+        assert!(report_matches(
+            &plain,
+            &facts("qemu-nbd", None),
+            PodLabels::Unknown
+        ));
         assert!(!report_matches(
             &plain,
-            &facts("qemu-nbd", Some(("evil", "p")))
+            &facts("qemu-nbd", Some(("evil", "p"))),
+            PodLabels::Unknown
         ));
-        assert!(!report_matches(&plain, &facts("other", None)));
+        assert!(!report_matches(
+            &plain,
+            &facts("other", None),
+            PodLabels::Unknown
+        ));
         let storage = spec(serde_json::json!({
             "processNames": ["qemu-nbd"], "pods": {"namespaces": ["storage"]}
         }));
         assert!(report_matches(
             &storage,
-            &facts("qemu-nbd", Some(("storage", "p")))
+            &facts("qemu-nbd", Some(("storage", "p"))),
+            PodLabels::Unknown
         ));
         assert!(!report_matches(
             &storage,
-            &facts("qemu-nbd", Some(("evil", "p")))
+            &facts("qemu-nbd", Some(("evil", "p"))),
+            PodLabels::Unknown
         ));
-        assert!(report_matches(&storage, &facts("qemu-nbd", None)));
+        assert!(report_matches(
+            &storage,
+            &facts("qemu-nbd", None),
+            PodLabels::Unknown
+        ));
         let any_pod = spec(serde_json::json!({"pods": {}}));
-        assert!(report_matches(&any_pod, &facts("x", Some(("evil", "p")))));
+        assert!(report_matches(
+            &any_pod,
+            &facts("x", Some(("evil", "p"))),
+            PodLabels::Unknown
+        ));
     }
 
     #[test]
     fn binary_paths_and_build_ids_must_match_when_given() {
         let by_path = spec(serde_json::json!({"binaryPaths": ["/usr/bin/qemu-nbd"]}));
-        assert!(report_matches(&by_path, &facts("renamed", None)));
+        assert!(report_matches(
+            &by_path,
+            &facts("renamed", None),
+            PodLabels::Unknown
+        ));
         let other_path = spec(serde_json::json!({"binaryPaths": ["/opt/qemu-nbd"]}));
-        assert!(!report_matches(&other_path, &facts("qemu-nbd", None)));
+        assert!(!report_matches(
+            &other_path,
+            &facts("qemu-nbd", None),
+            PodLabels::Unknown
+        ));
         let by_id = spec(serde_json::json!({"buildIds": ["ab12"], "processNames": ["qemu-nbd"]}));
-        assert!(report_matches(&by_id, &facts("qemu-nbd", None)));
+        assert!(report_matches(
+            &by_id,
+            &facts("qemu-nbd", None),
+            PodLabels::Unknown
+        ));
         let other_id = spec(serde_json::json!({"buildIds": ["cd34"]}));
-        assert!(!report_matches(&other_id, &facts("qemu-nbd", None)));
+        assert!(!report_matches(
+            &other_id,
+            &facts("qemu-nbd", None),
+            PodLabels::Unknown
+        ));
         let mut unsymbolized = facts("qemu-nbd", None);
         unsymbolized.build_id = None;
         assert!(
-            !report_matches(&by_id, &unsymbolized),
+            !report_matches(&by_id, &unsymbolized, PodLabels::Unknown),
             "an unknown build-id never matches a list"
         );
+    }
+
+    #[test]
+    fn a_pod_selector_needs_the_pods_labels() {
+        let labelled = spec(serde_json::json!({
+            "pods": {"namespaces": ["storage"], "selector": {"matchLabels": {"app": "nbd"}}}
+        }));
+        let in_pod = facts("qemu-nbd", Some(("storage", "p")));
+        let nbd = BTreeMap::from([("app".to_owned(), "nbd".to_owned())]);
+        let web = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        assert!(report_matches(&labelled, &in_pod, PodLabels::Known(&nbd)));
+        assert!(!report_matches(&labelled, &in_pod, PodLabels::Known(&web)));
+        assert!(
+            !report_matches(&labelled, &in_pod, PodLabels::Unknown),
+            "a gone pod"
+        );
+        let elsewhere = facts("qemu-nbd", Some(("other", "p")));
+        assert!(!report_matches(
+            &labelled,
+            &elsewhere,
+            PodLabels::Known(&nbd)
+        ));
+        assert!(report_matches(
+            &labelled,
+            &facts("qemu-nbd", None),
+            PodLabels::Unknown
+        ));
     }
 }
