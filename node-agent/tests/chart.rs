@@ -384,7 +384,8 @@ fn report_json(name: &str, node: &str, extra: &str) -> String {
     )
 }
 
-/// An events.k8s.io Event about `kind`/`name`, reported by `controller` on `instance`.
+/// An events.k8s.io Event in `namespace` about `kind`/`name` (`namespace/name` for a Pod),
+/// reported by `controller` on `instance`.
 fn event_json(
     namespace: &str,
     (kind, name): (&str, &str),
@@ -393,6 +394,7 @@ fn event_json(
     reason: &str,
 ) -> String {
     let id = format!("{:x}", jiff::Timestamp::now().as_nanosecond());
+    let (regarding_namespace, name) = name.split_once('/').unwrap_or(("", name));
     format!(
         r#"{{"apiVersion":"events.k8s.io/v1","kind":"Event",
            "metadata":{{"name":"cw-{id}","namespace":"{namespace}"}},
@@ -400,7 +402,7 @@ fn event_json(
            "action":"Reported","reason":"{reason}","type":"Normal","note":"test",
            "regarding":{{"apiVersion":"v1","kind":"{kind}","name":"{name}","namespace":"{}"}}}}"#,
         jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ"),
-        if kind == "Pod" { namespace } else { "" },
+        regarding_namespace,
     )
 }
 
@@ -458,21 +460,26 @@ fn agent_writes_only_its_own_nodes_reports(cluster: &ControlPlane, namespace: &s
         "B's own report",
         create(&token_b, &report_json(&own_b, &node_b, "")),
     );
-    let status = r#"{"status":{"count":2,"lastSeen":"2026-01-01T00:00:00Z"}}"#;
-    let patch_status = |token: &str, name: &str, patch: &str| {
+    let status = r#"{"count":2,"lastSeen":"2026-01-01T00:00:00Z"}"#;
+    // A server-side apply of the status, as the agent writes it (it may not read status).
+    let patch_status = |token: &str, name: &str, status: &str| {
+        let object = format!(
+            r#"{{"apiVersion":"crashwatch.dev/v1alpha1","kind":"CrashReport",
+               "metadata":{{"name":"{name}"}},"status":{status}}}"#
+        );
         as_agent(
             cluster,
             token,
             &[
-                "patch",
-                "crashreport",
-                name,
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=crashwatch-agent",
                 "--subresource=status",
-                "--type=merge",
-                "-p",
-                patch,
+                "-f",
+                "-",
             ],
-            "",
+            &object,
         )
     };
     allowed("A's own status", patch_status(&token_a, &own_a, status));
@@ -524,7 +531,7 @@ fn agent_writes_only_its_own_nodes_reports(cluster: &ControlPlane, namespace: &s
             &token_a,
             &event_json(
                 namespace,
-                ("Pod", "some-pod"),
+                ("Pod", &format!("{namespace}/some-pod")),
                 "crashwatch-agent",
                 &node_a,
                 "Segfault",
@@ -568,7 +575,7 @@ fn agent_writes_only_its_own_nodes_reports(cluster: &ControlPlane, namespace: &s
     );
     refused(
         "inflating B's status",
-        patch_status(&token_a, &own_b, r#"{"status":{"count":1000000}}"#),
+        patch_status(&token_a, &own_b, r#"{"count":1000000}"#),
         &format!("may not write a CrashReport about node \"{node_b}\""),
     );
     for name in [&own_a, &own_b] {
@@ -605,7 +612,7 @@ fn agent_writes_only_its_own_nodes_reports(cluster: &ControlPlane, namespace: &s
             &token_a,
             &event_json(
                 "default",
-                ("Pod", "elsewhere"),
+                ("Pod", &format!("{namespace}/elsewhere")),
                 "crashwatch-agent",
                 &node_a,
                 "Segfault",
