@@ -62,7 +62,7 @@ pub struct Context {
     pod_changes: tokio::sync::mpsc::UnboundedSender<()>,
     /// The labels of pods that reports name, read when a policy selects pods by label, for
     /// [`POD_LABELS_TTL`] (None: the pod is gone).
-    pod_labels: Mutex<HashMap<(String, String), (Instant, Option<Labels>)>>,
+    pod_labels: Mutex<HashMap<PodKey, (Instant, Option<Labels>)>>,
     /// The status node list this process last wrote, per policy uid.
     written_status: Mutex<HashMap<String, Vec<NodeRemediation>>>,
 }
@@ -128,7 +128,7 @@ impl Context {
         &self,
         policy: &RemediationPolicy,
         reports: &[Arc<CachedReport>],
-    ) -> Result<HashMap<(String, String), Labels>, Error> {
+    ) -> Result<HashMap<PodKey, Labels>, Error> {
         let Some(pods) = policy
             .spec
             .selector
@@ -138,7 +138,7 @@ impl Context {
         else {
             return Ok(HashMap::new());
         };
-        let wanted: HashSet<(String, String)> = reports
+        let wanted: HashSet<PodKey> = reports
             .iter()
             .filter_map(|r| r.facts.as_ref().ok()?.pod.as_ref())
             .filter(|p| pods.namespaces.is_empty() || pods.namespaces.contains(&p.namespace))
@@ -225,6 +225,8 @@ pub enum Error {
 
 /// A pod's labels, as read for `match.pods.selector`.
 type Labels = std::collections::BTreeMap<String, String>;
+/// A pod's namespace and name.
+type PodKey = (String, String);
 /// How long a pod's labels are reused before they are read again.
 const POD_LABELS_TTL: Duration = Duration::from_secs(30);
 
@@ -505,7 +507,7 @@ fn views(
     selector: &Selector,
     nodes: &[Arc<Node>],
     reports: &[Arc<CachedReport>],
-    pod_labels: &HashMap<(String, String), Labels>,
+    pod_labels: &HashMap<PodKey, Labels>,
 ) -> Vec<NodeView> {
     let mut by_node: HashMap<&str, Vec<ReportTimes>> = HashMap::new();
     let decoded = reports.iter().filter_map(|r| r.facts.as_ref().ok());
