@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${NODES:-5000}
 reports=${REPORTS:-50000}
-hot=${HOT:-1000}
+hot=${HOT:-997}  # prime to NODES: the recent reports land on distinct nodes
 pods=${PODS:-3}
 seconds=${SECONDS_TO_RUN:-60}
 cargo build --release -p operator --quiet
@@ -115,4 +115,4 @@ wait "$time_pid" || true
 peak=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$log")
 cpu_user=$(awk -F': ' '/User time/ {print $2}' "$log")
 cpu_sys=$(awk -F': ' '/System time/ {print $2}' "$log")
-echo "operator with $nodes Nodes and $reports CrashReports ($((reports / hot)) recent, $pods pods on each of their nodes): peak RSS $((peak / 1024)) MiB, settled RSS $((settled / 1024)) MiB after ${seconds}s, $((final / 1024)) MiB at the end; CPU ${cpu_user}s user + ${cpu_sys}s system; policy reconciled (generation ${reconciled:-none}); nodes by state:${draining}; Pod watches open: ${watches:-?}; threshold → cordon: ${latency}"
+echo "operator with $nodes Nodes and $reports CrashReports ($(( (reports + hot - 1) / hot )) recent, $pods pods on each of their nodes): peak RSS $((peak / 1024)) MiB, settled RSS $((settled / 1024)) MiB after ${seconds}s, $((final / 1024)) MiB at the end; CPU ${cpu_user}s user + ${cpu_sys}s system; policy reconciled (generation ${reconciled:-none}); nodes by state:${draining}; Pod watches open: ${watches:-?}; threshold → cordon: ${latency}"
