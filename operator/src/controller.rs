@@ -441,15 +441,20 @@ async fn list_nodes(client: &Client) -> Result<Vec<Arc<Node>>, Error> {
 
 /// Deletes, every [`RETENTION_EVERY`], the reports retention gives up. Each delete is
 /// conditional on the version read, so a report that just saw a new occurrence stays.
+/// Also frees the Pod watches of deleted policies' drains.
 async fn enforce_retention(ctx: Arc<Context>, rules: Retention) {
     let api = Api::<crds::CrashReport>::all(ctx.client.clone());
     let mut ticker = tokio::time::interval(RETENTION_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if ctx.reports.wait_until_ready().await.is_err() {
+        if ctx.reports.wait_until_ready().await.is_err()
+            || ctx.policies.wait_until_ready().await.is_err()
+        {
             return;
         }
+        // A deleted policy is never reconciled again: free the Pod watches of its drains.
+        ctx.keep_drains("", &[]);
         let reports = ctx.reports.state();
         let by_name: HashMap<&str, &CachedReport> = reports
             .iter()
