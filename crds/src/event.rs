@@ -96,7 +96,8 @@ impl JsonSchema for Address {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
-            "pattern": "^0x[0-9a-f]+$",
+            "pattern": "^0x[0-9a-f]{1,16}$",
+            "maxLength": 2 + crate::bounds::ADDRESS_DIGITS,
             "description": "An address or offset in hexadecimal, such as 0x7f3a12c4d1c7."
         })
     }
@@ -126,15 +127,19 @@ impl<'de> Deserialize<'de> for Address {
 pub struct Frame {
     /// The (demangled) function name.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::TEXT_LEN))]
     pub function: Option<String>,
     /// The source file.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::PATH_LEN))]
     pub file: Option<String>,
     /// The source line.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = u32::MAX))]
     pub line: Option<u32>,
     /// The source column.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = u32::MAX))]
     pub column: Option<u32>,
     /// Whether this frame was inlined into the next one.
     #[serde(default)]
@@ -148,15 +153,51 @@ pub struct Frame {
 pub struct PointerAccess {
     /// The C expression of the pointer, for example `bs->drv`, when it could be traced.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::TEXT_LEN))]
     pub pointer: Option<String>,
     /// The member accessed through it, for example `bdrv_co_flush` or `stats.writes`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::TEXT_LEN))]
     pub member: Option<String>,
     /// The offset of the access from the pointer.
     pub offset: Address,
     /// Whether the access wrote (else it read).
     #[serde(default)]
     pub write: bool,
+}
+
+/// The pod a process ran in (from its cgroup), when it ran in one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    /// The pod's namespace.
+    #[schemars(length(max = crate::bounds::LABEL_LEN))]
+    pub namespace: String,
+    /// The pod's name.
+    #[schemars(length(max = crate::bounds::NAME_LEN))]
+    pub name: String,
+    /// The pod's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::NAME_LEN))]
+    pub uid: Option<String>,
+}
+
+/// The container a process ran in, when it ran in one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerRef {
+    /// The container's name in its pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::LABEL_LEN))]
+    pub name: Option<String>,
+    /// The runtime's container id, for example `containerd://…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::CONTAINER_ID_LEN))]
+    pub id: Option<String>,
+    /// The container's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::PATH_LEN))]
+    pub image: Option<String>,
 }
 
 /// One recognised crash or hang, built from one or more kernel log records.
@@ -167,9 +208,11 @@ pub struct CrashEvent {
     pub kind: EventKind,
     /// The task name (`task->comm`, at most 15 bytes; the thread name for threads).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::COMM_LEN))]
     pub comm: Option<String>,
     /// The id the kernel printed: for threads this is the thread id.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = crate::bounds::PID_MAX))]
     pub pid: Option<u32>,
     /// The faulting data address (CR2 on x86, FAR on arm64).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,6 +228,7 @@ pub struct CrashEvent {
     pub error_code: Option<u64>,
     /// The decoded error code, for example `["user", "read", "not-present"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::bounds::ERROR_BITS), inner(length(max = crate::bounds::WORD_LEN)))]
     pub error_bits: Vec<String>,
     /// powerpc: the next-instruction pointer the kernel printed (`nip`), also in `ip`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +250,7 @@ pub struct CrashEvent {
     pub ilc: Option<u64>,
     /// The file name the kernel printed in brackets after ` in `.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::PATH_LEN))]
     pub module: Option<String>,
     /// The file offset of `ip` inside `module`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -218,45 +263,56 @@ pub struct CrashEvent {
     pub vma_size: Option<Address>,
     /// The CPU the fault was taken on.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = crate::bounds::CPU_MAX))]
     pub cpu: Option<u32>,
     /// The `Code:` bytes as printed, with the faulting byte in `<…>`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::TEXT_LEN))]
     pub code: Option<String>,
     /// How long a hung task had been blocked when it was reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_seconds: Option<u64>,
     /// Where a hung task sleeps in the kernel (`/proc/PID/wchan`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::WORD_LEN))]
     pub wchan: Option<String>,
     /// The kernel stack of a hung task or an oops, innermost first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::bounds::KERNEL_STACK_FRAMES), inner(length(max = crate::bounds::LINE_LEN)))]
     pub kernel_stack: Vec<String>,
     /// How a hang was detected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detected_by: Option<DetectedBy>,
     /// The block device of an nbd error, for example `nbd0`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::WORD_LEN))]
     pub device: Option<String>,
     /// The pid the OOM killer killed.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = crate::bounds::PID_MAX))]
     pub victim_pid: Option<u32>,
     /// The name of the process the OOM killer killed.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::COMM_LEN))]
     pub victim_comm: Option<String>,
     /// The path of the binary used for symbolization.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::PATH_LEN))]
     pub binary_path: Option<String>,
     /// The GNU build-id of that binary, in hex.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::BUILD_ID_LEN), regex(pattern = r"^[0-9a-f]*$"))]
     pub build_id: Option<String>,
     /// Whether the `Code:` bytes equal the binary's bytes at `moduleOffset`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binary_matches: Option<bool>,
     /// Source frames of `ip`, innermost (inlined) first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::bounds::FRAMES))]
     pub frames: Vec<Frame>,
     /// The faulting instruction in Intel syntax.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::TEXT_LEN))]
     pub instruction: Option<String>,
     /// What the faulting instruction accessed, in source terms, when debug information
     /// tells.
@@ -264,15 +320,24 @@ pub struct CrashEvent {
     pub access: Option<PointerAccess>,
     /// One or two plain sentences saying what went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::TEXT_LEN))]
     pub explanation: Option<String>,
     /// When the first record of the event was logged (RFC 3339), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::WORD_LEN))]
     pub timestamp: Option<String>,
     /// The `/dev/kmsg` sequence number of the event's first record, when read from there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kmsg_seq: Option<u64>,
+    /// The pod the process ran in; absent for a process on the host, outside any pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// The container the process ran in; absent for a process on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
     /// The kernel lines the event was built from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::bounds::RAW_LINES), inner(length(max = crate::bounds::LINE_LEN)))]
     pub raw: Vec<String>,
 }
 
@@ -316,6 +381,8 @@ impl CrashEvent {
             explanation: None,
             timestamp: None,
             kmsg_seq: None,
+            pod: None,
+            container: None,
             raw: Vec::new(),
         }
     }

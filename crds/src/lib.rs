@@ -6,13 +6,16 @@
 
 #![warn(missing_docs)]
 
+pub mod bounds;
 pub mod event;
 pub mod policy;
 pub mod report;
 
-pub use event::{Address, CrashEvent, DetectedBy, EventKind, Frame, PointerAccess};
+pub use event::{
+    Address, ContainerRef, CrashEvent, DetectedBy, EventKind, Frame, PodRef, PointerAccess,
+};
 pub use policy::{RemediationPolicy, RemediationPolicySpec, RemediationPolicyStatus};
-pub use report::{CrashReport, CrashReportSpec, CrashReportStatus, Occurrence};
+pub use report::{Bucket, CrashReport, CrashReportSpec, CrashReportStatus, Occurrence};
 
 /// Every CRD of the API, as YAML documents separated by `---`: what `crashwatch-operator
 /// crds` prints and what `crds/crds.yaml` and the chart hold.

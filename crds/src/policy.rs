@@ -7,6 +7,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::bounds::{self, MATCH_ITEMS};
 use crate::event::EventKind;
 
 /// A Go-style duration such as `90s`, `10m` or `1h30m`.
@@ -51,19 +52,49 @@ pub struct RemediationPolicySpec {
     pub recovery: Option<Recovery>,
 }
 
-/// Which reports match a policy. Empty lists match everything.
+/// Which reports match a policy. Empty lists match everything. The identity lists
+/// (`processNames`, `binaryPaths`, `buildIds`) must each match when given.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportSelector {
     /// Process names (the kernel's `comm`, up to 15 characters), for example `qemu-nbd`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MATCH_ITEMS), inner(length(max = bounds::COMM_LEN)))]
     pub process_names: Vec<String>,
+    /// Paths of the crashed binary as the agent found it (`binaryPath`), for example
+    /// `/usr/bin/qemu-nbd`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MATCH_ITEMS), inner(length(max = bounds::PATH_LEN)))]
+    pub binary_paths: Vec<String>,
+    /// GNU build-ids of the crashed binary, in lowercase hex.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MATCH_ITEMS), inner(length(max = bounds::BUILD_ID_LEN)))]
+    pub build_ids: Vec<String>,
     /// Event kinds, for example `HungTask` and `Segfault`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MATCH_ITEMS))]
     pub kinds: Vec<EventKind>,
+    /// Opts processes in pods in. Without it only processes on the host, outside any pod,
+    /// count: a pod can name its process anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodSelector>,
     /// The nodes the policy covers (all nodes when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
+}
+
+/// Which pods' processes count.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSelector {
+    /// The namespaces whose pods count (every namespace when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MATCH_ITEMS), inner(length(max = bounds::LABEL_LEN)))]
+    pub namespaces: Vec<String>,
+    /// The labels those pods must have. The operator reads each Pod's labels when it
+    /// plans; a pod that is gone does not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
 }
 
 /// How many occurrences within which window.
@@ -144,6 +175,14 @@ pub struct DrainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub grace_period_seconds: Option<i64>,
+    /// Evict pods that no controller manages (bare pods), which are gone for good
+    /// afterwards, as `kubectl drain --force`. Without it such a pod blocks the drain.
+    #[serde(default)]
+    pub force: bool,
+    /// Evict pods with `emptyDir` volumes, whose data is lost, as `kubectl drain
+    /// --delete-emptydir-data`. Without it such a pod blocks the drain.
+    #[serde(default)]
+    pub delete_empty_dir_data: bool,
 }
 
 fn default_drain_timeout() -> String {

@@ -4,7 +4,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{CrashEvent, EventKind};
+use crate::bounds;
+use crate::event::{ContainerRef, CrashEvent, EventKind, PodRef};
 
 /// How many recent occurrences a report keeps in its status.
 pub const RECENT_OCCURRENCES: usize = 5;
@@ -31,10 +32,12 @@ pub const RECENT_OCCURRENCES: usize = 5;
 #[serde(rename_all = "camelCase")]
 pub struct CrashReportSpec {
     /// The node the crash or hang happened on.
+    #[schemars(length(min = 1, max = bounds::NAME_LEN))]
     pub node_name: String,
     /// Where it happened, for people: `function file:line`, or `module+offset` without
     /// debug information.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::TEXT_LEN))]
     pub location: Option<String>,
     /// The event, with the field names of `crashwatch-agent explain --json`.
     #[serde(flatten)]
@@ -50,12 +53,15 @@ pub struct CrashReportStatus {
     pub count: u64,
     /// When it was first seen (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::WORD_LEN))]
     pub first_seen: Option<String>,
     /// When it was last seen (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::WORD_LEN))]
     pub last_seen: Option<String>,
     /// The boot of the node whose kernel log `lastKmsgSeq` refers to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::WORD_LEN))]
     pub boot_id: Option<String>,
     /// The kernel log sequence number of the last occurrence counted: occurrences at or
     /// before it in the same boot are never counted twice.
@@ -65,6 +71,92 @@ pub struct CrashReportStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 5))]
     pub recent: Vec<Occurrence>,
+    /// Every occurrence counted, per time bucket, oldest first: minutes for the last hour,
+    /// hours for the last week, days before (see [`add_to_buckets`]). Thresholds of any
+    /// size are counted from these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::BUCKETS))]
+    pub buckets: Vec<Bucket>,
+}
+
+/// How many occurrences fell in `[start, start + seconds)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Bucket {
+    /// The bucket's start (RFC 3339, UTC), a multiple of its width.
+    #[schemars(length(max = bounds::WORD_LEN))]
+    pub start: String,
+    /// Its width: 60, 3600 or 86400.
+    #[schemars(range(min = 1, max = 86_400))]
+    pub seconds: u32,
+    /// The occurrences in it.
+    #[schemars(range(min = 1))]
+    pub count: u64,
+}
+
+/// How long occurrences are kept per minute.
+const MINUTES_FOR: i64 = 3_600;
+/// How long occurrences are kept per hour (older ones per day).
+const HOURS_FOR: i64 = 7 * 86_400;
+
+/// The width a bucket of occurrences gets once `age` seconds have passed since its end.
+fn width_at(age: i64) -> i64 {
+    if age < MINUTES_FOR {
+        60
+    } else if age < HOURS_FOR {
+        3_600
+    } else {
+        86_400
+    }
+}
+
+/// Counts one occurrence at `time` in `buckets` (oldest first) and coarsens the buckets
+/// that aged: per minute for the last hour, per hour for the last week, per day before, at
+/// most [`bounds::BUCKETS`] (the oldest days go first). Buckets whose start does not parse
+/// are dropped. Every occurrence in a bucket is at or after its start, so a sum over the
+/// buckets that start after some instant is a lower bound of the occurrences after it.
+pub fn add_to_buckets(buckets: &mut Vec<Bucket>, time: jiff::Timestamp) {
+    let mut parsed: Vec<(i64, i64, u64)> = buckets
+        .iter()
+        .filter_map(|b| {
+            let start = b.start.parse::<jiff::Timestamp>().ok()?.as_second();
+            Some((start, i64::from(b.seconds.max(1)), b.count))
+        })
+        .collect();
+    let t = time.as_second();
+    match parsed.iter_mut().find(|(s, w, _)| *s <= t && t < s + w) {
+        Some(bucket) => bucket.2 += 1,
+        None => parsed.push((t - t.rem_euclid(60), 60, 1)),
+    }
+    let now = parsed
+        .iter()
+        .map(|(s, w, _)| s + w)
+        .max()
+        .unwrap_or(t)
+        .max(t);
+    let mut merged: Vec<(i64, i64, u64)> = Vec::new();
+    parsed.sort_by_key(|b| b.0);
+    for (start, width, count) in parsed {
+        let wanted = width_at(now - (start + width)).max(width);
+        let start = start - start.rem_euclid(wanted);
+        match merged.last_mut() {
+            Some(last) if last.0 == start && last.1 == wanted => last.2 += count,
+            Some(last) if start < last.0 + last.1 => last.2 += count,
+            _ => merged.push((start, wanted, count)),
+        }
+    }
+    let excess = merged.len().saturating_sub(bounds::BUCKETS);
+    merged.drain(..excess);
+    *buckets = merged
+        .into_iter()
+        .filter_map(|(start, width, count)| {
+            Some(Bucket {
+                start: jiff::Timestamp::from_second(start).ok()?.to_string(),
+                seconds: u32::try_from(width).ok()?,
+                count,
+            })
+        })
+        .collect();
 }
 
 /// One occurrence of a reported fingerprint.
@@ -73,16 +165,25 @@ pub struct CrashReportStatus {
 pub struct Occurrence {
     /// When it happened (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::WORD_LEN))]
     pub time: Option<String>,
     /// The process (or thread) id the kernel printed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = bounds::PID_MAX))]
     pub pid: Option<u32>,
     /// The kernel log sequence number of its first record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kmsg_seq: Option<u64>,
     /// Its first kernel line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bounds::LINE_LEN))]
     pub line: Option<String>,
+    /// The pod the process ran in; absent on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// The container the process ran in; absent on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
 }
 
 /// What makes two events the same fault: node, kind, module identity (build-id, or the
@@ -181,6 +282,75 @@ mod tests {
         let mut with_build_id = segfault(0x761c7, 1);
         with_build_id.build_id = Some("ab12".into());
         assert_ne!(a, report_name("node-1", &with_build_id));
+    }
+
+    fn at(second: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(1_800_000_000 + second).unwrap()
+    }
+
+    fn after(buckets: &[Bucket], since: jiff::Timestamp) -> u64 {
+        buckets
+            .iter()
+            .filter(|b| b.start.parse::<jiff::Timestamp>().unwrap() > since)
+            .map(|b| b.count)
+            .sum()
+    }
+
+    #[test]
+    fn buckets_keep_every_occurrence_of_the_last_hour_per_minute() {
+        let mut buckets = Vec::new();
+        // A fault first seen three days ago, then ten times in the last ten minutes.
+        add_to_buckets(&mut buckets, at(-3 * 86_400));
+        for minute in 0..10 {
+            add_to_buckets(&mut buckets, at(-600 + minute * 60 + 5));
+        }
+        // Two in the same minute share a bucket.
+        add_to_buckets(&mut buckets, at(-600 + 9 * 60 + 30));
+        assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 12);
+        assert_eq!(after(&buckets, at(-1_800)), 11);
+        assert_eq!(after(&buckets, at(-3 * 86_400 - 60)), 12);
+        assert!(buckets.iter().rev().take(10).all(|b| b.seconds == 60));
+        assert_eq!(buckets.first().unwrap().seconds, 3_600, "{buckets:?}");
+    }
+
+    #[test]
+    fn aged_buckets_coarsen_and_the_count_is_kept() {
+        let mut buckets = Vec::new();
+        // One occurrence every 10 minutes for 10 days.
+        let total = 10 * 144;
+        for i in 0..total {
+            add_to_buckets(&mut buckets, at(i * 600));
+        }
+        assert!(buckets.len() <= bounds::BUCKETS, "{}", buckets.len());
+        assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), total as u64);
+        let widths: Vec<u32> = buckets.iter().map(|b| b.seconds).collect();
+        assert!(
+            widths.is_sorted_by(|a, b| a >= b),
+            "oldest are coarsest: {widths:?}"
+        );
+        assert!(widths.contains(&86_400) && widths.contains(&3_600) && widths.contains(&60));
+        // The last hour is exact to the minute: 6 occurrences.
+        let last = at((total - 1) * 600);
+        assert_eq!(
+            after(&buckets, last - jiff::SignedDuration::from_secs(3_600)),
+            6
+        );
+    }
+
+    #[test]
+    fn at_most_the_bound_of_buckets_is_kept_dropping_the_oldest() {
+        let mut buckets = Vec::new();
+        for day in 0..400 {
+            add_to_buckets(&mut buckets, at(day * 86_400));
+        }
+        assert_eq!(buckets.len(), bounds::BUCKETS);
+        // 1_800_000_000 is a whole minute: the newest bucket starts at the last day.
+        assert_eq!(buckets.last().unwrap().start, at(399 * 86_400).to_string());
+        // One bucket per day; the 144 oldest days went. Old buckets are whole UTC days.
+        assert_eq!(
+            buckets.first().unwrap().start,
+            at(144 * 86_400).strftime("%Y-%m-%dT00:00:00Z").to_string()
+        );
     }
 
     #[test]

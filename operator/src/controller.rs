@@ -3,12 +3,12 @@
 //! read back from the Nodes' ledgers and the policy's status, so a restart (or a new
 //! leader) continues where the last one stopped and repeats nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crds::policy::{NodeRemediation, RemediationState};
-use crds::{CrashReport, RemediationPolicy, RemediationPolicyStatus};
+use crds::{RemediationPolicy, RemediationPolicyStatus};
 use futures::{Stream, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
@@ -23,11 +23,13 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::metrics::OperatorMetrics;
-use crate::policy::activity::{ReportTimes, report_matches};
-use crate::policy::ledger::{DrainPhase, ReleasedBy};
+use crate::policy::activity::{PodLabels, ReportTimes, report_matches};
+use crate::policy::ledger::{DrainPhase, LEDGER_ANNOTATION, ReleasedBy};
 use crate::policy::plan::{BlockReason, Change, ChangeKind, NodeView, Plan, Rules, plan, verb};
+use crate::policy::retention::{self, Held, Retention};
 use crate::policy::status::{carry_since, news};
 use crate::remediate::{drain, node};
+use crate::reports::CachedReport;
 
 /// How often a draining node is looked at while its pods go, besides whenever its Pod
 /// watch reports a change.
@@ -46,16 +48,21 @@ pub struct Context {
     /// A client that does not retry 429s itself: a disruption budget's refusal comes back
     /// at once, to be shown in the status and retried with this controller's backoff.
     eviction_client: Client,
-    reports: Store<CrashReport>,
+    reports: Store<CachedReport>,
     nodes: Store<Node>,
+    policies: Store<RemediationPolicy>,
     recorder: Recorder,
     metrics: Arc<OperatorMetrics>,
     eviction_backoff: Mutex<HashMap<String, Duration>>,
     /// A Pod watch per draining node (field selector `spec.nodeName`), so that the
-    /// cluster's other Pods never sit in memory.
+    /// cluster's other Pods never sit in memory. Freed with the node's backoff when no
+    /// policy drains the node any more, whatever the reason.
     pod_watches: Mutex<HashMap<String, PodWatch>>,
     /// Ticks when a watched Pod changes: every policy is reconciled again.
     pod_changes: tokio::sync::mpsc::UnboundedSender<()>,
+    /// The labels of pods that reports name, read when a policy selects pods by label, for
+    /// [`POD_LABELS_TTL`] (None: the pod is gone).
+    pod_labels: Mutex<HashMap<PodKey, (Instant, Option<Labels>)>>,
     /// The status node list this process last wrote, per policy uid.
     written_status: Mutex<HashMap<String, Vec<NodeRemediation>>>,
     /// This operator's own pod (namespace, name): a drain leaves its replicas in place.
@@ -66,6 +73,8 @@ pub struct Context {
 struct PodWatch {
     pods: Store<Pod>,
     task: tokio::task::JoinHandle<()>,
+    /// The policies draining the node.
+    drained_by: BTreeSet<String>,
 }
 
 impl Drop for PodWatch {
@@ -75,8 +84,8 @@ impl Drop for PodWatch {
 }
 
 impl Context {
-    /// The Pods on `node`, from its watch, started on first use.
-    async fn pods_on(&self, node: &str) -> Result<Vec<Arc<Pod>>, Error> {
+    /// The Pods on `node`, from its watch, started on first use, for `policy`'s drain.
+    async fn pods_on(&self, node: &str, policy: &str) -> Result<Vec<Arc<Pod>>, Error> {
         let pods = {
             let mut watches = self.pod_watches.lock().unwrap();
             let watch = watches.entry(node.to_owned()).or_insert_with(|| {
@@ -97,9 +106,16 @@ impl Context {
                         }
                     }
                 });
-                PodWatch { pods, task }
+                PodWatch {
+                    pods,
+                    task,
+                    drained_by: BTreeSet::new(),
+                }
             });
-            watch.pods.clone()
+            watch.drained_by.insert(policy.to_owned());
+            let pods = watch.pods.clone();
+            self.metrics.drain_pod_watches.set(watches.len() as i64);
+            pods
         };
         tokio::time::timeout(Duration::from_secs(30), pods.wait_until_ready())
             .await
@@ -108,9 +124,92 @@ impl Context {
         Ok(pods.state())
     }
 
-    /// Stops watching the Pods of a node that is no longer draining.
+    /// The labels of the pods that `reports` name in the namespaces `policy` opts in, when
+    /// it selects pods by label (read with a list by name, cached for [`POD_LABELS_TTL`]).
+    async fn labels_for(
+        &self,
+        policy: &RemediationPolicy,
+        reports: &[Arc<CachedReport>],
+    ) -> Result<HashMap<PodKey, Labels>, Error> {
+        let Some(pods) = policy
+            .spec
+            .selector
+            .pods
+            .as_ref()
+            .filter(|p| p.selector.is_some())
+        else {
+            return Ok(HashMap::new());
+        };
+        let wanted: HashSet<PodKey> = reports
+            .iter()
+            .filter_map(|r| r.facts.as_ref().ok()?.pod.as_ref())
+            .filter(|p| pods.namespaces.is_empty() || pods.namespaces.contains(&p.namespace))
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .collect();
+        let mut known = HashMap::new();
+        for (namespace, name) in wanted {
+            let cached = {
+                let mut cache = self.pod_labels.lock().unwrap();
+                cache.retain(|_, (read, _)| read.elapsed() < POD_LABELS_TTL);
+                cache
+                    .get(&(namespace.clone(), name.clone()))
+                    .map(|(_, l)| l.clone())
+            };
+            let labels = match cached {
+                Some(labels) => labels,
+                None => {
+                    let on_name = ListParams::default().fields(&format!("metadata.name={name}"));
+                    let listed = Api::<Pod>::namespaced(self.client.clone(), &namespace)
+                        .list(&on_name)
+                        .await?;
+                    let labels = listed
+                        .items
+                        .into_iter()
+                        .next()
+                        .map(|p| p.metadata.labels.unwrap_or_default());
+                    self.pod_labels.lock().unwrap().insert(
+                        (namespace.clone(), name.clone()),
+                        (Instant::now(), labels.clone()),
+                    );
+                    labels
+                }
+            };
+            if let Some(labels) = labels {
+                known.insert((namespace, name), labels);
+            }
+        }
+        Ok(known)
+    }
+
+    /// Stops watching the Pods of a node that is no longer draining, and forgets its
+    /// backoff.
     fn forget_pods_on(&self, node: &str) {
-        self.pod_watches.lock().unwrap().remove(node);
+        let mut watches = self.pod_watches.lock().unwrap();
+        watches.remove(node);
+        self.metrics.drain_pod_watches.set(watches.len() as i64);
+        self.eviction_backoff.lock().unwrap().remove(node);
+    }
+
+    /// `policy` drains only `draining` now: every other node's watch loses it, and a watch
+    /// that no policy needs any more is freed with its backoff. Policies that no longer
+    /// exist lose their watches too.
+    fn keep_drains(&self, policy: &str, draining: &[&str]) {
+        let live: HashSet<String> = self.policies.state().iter().map(|p| p.name_any()).collect();
+        let mut watches = self.pod_watches.lock().unwrap();
+        let mut backoff = self.eviction_backoff.lock().unwrap();
+        watches.retain(|node, watch| {
+            watch
+                .drained_by
+                .retain(|p| live.contains(p) && (p != policy || draining.contains(&node.as_str())));
+            let keep = !watch.drained_by.is_empty();
+            if !keep {
+                backoff.remove(node);
+                tracing::debug!(%node, "stopped watching the Pods of a node no policy drains");
+            }
+            keep
+        });
+        backoff.retain(|node, _| watches.contains_key(node));
+        self.metrics.drain_pod_watches.set(watches.len() as i64);
     }
 }
 
@@ -126,6 +225,18 @@ pub enum Error {
     CachesNotReady,
 }
 
+/// A pod's labels, as read for `match.pods.selector`.
+type Labels = std::collections::BTreeMap<String, String>;
+/// A pod's namespace and name.
+type PodKey = (String, String);
+/// How long a pod's labels are reused before they are read again.
+const POD_LABELS_TTL: Duration = Duration::from_secs(30);
+
+/// How often retention looks for reports to delete.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Nodes per page of a consistent Node list.
+const NODE_PAGE: u32 = 500;
+
 /// Runs the controller until `shutdown` resolves.
 /// `identity` is this replica's name in the Lease, its pod's name in `namespace` in a cluster.
 pub async fn run(
@@ -134,10 +245,9 @@ pub async fn run(
     namespace: &str,
     identity: &str,
     metrics: Arc<OperatorMetrics>,
+    retention: Retention,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let (reports, report_changes) = cached::<CrashReport>(&client);
-    let (nodes, node_changes) = cached::<Node>(&client);
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -145,69 +255,255 @@ pub async fn run(
             instance: Some(identity.to_owned()),
         },
     );
+    let (reports, report_changes) = cached_reports(&client, recorder.clone(), metrics.clone());
+    let (nodes, node_changes) = cached_nodes(&client);
     let (pod_changes, mut pod_ticks) = tokio::sync::mpsc::unbounded_channel();
     let pod_changes_stream = futures::stream::poll_fn(move |cx| pod_ticks.poll_recv(cx));
+    let controller = Controller::new(
+        Api::<RemediationPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let context = Arc::new(Context {
         client: client.clone(),
         eviction_client,
         reports,
         nodes,
+        policies: controller.store(),
         recorder,
         metrics,
         eviction_backoff: Mutex::default(),
         pod_watches: Mutex::default(),
         pod_changes,
+        pod_labels: Mutex::default(),
         written_status: Mutex::default(),
         own_pod: (namespace.to_owned(), identity.to_owned()),
     });
-    Controller::new(
-        Api::<RemediationPolicy>::all(client),
-        watcher::Config::default(),
-    )
-    // One policy at a time: each decision sees the writes of the one before.
-    .with_config(controller::Config::default().concurrency(1))
-    .reconcile_all_on(report_changes)
-    .reconcile_all_on(node_changes)
-    .reconcile_all_on(pod_changes_stream)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, context)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::warn!(%error, "reconcile failed");
-        }
-    })
-    .await;
+    let retention_task = tokio::spawn(enforce_retention(context.clone(), retention));
+    controller
+        // One policy at a time: each decision sees the writes of the one before.
+        .with_config(controller::Config::default().concurrency(1))
+        .reconcile_all_on(report_changes)
+        .reconcile_all_on(node_changes)
+        .reconcile_all_on(pod_changes_stream)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::warn!(%error, "reconcile failed");
+            }
+        })
+        .await;
+    retention_task.abort();
     Ok(())
 }
 
-/// A cache of every `K`, and a stream that ticks whenever one changes.
-fn cached<K>(client: &Client) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
+/// Logs a watch failure and drops it (the watch retries with backoff).
+fn ok_or_log<K: Resource<DynamicType = ()>>(result: Result<K, watcher::Error>) -> Option<K> {
+    match result {
+        Ok(object) => Some(object),
+        Err(error) => {
+            tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+            None
+        }
+    }
+}
+
+/// The cache of every CrashReport, reduced to what the operator reads, and a stream that
+/// ticks whenever one changes. A report that does not decode is skipped by planning and
+/// reported once per version: a metric and a Warning Event about it.
+fn cached_reports(
+    client: &Client,
+    recorder: Recorder,
+    metrics: Arc<OperatorMetrics>,
+) -> (Store<CachedReport>, impl Stream<Item = ()> + Send + 'static) {
     let (store, writer) = reflector::store();
+    let reported: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
     let changes = reflector::reflector(
         writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+        watcher(
+            Api::<CachedReport>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
     .touched_objects()
-    .filter_map(|result| async move {
-        match result {
-            Ok(_) => Some(()),
-            Err(error) => {
-                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
-                None
+    .filter_map(|result| async move { ok_or_log(result) })
+    .then(move |report: CachedReport| {
+        let (recorder, metrics, reported) = (recorder.clone(), metrics.clone(), reported.clone());
+        async move {
+            let Err(problem) = &report.facts else {
+                return;
+            };
+            let key = (
+                report.metadata.uid.clone().unwrap_or_default(),
+                report.metadata.resource_version.clone().unwrap_or_default(),
+            );
+            if !reported.lock().unwrap().insert(key) {
+                return;
+            }
+            metrics.reports_undecodable.inc();
+            tracing::warn!(report = %report.name_any(), %problem, "skipping a CrashReport that does not decode");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "Undecodable".into(),
+                note: Some(
+                    format!("crashwatch-operator skips this CrashReport: {problem}")
+                        .chars()
+                        .take(1000)
+                        .collect(),
+                ),
+                action: "Read".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &report.object_ref(&())).await {
+                tracing::warn!(%error, "could not publish an Event");
             }
         }
     });
     (store, changes)
+}
+
+/// What of a Node planning and remediation read: the rest (managed fields, images,
+/// other annotations) is dropped before it is cached.
+fn slim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    if let Some(annotations) = node.metadata.annotations.as_mut() {
+        annotations.retain(|key, _| key == LEDGER_ANNOTATION);
+    }
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+        status.node_info = None;
+        status.daemon_endpoints = None;
+        status.addresses = None;
+        status.capacity = None;
+        status.allocatable = None;
+        status.config = None;
+        status.features = None;
+        status.runtime_handlers = None;
+    }
+}
+
+/// What of a Node can change a plan: labels, the ledger, schedulability, taints and
+/// readiness. A heartbeat changes none of these.
+fn node_fingerprint(node: &Node) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    node.metadata.labels.hash(&mut hasher);
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LEDGER_ANNOTATION))
+        .hash(&mut hasher);
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.unschedulable).hash(&mut hasher);
+    serde_json::to_string(&spec.and_then(|s| s.taints.as_ref()))
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| &c.status)
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// The cache of every Node, reduced by [`slim_node`], and a stream that ticks when a
+/// Node changes in a way that matters to a plan (not on heartbeats).
+fn cached_nodes(client: &Client) -> (Store<Node>, impl Stream<Item = ()> + Send + 'static) {
+    let (store, writer) = reflector::store();
+    let changes = reflector::reflector(
+        writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(slim_node),
+    )
+    .touched_objects()
+    .predicate_filter(node_fingerprint, Default::default())
+    .filter_map(|result| async move { ok_or_log(result).map(|_| ()) });
+    (store, changes)
+}
+
+/// Every Node, read consistently from the API server, a page at a time.
+async fn list_nodes(client: &Client) -> Result<Vec<Arc<Node>>, Error> {
+    let api = Api::<Node>::all(client.clone());
+    let mut nodes = Vec::new();
+    let mut params = ListParams::default().limit(NODE_PAGE);
+    loop {
+        let page = api.list(&params).await?;
+        nodes.extend(page.items.into_iter().map(|mut n| {
+            slim_node(&mut n);
+            Arc::new(n)
+        }));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(nodes),
+        }
+    }
+}
+
+/// Deletes, every [`RETENTION_EVERY`], the reports retention gives up. Each delete is
+/// conditional on the version read, so a report that just saw a new occurrence stays.
+/// Also frees the Pod watches of deleted policies' drains.
+async fn enforce_retention(ctx: Arc<Context>, rules: Retention) {
+    let api = Api::<crds::CrashReport>::all(ctx.client.clone());
+    let mut ticker = tokio::time::interval(RETENTION_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if ctx.reports.wait_until_ready().await.is_err()
+            || ctx.policies.wait_until_ready().await.is_err()
+        {
+            return;
+        }
+        // A deleted policy is never reconciled again: free the Pod watches of its drains.
+        ctx.keep_drains("", &[]);
+        let reports = ctx.reports.state();
+        let by_name: HashMap<&str, &CachedReport> = reports
+            .iter()
+            .filter_map(|r| Some((r.metadata.name.as_deref()?, &**r)))
+            .collect();
+        let held: Vec<Held> = reports
+            .iter()
+            .filter_map(|r| {
+                let facts = r.facts.as_ref().ok()?;
+                Some(Held {
+                    name: r.metadata.name.as_deref()?,
+                    node: &facts.node_name,
+                    last_seen: facts.last_seen(),
+                })
+            })
+            .collect();
+        let doomed = retention::to_delete(&held, Timestamp::now(), rules);
+        for (name, why) in doomed {
+            let Some(report) = by_name.get(name) else {
+                continue;
+            };
+            let params = kube::api::DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: report.metadata.uid.clone(),
+                    resource_version: report.metadata.resource_version.clone(),
+                }),
+                ..kube::api::DeleteParams::default()
+            };
+            match api.delete(name, &params).await {
+                Ok(_) => {
+                    ctx.metrics
+                        .reports_deleted
+                        .with_label_values(&[why.label()])
+                        .inc();
+                    tracing::info!(report = %name, reason = why.label(), "deleted a CrashReport");
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+                Err(error) => {
+                    tracing::warn!(report = %name, %error, "could not delete a CrashReport");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 fn error_policy(_: Arc<RemediationPolicy>, error: &Error, _: Arc<Context>) -> Action {
@@ -220,14 +516,23 @@ fn views(
     policy: &RemediationPolicy,
     selector: &Selector,
     nodes: &[Arc<Node>],
-    reports: &[Arc<CrashReport>],
+    reports: &[Arc<CachedReport>],
+    pod_labels: &HashMap<PodKey, Labels>,
 ) -> Vec<NodeView> {
     let mut by_node: HashMap<&str, Vec<ReportTimes>> = HashMap::new();
-    for report in reports.iter().filter(|r| report_matches(&policy.spec, r)) {
+    let decoded = reports.iter().filter_map(|r| r.facts.as_ref().ok());
+    let labels = |facts: &crate::reports::ReportFacts| {
+        facts
+            .pod
+            .as_ref()
+            .and_then(|p| pod_labels.get(&(p.namespace.clone(), p.name.clone())))
+            .map_or(PodLabels::Unknown, PodLabels::Known)
+    };
+    for facts in decoded.filter(|f| report_matches(&policy.spec, f, labels(f))) {
         by_node
-            .entry(report.spec.node_name.as_str())
+            .entry(facts.node_name.as_str())
             .or_default()
-            .push(ReportTimes::of(report));
+            .push(facts.times.clone());
     }
     nodes
         .iter()
@@ -258,11 +563,17 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
                 || Ok(Selector::default()),
                 |s| Selector::try_from(s).map_err(|e| format!("match.nodeSelector: {e}")),
             )?;
+            if let Some(pods) = policy.spec.selector.pods.as_ref()
+                && let Some(wanted) = pods.selector.clone()
+            {
+                Selector::try_from(wanted).map_err(|e| format!("match.pods.selector: {e}"))?;
+            }
             Ok((rules, selector))
         });
     let (rules, selector) = match checked {
         Ok(checked) => checked,
         Err(problem) => {
+            ctx.keep_drains(&name, &[]);
             write_status(
                 &ctx,
                 &policy,
@@ -275,17 +586,25 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
     };
 
     let reports = ctx.reports.state();
+    let pod_labels = ctx.labels_for(&policy, &reports).await?;
     let mut nodes = ctx.nodes.state();
-    let mut plan = plan(&rules, &views(&policy, &selector, &nodes, &reports), now);
-    if !plan.changes.is_empty() || !plan.drains.is_empty() {
+    let mut plan = plan(
+        &rules,
+        &views(&policy, &selector, &nodes, &reports, &pod_labels),
+        now,
+    );
+    if !plan.changes.is_empty() {
         // Whatever writes is decided on a consistent read of the Nodes, not on the cache,
         // which may not show the last writes yet: the budget holds even then.
-        let listed = Api::<Node>::all(ctx.client.clone())
-            .list(&ListParams::default())
-            .await?;
-        nodes = listed.items.into_iter().map(Arc::new).collect();
-        plan = crate::policy::plan::plan(&rules, &views(&policy, &selector, &nodes, &reports), now);
+        nodes = list_nodes(&ctx.client).await?;
+        plan = crate::policy::plan::plan(
+            &rules,
+            &views(&policy, &selector, &nodes, &reports, &pod_labels),
+            now,
+        );
     }
+    let draining: Vec<&str> = plan.drains.iter().map(|d| d.node.as_str()).collect();
+    ctx.keep_drains(&name, &draining);
     let mut latest: HashMap<String, Node> = nodes
         .iter()
         .filter(|n| {
@@ -357,23 +676,48 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             .drain
             .as_ref()
             .and_then(|d| d.grace_period_seconds);
-        let pods = ctx.pods_on(&order.node).await?;
+        let opt_ins = policy
+            .spec
+            .drain
+            .as_ref()
+            .map_or_else(Default::default, |d| drain::OptIns {
+                force: d.force,
+                delete_empty_dir_data: d.delete_empty_dir_data,
+            });
+        let pods = ctx.pods_on(&order.node, &name).await?;
         let own_pod = (ctx.own_pod.0.as_str(), ctx.own_pod.1.as_str());
-        let progress =
-            drain::step(&pods, own_pod, &ctx.eviction_client, &order.node, grace).await?;
+        let progress = drain::step(
+            &pods,
+            own_pod,
+            &ctx.eviction_client,
+            &order.node,
+            grace,
+            opt_ins,
+        )
+        .await?;
         let entry = plan.nodes.iter_mut().find(|n| n.name == order.node);
         match progress {
+            drain::Progress::Refused(pods) => {
+                requeue = requeue.min(DRAIN_POLL);
+                if let Some(entry) = entry {
+                    entry.state = RemediationState::Blocked;
+                    entry.reason = Some(BlockReason::Unevictable.because(&format!(
+                        "as kubectl drain, evicting nothing: {}",
+                        pods.join("; ")
+                    )));
+                }
+            }
             drain::Progress::Done => {
-                ctx.eviction_backoff.lock().unwrap().remove(&order.node);
                 ctx.forget_pods_on(&order.node);
-                let Some(current) = latest.get(&order.node) else {
-                    continue;
+                let current = match latest.get(&order.node) {
+                    Some(current) => current.clone(),
+                    None => node_api.get(&order.node).await?,
                 };
-                let mut ledger = node::ledger_of(current).0;
+                let mut ledger = node::ledger_of(&current).0;
                 if let Some(record) = ledger.get_mut(&name) {
                     record.drain = Some(DrainPhase::Drained);
                 }
-                node::write_ledger(&node_api, current, &ledger).await?;
+                node::write_ledger(&node_api, &current, &ledger).await?;
                 ctx.metrics
                     .remediations
                     .with_label_values(&["DrainComplete", "success"])

@@ -139,11 +139,17 @@ impl LeaseLock {
     {
         let retry = (self.duration / 5).max(Duration::from_millis(200));
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut renewed;
         loop {
-            match self.try_hold().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "cannot read the leader lease"),
+            let sent = Instant::now();
+            match tokio::time::timeout(self.request_deadline(), self.try_hold()).await {
+                Ok(Ok(true)) => {
+                    renewed = sent;
+                    break;
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "cannot read the leader lease"),
+                Err(_) => tracing::warn!("the leader lease request did not answer in time"),
             }
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -153,26 +159,34 @@ impl LeaseLock {
         tracing::info!(lease = %self.name, identity = %self.identity, "became the leader");
         metrics.leader.set(1);
         let renew_every = (self.duration / 3).max(Duration::from_millis(200));
+        let margin = self.margin();
+        let name = self.name.clone();
         let result = {
             let keep = async {
-                let mut renewed = Instant::now();
                 loop {
                     tokio::time::sleep(renew_every).await;
-                    match self.try_hold().await {
-                        Ok(true) => renewed = Instant::now(),
-                        Ok(false) => {
-                            return LostLease {
-                                name: self.name.clone(),
-                                why: "another replica holds it".into(),
-                            };
+                    // A follower takes over a lease duration after it saw the last renewal,
+                    // which it cannot have seen before that renewal was sent: this process
+                    // must have stopped acting by then, so every request ends before.
+                    let stop_by = renewed + self.duration.saturating_sub(margin);
+                    let sent = Instant::now();
+                    let left = stop_by.saturating_duration_since(sent);
+                    let lost = |why: String| LostLease {
+                        name: name.clone(),
+                        why,
+                    };
+                    match tokio::time::timeout(left, self.try_hold()).await {
+                        Ok(Ok(true)) => renewed = sent,
+                        Ok(Ok(false)) => return lost("another replica holds it".into()),
+                        Err(_) => {
+                            return lost(format!(
+                                "the API server did not answer the renewal within {left:?}, before the lease could pass to another replica"
+                            ));
                         }
-                        Err(error) if renewed.elapsed() + renew_every >= self.duration => {
-                            return LostLease {
-                                name: self.name.clone(),
-                                why: format!("not renewed in time: {error}"),
-                            };
+                        Ok(Err(error)) if Instant::now() + renew_every >= stop_by => {
+                            return lost(format!("not renewed in time: {error}"));
                         }
-                        Err(error) => {
+                        Ok(Err(error)) => {
                             tracing::warn!(%error, "renewing the leader lease failed; retrying")
                         }
                     }
@@ -183,13 +197,32 @@ impl LeaseLock {
                 lost = keep => Err(lost.into()),
             }
         };
+        // The work is dropped here: nothing acts any more.
         metrics.leader.set(0);
-        if result.is_ok()
-            && let Err(error) = self.release().await
+        if let Err(error) = &result
+            && error.is::<LostLease>()
         {
-            tracing::warn!(%error, "could not release the leader lease");
+            tracing::error!(%error, "stopped acting: no longer the leader");
+        }
+        if result.is_ok() {
+            match tokio::time::timeout(self.request_deadline(), self.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "could not release the leader lease"),
+                Err(_) => tracing::warn!("releasing the leader lease did not answer in time"),
+            }
         }
         result
+    }
+
+    /// How long before a follower could take over the leader stops: a tenth of the lease,
+    /// at least 100 ms.
+    fn margin(&self) -> Duration {
+        (self.duration / 10).max(Duration::from_millis(100))
+    }
+
+    /// The deadline of a request made while not leading: shorter than the lease.
+    fn request_deadline(&self) -> Duration {
+        self.duration.saturating_sub(self.margin())
     }
 }
 

@@ -10,3 +10,4 @@ pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod remediate;
+pub mod reports;

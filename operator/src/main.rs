@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use operator::leader::LeaseLock;
 use operator::metrics::OperatorMetrics;
 use operator::policy::duration::parse_duration;
+use operator::policy::retention::Retention;
 
 /// Turns repeated crashes and hangs on a node into safe, explainable remediation.
 #[derive(Parser)]
@@ -70,6 +71,12 @@ struct RunArgs {
     /// How long a leader's Lease lasts without renewal, for example `15s`.
     #[arg(long, default_value = "15s", value_parser = |s: &str| parse_duration(s))]
     lease_duration: Duration,
+    /// How long after its last occurrence a CrashReport is deleted, for example `168h`.
+    #[arg(long, default_value = "168h", value_parser = |s: &str| parse_duration(s))]
+    report_ttl: Duration,
+    /// The most CrashReports a node keeps; the least recently seen are deleted first.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_reports_per_node: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,6 +120,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.lease_namespace,
         &identity,
         metrics.clone(),
+        Retention {
+            ttl: args.report_ttl,
+            per_node: args.max_reports_per_node as usize,
+        },
         shutdown_signal(),
     );
     lock.run(&metrics, shutdown_signal(), work).await

@@ -2,7 +2,8 @@
 //! dashboard).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the operator exports.
@@ -19,6 +20,12 @@ pub struct OperatorMetrics {
     pub reconcile_seconds: Histogram,
     /// 1 while this process holds the leader Lease.
     pub leader: IntGauge,
+    /// CrashReports that do not decode, each counted once (they are skipped).
+    pub reports_undecodable: IntCounter,
+    /// CrashReports the operator deleted, by reason (`expired`, `over_cap`).
+    pub reports_deleted: IntCounterVec,
+    /// Pod watches open for draining nodes.
+    pub drain_pod_watches: IntGauge,
 }
 
 impl OperatorMetrics {
@@ -69,7 +76,34 @@ impl OperatorMetrics {
         registry
             .register(Box::new(reconcile_seconds.clone()))
             .unwrap();
+        let reports_undecodable = IntCounter::new(
+            "crashwatch_reports_undecodable_total",
+            "CrashReports the operator cannot decode and skips, each counted once",
+        )
+        .unwrap();
+        let reports_deleted = IntCounterVec::new(
+            Opts::new(
+                "crashwatch_reports_deleted_total",
+                "CrashReports deleted by retention, by reason (expired, over_cap)",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let drain_pod_watches = IntGauge::new(
+            "crashwatch_drain_pod_watches",
+            "Pod watches open, one per node being drained",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(drain_pod_watches.clone()))
+            .unwrap();
         registry.register(Box::new(leader.clone())).unwrap();
+        registry
+            .register(Box::new(reports_undecodable.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(reports_deleted.clone()))
+            .unwrap();
         OperatorMetrics {
             registry,
             remediations,
@@ -77,6 +111,9 @@ impl OperatorMetrics {
             nodes_remediated,
             reconcile_seconds,
             leader,
+            reports_undecodable,
+            reports_deleted,
+            drain_pod_watches,
         }
     }
 

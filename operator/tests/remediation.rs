@@ -164,10 +164,14 @@ async fn the_second_hang_of_qemu_nbd_cordons_and_a_restart_changes_nothing() {
     );
 }
 
-/// Creates a pod bound to `node` in `namespace`; `extra` is merged over it.
+/// Creates a pod bound to `node` in `namespace`, controlled by a ReplicaSet (which need
+/// not exist); `extra` is merged over it.
 async fn pod(fixture: &Fixture, namespace: &str, name: &str, node: &str, extra: Value) {
     let mut pod = json!({
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace, "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app", "uid": "rs-uid",
+            "controller": true,
+        }]},
         "spec": {
             "nodeName": node,
             "terminationGracePeriodSeconds": 0,
@@ -822,4 +826,424 @@ async fn a_leader_that_cannot_renew_its_lease_stops_acting() {
     eprintln!(
         "the partitioned leader stopped {waited:?} after the API server began to stop (lease 3 s)"
     );
+}
+
+/// Installs a CrashReport CRD whose spec accepts anything, as an older, looser CRD did;
+/// returns once an object the strict schema refuses can be created.
+async fn install_loose_report_crd(fixture: &Fixture) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    let mut crd = serde_json::to_value(crds::CrashReport::crd()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    let crd: CustomResourceDefinition = serde_json::from_value(crd).unwrap();
+    // The field manager of `kubectl apply --server-side`, so that the strict CRD applies
+    // over this one again without conflicts.
+    Api::<CustomResourceDefinition>::all(fixture.client.clone())
+        .patch(
+            "crashreports.crashwatch.dev",
+            &PatchParams::apply("kubectl").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+}
+
+/// Creates CrashReport `name` from raw JSON `spec`; Ok or the API server's message.
+async fn raw_report(fixture: &Fixture, name: &str, spec: Value) -> Result<(), String> {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("crashwatch.dev", "v1alpha1", "CrashReport"),
+        "crashreports",
+    );
+    let api: Api<DynamicObject> = Api::all_with(fixture.client.clone(), &resource);
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "crashwatch.dev/v1alpha1",
+        "kind": "CrashReport",
+        "metadata": {"name": name, "labels": {support::TEST_LABEL: fixture.id}},
+        "spec": spec,
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &object)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn only_host_processes_count_by_default_and_a_malformed_report_does_not_stop_a_cordon() {
+    let Some(fixture) = Fixture::begin("hostonly").await else {
+        return;
+    };
+    let nodes = fixture.nodes(3).await;
+    // A report the operator cannot decode (an address beyond 64 bits, a kind it does not
+    // know), stored while a looser CRD was installed; the strict CRD does not revalidate it.
+    install_loose_report_crd(&fixture).await;
+    let malformed = format!("{}.hungtask.malformed", nodes[2]);
+    let absurd = json!({"nodeName": nodes[2], "kind": "HungTask", "comm": "qemu-nbd",
+                        "faultAddress": "0x123456789abcdef0123456789"});
+    eventually("the loose CRD to take effect", SOON, || async {
+        raw_report(&fixture, &malformed, absurd.clone()).await.ok()
+    })
+    .await;
+    fixture.cluster.install_crds();
+    let refused = eventually("the strict CRD to take effect", SOON, || async {
+        let probe = format!("{}.hungtask.probe", nodes[2]);
+        match raw_report(&fixture, &probe, absurd.clone()).await {
+            Ok(()) => {
+                fixture.cluster.kubectl(&["delete", "crashreport", &probe]);
+                None
+            }
+            Err(message) => Some(message),
+        }
+    })
+    .await;
+    assert!(refused.contains("spec.faultAddress"), "{refused}");
+
+    // qemu-nbd hangs over the threshold on the host of node 0, and in a pod on node 1.
+    fixture
+        .report(&nodes[0], "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    let in_pod = format!("{}.hungtask.pod", nodes[1]);
+    let pod = json!({"pod": {"namespace": "tenant", "name": "evil", "uid": "u1"},
+                     "container": {"name": "main"}});
+    fixture
+        .report_with(&in_pod, &nodes[1], "qemu-nbd", "HungTask", &[90, 60], pod)
+        .await;
+    let policy = fixture
+        .policy("hostonly", json!({"safety": {"maxUnavailable": 3}}))
+        .await;
+    let operator = Operator::leading(&fixture, &[]).await;
+    eventually("the host node's cordon", SOON, || async {
+        (fixture.cordoned().await == [nodes[0].clone()]).then_some(())
+    })
+    .await;
+    let status = reconciled(&fixture, &policy).await;
+    let names: Vec<String> = entries(&status).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, [nodes[0].clone()], "the pod's hangs do not count");
+    eventually("the malformed report to be reported", SOON, || async {
+        let events = fixture.events(&malformed).await;
+        events
+            .iter()
+            .any(|(reason, note)| {
+                reason == "Undecodable" && note.contains("0x123456789abcdef0123456789")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Opting the pod's namespace in makes its hangs count; the malformed report is
+    // reported once, however often the operator reconciles.
+    fixture
+        .edit_policy(
+            &policy,
+            json!({"match": {"pods": {"namespaces": ["tenant"]}}}),
+        )
+        .await;
+    eventually("the pod's node cordoned once opted in", SOON, || async {
+        (fixture.cordoned().await == nodes[..2]).then_some(())
+    })
+    .await;
+    assert_eq!(operator.metric("crashwatch_reports_undecodable_total"), 1.0);
+    let undecodable = fixture
+        .events(&malformed)
+        .await
+        .into_iter()
+        .filter(|(reason, _)| reason == "Undecodable")
+        .count();
+    assert_eq!(undecodable, 1);
+}
+
+#[tokio::test]
+async fn a_count_of_ten_fires_on_the_tenth_occurrence_of_a_fault_first_seen_days_ago() {
+    let Some(fixture) = Fixture::begin("ten").await else {
+        return;
+    };
+    let nodes = fixture.nodes(1).await;
+    let node = &nodes[0];
+    let policy = fixture
+        .policy("ten", json!({"threshold": {"count": 10, "window": "30m"}}))
+        .await;
+    // First seen three days ago, then nine times in the last nine minutes.
+    let mut ages = vec![3 * 86_400];
+    ages.extend((1..=9).map(|minute| minute * 60));
+    fixture.report(node, "qemu-nbd", "HungTask", &ages).await;
+    let _operator = Operator::leading(&fixture, &[]).await;
+    reconciled(&fixture, &policy).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fixture.cordoned().await,
+        Vec::<String>::new(),
+        "nine is below ten"
+    );
+
+    ages.push(5);
+    fixture.report(node, "qemu-nbd", "HungTask", &ages).await;
+    eventually("the cordon on the tenth occurrence", SOON, || async {
+        (fixture.cordoned().await == nodes).then_some(())
+    })
+    .await;
+    let status = fixture.status(&policy).await;
+    assert_eq!(status["nodes"][0]["occurrences"], 10, "{status}");
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_by_a_blackholed_api_server_stops_before_a_follower_may_take_over() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(fixture) = Fixture::begin("blackhole").await else {
+        return;
+    };
+    let lease = format!("{}-lease", fixture.id);
+    let lease_seconds = 3;
+    let duration = format!("{lease_seconds}s");
+    let mut leader = Operator::start(
+        &fixture,
+        &lease,
+        "replica-a",
+        &["--lease-duration", &duration],
+    );
+    leader.wait_leading().await;
+    // Let it renew a few times first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let blackhole = fixture.cluster.api_server_blackhole();
+    let status = leader.wait_exit(Duration::from_secs(20));
+    let stopped = jiff::Timestamp::now();
+    drop(blackhole);
+    let status =
+        status.unwrap_or_else(|| panic!("still running without its lease:\n{}", leader.log()));
+    assert!(!status.success(), "{status}");
+    assert!(
+        leader.log().contains("lost the leader lease"),
+        "{}",
+        leader.log()
+    );
+
+    // The last renewal the API server stored: a follower that saw it may take over a lease
+    // duration later, not before. The leader had stopped by then.
+    let stored = eventually("the API server back", SOON, || async {
+        Api::<Lease>::namespaced(fixture.client.clone(), "default")
+            .get(&lease)
+            .await
+            .ok()
+    })
+    .await;
+    let spec = stored.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-a"));
+    let renewed = spec.renew_time.unwrap().0;
+    let takeover = renewed + jiff::SignedDuration::from_secs(lease_seconds);
+    eprintln!(
+        "last renewal {renewed}, the blackholed leader stopped at {stopped}, a follower may take over from {takeover}"
+    );
+    // When it stopped acting, as it logged (its controller dropped); the process exits
+    // just after, once the error is printed.
+    let log = leader.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped acting: no longer the leader"))
+        .unwrap_or_else(|| panic!("no stop logged:\n{log}"));
+    let plain: String = line
+        .split('\u{1b}')
+        .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
+        .collect();
+    let acted_until: jiff::Timestamp = plain.split_whitespace().next().unwrap().parse().unwrap();
+    eprintln!("it stopped acting at {acted_until}");
+    assert!(
+        acted_until < takeover,
+        "the leader acted until {acted_until}, after a follower could take over ({takeover})"
+    );
+    assert!(acted_until <= stopped);
+
+    // And a follower does take over.
+    let follower = Operator::start(
+        &fixture,
+        &lease,
+        "replica-b",
+        &["--lease-duration", &duration],
+    );
+    follower.wait_leading().await;
+}
+
+#[tokio::test]
+async fn bare_pods_and_empty_dir_data_block_a_drain_until_the_policy_opts_in() {
+    let Some(fixture) = Fixture::begin("optin").await else {
+        return;
+    };
+    let nodes = fixture.nodes(1).await;
+    let node = &nodes[0];
+    let namespace = fixture.id.clone();
+    fixture
+        .cluster
+        .kubectl(&["create", "namespace", &namespace]);
+    pod(&fixture, &namespace, "replica", node, json!({})).await;
+    pod(
+        &fixture,
+        &namespace,
+        "bare",
+        node,
+        json!({"metadata": {"ownerReferences": null}}),
+    )
+    .await;
+    let scratch = json!({"spec": {"volumes": [{"name": "scratch", "emptyDir": {}}]}});
+    pod(&fixture, &namespace, "cache", node, scratch).await;
+    fixture
+        .report(node, "qemu-nbd", "HungTask", &[90, 60])
+        .await;
+    let policy = fixture.policy("drain", json!({"action": "Drain"})).await;
+    let operator = Operator::leading(&fixture, &[]).await;
+
+    let reason = eventually("the drain blocked as kubectl drain would", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        entries
+            .first()
+            .filter(|e| e.1 == "Blocked" && e.2.starts_with("unevictable:"))
+            .map(|e| e.2.clone())
+    })
+    .await;
+    assert!(
+        reason.contains(&format!("{namespace}/bare")) && reason.contains("drain.force"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&format!("{namespace}/cache"))
+            && reason.contains("drain.deleteEmptyDirData"),
+        "{reason}"
+    );
+    assert_eq!(
+        fixture.cordoned().await,
+        nodes,
+        "the node is cordoned, as by kubectl drain"
+    );
+    assert_eq!(
+        pod_names(&fixture, &namespace).await,
+        ["bare", "cache", "replica"],
+        "nothing is evicted while a pod needs an opt-in"
+    );
+    let events = fixture.events(node).await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "RemediationBlocked" && n.contains("unevictable")),
+        "{events:?}"
+    );
+    assert_eq!(operator.metric("crashwatch_drain_pod_watches"), 1.0);
+
+    // Pausing the policy ends its drain: the Pod watch is freed.
+    fixture
+        .edit_policy(&policy, json!({"safety": {"paused": true}}))
+        .await;
+    eventually(
+        "the Pod watch freed when the policy pauses",
+        SOON,
+        || async { (operator.metric("crashwatch_drain_pod_watches") == 0.0).then_some(()) },
+    )
+    .await;
+
+    fixture
+        .edit_policy(
+            &policy,
+            json!({"safety": {"paused": false},
+                   "drain": {"force": true, "deleteEmptyDirData": true}}),
+        )
+        .await;
+    eventually("the drain to finish with the opt-ins", SOON, || async {
+        let entries = entries(&fixture.status(&policy).await);
+        (entries.first().map(|e| e.1.as_str()) == Some("Drained")).then_some(())
+    })
+    .await;
+    assert_eq!(pod_names(&fixture, &namespace).await, Vec::<String>::new());
+    assert_eq!(operator.metric("crashwatch_drain_pod_watches"), 0.0);
+}
+
+#[tokio::test]
+async fn expired_reports_and_reports_over_the_per_node_cap_are_deleted() {
+    let Some(fixture) = Fixture::begin("retention").await else {
+        return;
+    };
+    let nodes = fixture.nodes(2).await;
+    let day = 86_400;
+    fixture
+        .report(&nodes[0], "old", "Segfault", &[3 * day, 2 * day])
+        .await;
+    fixture.report(&nodes[0], "fresh", "Segfault", &[60]).await;
+    for (process, age) in [("a", 600), ("b", 300), ("c", 60)] {
+        fixture.report(&nodes[1], process, "Segfault", &[age]).await;
+    }
+    let operator = Operator::leading(
+        &fixture,
+        &["--report-ttl", "24h", "--max-reports-per-node", "2"],
+    )
+    .await;
+    let label = format!("{}={}", support::TEST_LABEL, fixture.id);
+    let remaining = || async {
+        let mut names: Vec<String> = Api::<crds::CrashReport>::all(fixture.client.clone())
+            .list(&ListParams::default().labels(&label))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|r| r.metadata.name)
+            .collect();
+        names.sort();
+        names
+    };
+    let expected = vec![
+        format!("{}.segfault.fresh", nodes[0]),
+        format!("{}.segfault.b", nodes[1]),
+        format!("{}.segfault.c", nodes[1]),
+    ];
+    eventually(
+        "retention to delete the expired and the oldest",
+        SOON,
+        || async { (remaining().await == expected).then_some(()) },
+    )
+    .await;
+    assert!(
+        operator.metric_with("crashwatch_reports_deleted_total", &[("reason", "expired")]) >= 1.0
+    );
+    assert!(
+        operator.metric_with(
+            "crashwatch_reports_deleted_total",
+            &[("reason", "over_cap")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_pod_label_selector_opts_in_only_the_pods_it_selects() {
+    let Some(fixture) = Fixture::begin("podlabels").await else {
+        return;
+    };
+    let nodes = fixture.nodes(3).await;
+    let namespace = fixture.id.clone();
+    fixture
+        .cluster
+        .kubectl(&["create", "namespace", &namespace]);
+    let labelled = |app: &str| json!({"metadata": {"labels": {"app": app}}});
+    pod(&fixture, &namespace, "nbd", &nodes[0], labelled("nbd")).await;
+    pod(&fixture, &namespace, "web", &nodes[1], labelled("web")).await;
+    // Hangs of qemu-nbd in pod nbd (node 0), in pod web (node 1), and in a pod that is gone
+    // (node 2).
+    for (i, pod_name) in ["nbd", "web", "gone"].into_iter().enumerate() {
+        let in_pod = json!({"pod": {"namespace": namespace, "name": pod_name}});
+        let name = format!("{}.hungtask.{pod_name}", nodes[i]);
+        fixture
+            .report_with(&name, &nodes[i], "qemu-nbd", "HungTask", &[90, 60], in_pod)
+            .await;
+    }
+    let policy = fixture
+        .policy(
+            "podlabels",
+            json!({"match": {"pods": {"namespaces": [namespace], "selector": {"matchLabels": {"app": "nbd"}}}},
+                   "safety": {"maxUnavailable": 3}}),
+        )
+        .await;
+    let _operator = Operator::leading(&fixture, &[]).await;
+    eventually("the labelled pod's node cordoned", SOON, || async {
+        (fixture.cordoned().await == [nodes[0].clone()]).then_some(())
+    })
+    .await;
+    let status = reconciled(&fixture, &policy).await;
+    let names: Vec<String> = entries(&status).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, [nodes[0].clone()]);
 }

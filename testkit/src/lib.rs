@@ -92,6 +92,21 @@ impl ControlPlane {
         ApiServerOutage(self)
     }
 
+    /// Freezes kube-apiserver with SIGSTOP until the returned guard is dropped, which sends
+    /// SIGCONT, also when the test fails: connections are accepted by the kernel and never
+    /// answered, as behind a network blackhole, unlike a stopped server that refuses them.
+    pub fn api_server_blackhole(&self) -> ApiServerBlackhole {
+        let pid: i32 = fs::read_to_string(self.dir.join("kube-apiserver.pid"))
+            .expect("kube-apiserver.pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: kill has no memory-safety preconditions.
+        let stopped = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(stopped, 0, "SIGSTOP kube-apiserver ({pid})");
+        ApiServerBlackhole(pid)
+    }
+
     /// Runs `scripts/control-plane.sh COMMAND DIR`.
     fn script(&self, command: &str) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/control-plane.sh");
@@ -175,5 +190,15 @@ pub struct ApiServerOutage<'a>(&'a ControlPlane);
 impl Drop for ApiServerOutage<'_> {
     fn drop(&mut self) {
         self.0.script("start-apiserver");
+    }
+}
+
+/// kube-apiserver frozen by SIGSTOP; dropping this sends SIGCONT.
+pub struct ApiServerBlackhole(i32);
+
+impl Drop for ApiServerBlackhole {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
 }

@@ -55,6 +55,8 @@ impl Outbox {
             pid: event.pid,
             kmsg_seq: event.kmsg_seq,
             line: event.raw.first().cloned(),
+            pod: event.pod.clone(),
+            container: event.container.clone(),
         };
         self.entries
             .entry(name)
@@ -148,6 +150,11 @@ pub fn merge_status(
         status.boot_id = Some(boot_id.to_owned());
         status.last_kmsg_seq = Some(seq);
     }
+    // Every occurrence also lands in a time bucket, so thresholds above the few recent
+    // ones count correctly; an occurrence without a time cannot be placed.
+    for time in new.iter().filter_map(|o| o.time.as_deref()?.parse().ok()) {
+        crds::report::add_to_buckets(&mut status.buckets, time);
+    }
     status.recent.extend(new.into_iter().cloned());
     let excess = status.recent.len().saturating_sub(RECENT_OCCURRENCES);
     status.recent.drain(..excess);
@@ -225,5 +232,39 @@ mod tests {
         assert_eq!(status.count, 12);
         let kept: Vec<_> = status.recent.iter().map(|o| o.kmsg_seq.unwrap()).collect();
         assert_eq!(kept, [8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn every_new_occurrence_is_counted_in_a_time_bucket() {
+        let timed = |seq: u64, time: &str| Occurrence {
+            kmsg_seq: Some(seq),
+            time: Some(time.into()),
+            ..Occurrence::default()
+        };
+        let first = merge_status(
+            None,
+            "boot",
+            &[
+                timed(1, "2026-01-01T10:00:05Z"),
+                timed(2, "2026-01-01T10:00:50Z"),
+                timed(3, "2026-01-01T10:03:00Z"),
+            ],
+        )
+        .unwrap();
+        let buckets: Vec<(&str, u64)> = first
+            .buckets
+            .iter()
+            .map(|b| (b.start.as_str(), b.count))
+            .collect();
+        assert_eq!(
+            buckets,
+            [("2026-01-01T10:00:00Z", 2), ("2026-01-01T10:03:00Z", 1)]
+        );
+        // Read again after a restart: counted once.
+        let again = merge_status(Some(&first), "boot", &[timed(3, "2026-01-01T10:03:00Z")]);
+        assert_eq!(again, None);
+        let later =
+            merge_status(Some(&first), "boot", &[timed(4, "2026-01-01T10:03:30Z")]).unwrap();
+        assert_eq!(later.buckets.last().unwrap().count, 2);
     }
 }

@@ -5,4 +5,5 @@ pub mod activity;
 pub mod duration;
 pub mod ledger;
 pub mod plan;
+pub mod retention;
 pub mod status;

@@ -232,6 +232,9 @@ pub enum BlockReason {
     Pdb,
     /// The drain ran out of time.
     Timeout,
+    /// A pod needs a drain opt-in the policy does not give (`force`,
+    /// `deleteEmptyDirData`), as `kubectl drain` would refuse it.
+    Unevictable,
 }
 
 impl BlockReason {
@@ -243,6 +246,7 @@ impl BlockReason {
             BlockReason::Paused => "paused",
             BlockReason::Pdb => "pdb",
             BlockReason::Timeout => "timeout",
+            BlockReason::Unevictable => "unevictable",
         }
     }
 
@@ -255,6 +259,7 @@ impl BlockReason {
             BlockReason::Paused,
             BlockReason::Pdb,
             BlockReason::Timeout,
+            BlockReason::Unevictable,
         ]
         .into_iter()
         .find(|r| r.label() == label)
@@ -627,6 +632,7 @@ mod tests {
                 first_seen: recent.first().copied(),
                 last_seen: recent.last().copied(),
                 recent,
+                buckets: Vec::new(),
             }],
             ..NodeView::default()
         }
@@ -882,6 +888,8 @@ mod tests {
             s.drain = Some(crds::policy::DrainSpec {
                 timeout: "2m".into(),
                 grace_period_seconds: None,
+                force: false,
+                delete_empty_dir_data: false,
             })
         });
         let mut a = node("a", &[300, 200]);

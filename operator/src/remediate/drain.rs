@@ -65,11 +65,62 @@ pub fn operator_controller<'a>(pods: &'a [Arc<Pod>], own_pod: (&str, &str)) -> O
         .and_then(|pod| controller_uid(pod))
 }
 
+/// What a drain may do beyond the default, as `kubectl drain`'s flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OptIns {
+    /// Evict pods no controller manages (`--force`).
+    pub force: bool,
+    /// Evict pods with `emptyDir` volumes (`--delete-emptydir-data`).
+    pub delete_empty_dir_data: bool,
+}
+
+/// Why `kubectl drain` would refuse to evict `pod` without the opt-ins it lacks, or None.
+/// Finished pods (Succeeded or Failed) lose nothing and are never refused.
+pub fn refusal(pod: &Pod, opt_ins: OptIns) -> Option<String> {
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    if finished {
+        return None;
+    }
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let controlled = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.controller == Some(true));
+    if !controlled && !opt_ins.force {
+        return Some(format!(
+            "{namespace}/{name} is managed by no controller and would be gone for good (set drain.force)"
+        ));
+    }
+    let empty_dir = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|v| v.empty_dir.is_some());
+    match empty_dir {
+        Some(volume) if !opt_ins.delete_empty_dir_data => Some(format!(
+            "{namespace}/{name} has emptyDir volume {:?}, whose data would be lost (set drain.deleteEmptyDirData)",
+            volume.name
+        )),
+        _ => None,
+    }
+}
+
 /// Where a drain stands after one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
     /// No evictable pod is left on the node.
     Done,
+    /// Nothing was evicted: these pods need an opt-in the policy does not give.
+    Refused(Vec<String>),
     /// Pods are still there: being deleted, or refused.
     Waiting {
         /// Evictable pods still on the node.
@@ -81,18 +132,28 @@ pub enum Progress {
 
 /// Evicts what can be evicted of `pods` (those on `node`, from its watch), with
 /// `grace_period_seconds` if the policy sets one (the pods' own otherwise). `own_pod` is this
-/// operator's pod (namespace, name): its replicas stay. `eviction_client` must not retry 429s
-/// by itself (kube's default client does, for many minutes).
+/// operator's pod (namespace, name): its replicas stay. As `kubectl drain`, it evicts nothing
+/// while a pod needs an opt-in the policy lacks. `eviction_client` must not retry 429s by
+/// itself (kube's default client does, for many minutes).
 pub async fn step(
     pods: &[Arc<Pod>],
     own_pod: (&str, &str),
     eviction_client: &kube::Client,
     node: &str,
     grace_period_seconds: Option<i64>,
+    opt_ins: OptIns,
 ) -> kube::Result<Progress> {
+    let operator = operator_controller(pods, own_pod);
+    let refused: Vec<String> = pods
+        .iter()
+        .filter(|p| stays(p, operator).is_none() && p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| refusal(p, opt_ins))
+        .collect();
+    if !refused.is_empty() {
+        return Ok(Progress::Refused(refused));
+    }
     let mut remaining = 0;
     let mut refused = Vec::new();
-    let operator = operator_controller(pods, own_pod);
     for pod in pods {
         if stays(pod, operator).is_some() {
             continue;
@@ -186,5 +247,65 @@ mod tests {
         let elsewhere = operator_controller(&pods, ("crashwatch", "operator-z"));
         assert_eq!(elsewhere, None);
         assert_eq!(stays(&pods[1], elsewhere), None);
+    }
+
+    #[test]
+    fn bare_pods_and_empty_dir_data_need_their_opt_ins_as_kubectl_drain() {
+        let owned = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "u", "controller": true}]);
+        let replica = pod(json!({"name": "web", "namespace": "ns", "ownerReferences": owned}));
+        let bare = pod(json!({"name": "bare", "namespace": "ns"}));
+        let mut scratch: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "cache", "namespace": "ns", "ownerReferences": owned},
+            "spec": {"containers": [], "volumes": [{"name": "tmp", "emptyDir": {}}]},
+        }))
+        .unwrap();
+        let none = OptIns::default();
+        assert_eq!(refusal(&replica, none), None);
+        let why = refusal(&bare, none).unwrap();
+        assert!(
+            why.contains("ns/bare") && why.contains("drain.force"),
+            "{why}"
+        );
+        assert_eq!(
+            refusal(
+                &bare,
+                OptIns {
+                    force: true,
+                    ..none
+                }
+            ),
+            None
+        );
+        let why = refusal(&scratch, none).unwrap();
+        assert!(
+            why.contains("\"tmp\"") && why.contains("drain.deleteEmptyDirData"),
+            "{why}"
+        );
+        assert!(
+            refusal(
+                &scratch,
+                OptIns {
+                    force: true,
+                    ..none
+                }
+            )
+            .is_some()
+        );
+        assert_eq!(
+            refusal(
+                &scratch,
+                OptIns {
+                    delete_empty_dir_data: true,
+                    ..none
+                }
+            ),
+            None
+        );
+        scratch.status = Some(serde_json::from_value(json!({"phase": "Succeeded"})).unwrap());
+        assert_eq!(
+            refusal(&scratch, none),
+            None,
+            "a finished pod loses nothing"
+        );
     }
 }

@@ -113,18 +113,35 @@ impl Fixture {
     /// occurrence per age in `seconds_ago`.
     pub async fn report(&self, node: &str, process: &str, kind: &str, seconds_ago: &[i64]) {
         let name = format!("{node}.{}.{}", kind.to_lowercase(), process);
+        self.report_with(&name, node, process, kind, seconds_ago, json!({}))
+            .await;
+    }
+
+    /// Creates or updates report `name` of `process`/`kind` on `node`, with `extra` merged
+    /// into its spec, so that it holds one occurrence per age in `seconds_ago`: its count,
+    /// first and last times, the five recent ones, and time buckets as the agent writes
+    /// them.
+    pub async fn report_with(
+        &self,
+        name: &str,
+        node: &str,
+        process: &str,
+        kind: &str,
+        seconds_ago: &[i64],
+        extra: Value,
+    ) {
         let api: Api<CrashReport> = Api::all(self.client.clone());
+        let mut spec = json!({"nodeName": node, "kind": kind, "comm": process});
+        merge(&mut spec, extra);
         let report: CrashReport = serde_json::from_value(json!({
             "apiVersion": "crashwatch.dev/v1alpha1",
             "kind": "CrashReport",
             "metadata": {"name": name, "labels": {TEST_LABEL: self.id}},
-            "spec": {"nodeName": node, "kind": kind, "comm": process},
+            "spec": spec,
         }))
         .unwrap();
         let ssa = PatchParams::apply("crashwatch-test").force();
-        api.patch(&name, &ssa, &Patch::Apply(&report))
-            .await
-            .unwrap();
+        api.patch(name, &ssa, &Patch::Apply(&report)).await.unwrap();
         let now = Timestamp::now();
         let mut times: Vec<Timestamp> = seconds_ago
             .iter()
@@ -138,6 +155,10 @@ impl Fixture {
             .rev()
             .map(|t| json!({"time": t.to_string()}))
             .collect();
+        let mut buckets = Vec::new();
+        for &t in &times {
+            crds::report::add_to_buckets(&mut buckets, t);
+        }
         let status = json!({
             "apiVersion": "crashwatch.dev/v1alpha1",
             "kind": "CrashReport",
@@ -146,9 +167,10 @@ impl Fixture {
                 "firstSeen": times.first().map(|t| t.to_string()),
                 "lastSeen": times.last().map(|t| t.to_string()),
                 "recent": recent,
+                "buckets": buckets,
             },
         });
-        api.patch_status(&name, &ssa, &Patch::Apply(&status))
+        api.patch_status(name, &ssa, &Patch::Apply(&status))
             .await
             .unwrap();
     }
