@@ -251,3 +251,149 @@ fn fuzz_regression_a_high_pc_offset_that_overflows_is_no_range() {
         }
     }
 }
+
+/// `nested_main.c` and `nested.S` built with `depth` nested namespaces around `deep()`;
+/// returns the binary and the link-time address of `deep`.
+fn nested_build(dir: &Path, depth: u32) -> (std::path::PathBuf, u64) {
+    let programs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let binary = dir.join(format!("nested{depth}"));
+    run(
+        "gcc",
+        &[
+            "-O2",
+            "-g",
+            &format!("-DDEPTH={depth}"),
+            "-o",
+            binary.to_str().unwrap(),
+            programs.join("nested_main.c").to_str().unwrap(),
+            programs.join("nested.S").to_str().unwrap(),
+        ],
+    );
+    let (start, _) = symbol_range(&binary, "deep");
+    (binary, start)
+}
+
+/// The member analysis walks namespaces recursively. 20,000 nested namespaces (hand-made
+/// DWARF: 40 KiB) overflowed the stack, which aborts the whole agent whatever
+/// `catch_unwind` does. Now the walk is bounded: the frames still come, and shallow
+/// nesting still gets its member analysis.
+#[test]
+fn deeply_nested_namespaces_do_not_overflow_the_stack() {
+    if !needs_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for depth in [3, 20_000] {
+        let (binary, deep) = nested_build(dir.path(), depth);
+        let mut event = CrashEvent::new(EventKind::Segfault);
+        event.module = Some(binary.file_name().unwrap().to_str().unwrap().to_owned());
+        // A PIE whose text has p_offset == p_vaddr: the address is the file offset.
+        event.module_offset = Some(Address(deep));
+        event.fault_address = Some(Address(0x100));
+        symbolizer(&binary, Vec::new(), None)
+            .symbolize(&mut event)
+            .unwrap_or_else(|e| panic!("depth {depth}: {e}"));
+        assert_eq!(
+            event.frames.first().and_then(|f| f.function.as_deref()),
+            Some("deep"),
+            "depth {depth}: {event:?}"
+        );
+        assert_eq!(
+            event.instruction.as_deref(),
+            Some("mov rax, [rdi+0x100]"),
+            "depth {depth}"
+        );
+        if depth == 3 {
+            let access = event.access.expect("member analysis at depth 3");
+            assert_eq!(access.pointer.as_deref(), Some("n"));
+            assert_eq!(access.member.as_deref(), Some("next"));
+        }
+    }
+}
+
+/// A debug file with a `.gnu_debugaltlink` naming `target` and `id`.
+fn with_altlink(debug_file: &Path, target: &str, id: &[u8]) {
+    let section = debug_file.with_extension("altlink");
+    let mut content = target.as_bytes().to_vec();
+    content.push(0);
+    content.extend_from_slice(id);
+    std::fs::write(&section, content).unwrap();
+    run(
+        "objcopy",
+        &[
+            "--remove-section=.gnu_debugaltlink",
+            &format!("--add-section=.gnu_debugaltlink={}", section.display()),
+            debug_file.to_str().unwrap(),
+        ],
+    );
+}
+
+/// `.gnu_debugaltlink` names a file by path: `..` or an absolute path could make the root
+/// agent read any host file. Only files in the debug dirs and in the binary's own directory
+/// are taken; the build-id lookup under the debug dirs still works.
+#[test]
+fn debugaltlink_paths_are_confined_to_the_debug_dirs_and_the_binarys_directory() {
+    if !needs_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    for sub in ["bin", "debug/.build-id", "debug/.dwz", "elsewhere"] {
+        std::fs::create_dir_all(path(sub)).unwrap();
+    }
+    let binary = path("bin/crashy");
+    compile_crashy(&binary, &[]);
+    split_debug(&binary, &path("crashy.debug"));
+    let debug_dir = path("debug");
+    let debug_file = install_by_build_id(&binary, &path("crashy.debug"), &debug_dir);
+    // The "supplementary file": any ELF file with DWARF and a build-id will do; its
+    // build-id goes into the link, so that only where it lies decides.
+    let sup_source = path("sup-source");
+    compile_crashy(&sup_source, &["-O0"]);
+    let sup_id: Vec<u8> = (0..support::build_id(&sup_source).len() / 2)
+        .map(|i| u8::from_str_radix(&support::build_id(&sup_source)[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let places = node_agent::symbolize::Places {
+        root: "/".into(),
+        proc_root: "/proc".into(),
+        binaries: vec![binary.clone()],
+        search_paths: Vec::new(),
+        debug_dirs: vec![debug_dir.clone()],
+        debuginfod: None,
+    };
+    let found = |target: &str| {
+        with_altlink(&debug_file, target, &sup_id);
+        let file = ElfFile::read(&debug_file).unwrap();
+        assert!(file.debugaltlink.is_some());
+        places
+            .supplementary_file(&file, &binary)
+            .map(|f| f.path.clone())
+    };
+    let place = |name: &str| {
+        let target = path(name);
+        std::fs::copy(&sup_source, &target).unwrap();
+        target
+    };
+    // Outside: an absolute path, and `..` out of the debug dir.
+    let outside = place("elsewhere/sup.debug");
+    assert_eq!(found(outside.to_str().unwrap()), None, "absolute, outside");
+    assert_eq!(
+        found("../../../elsewhere/sup.debug"),
+        None,
+        "relative, escaping with .."
+    );
+    assert_eq!(found("/etc/passwd"), None);
+    // A symlink inside the debug dir that leads outside is outside too.
+    symlink(&outside, path("debug/.dwz/link.debug")).unwrap();
+    assert_eq!(found(path("debug/.dwz/link.debug").to_str().unwrap()), None);
+    std::fs::remove_file(path("debug/.dwz/link.debug")).unwrap();
+    std::fs::remove_file(&outside).unwrap();
+    // Inside: dwz's layout (relative, from .build-id/xx/ up to .dwz/), an absolute path in
+    // a debug dir, and the binary's own directory.
+    let dwz = std::fs::canonicalize(place("debug/.dwz/sup.debug")).unwrap();
+    assert_eq!(found("../../.dwz/sup.debug"), Some(dwz.clone()));
+    assert_eq!(found(dwz.to_str().unwrap()), Some(dwz.clone()));
+    std::fs::remove_file(&dwz).unwrap();
+    let beside = std::fs::canonicalize(place("bin/sup.debug")).unwrap();
+    assert_eq!(found(beside.to_str().unwrap()), Some(beside.clone()));
+}

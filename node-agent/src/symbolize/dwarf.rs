@@ -8,7 +8,7 @@ use gimli::{EndianArcSlice, RunTimeEndian};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
-use super::elf::{ElfFile, MAX_FILE_SIZE};
+use super::elf::{ElfFile, Image, MAX_FILE_SIZE};
 
 /// The reader type: sections share the file's bytes, or own their decompressed copy.
 pub type Reader = EndianArcSlice<RunTimeEndian>;
@@ -54,30 +54,41 @@ struct Symbol {
 pub struct DebugInfo {
     context: Option<addr2line::Context<Reader>>,
     symbols: Vec<Symbol>,
-    /// Roughly how many bytes this holds (the file plus decompressed sections).
+    /// Roughly how many bytes this holds: the sections read, decompressed, and the symbols.
     pub bytes: usize,
 }
 
 impl DebugInfo {
     /// Loads DWARF (if the file has line information) and the symbol tables of `file`.
     /// `supplementary` is the dwz file its `.gnu_debugaltlink` names, when found.
+    ///
+    /// Only the DWARF sections addr2line and the member analysis use are read, and the
+    /// symbol and string tables while the symbols are collected; nothing else of the file.
     pub fn load(
         file: &ElfFile,
         supplementary: Option<&ElfFile>,
     ) -> Result<DebugInfo, DebugInfoError> {
-        let object = object::File::parse(&*file.data)?;
-        let mut decompressed = 0usize;
+        let image = file.image();
+        let object = object::File::parse(&image)?;
+        let mut held = 0usize;
         let context = if file.has_dwarf {
-            let mut dwarf = load_dwarf(file, &object, &mut decompressed)?;
+            let mut dwarf = load_dwarf(file, &object, &mut held)?;
             if let Some(sup) = supplementary {
-                let sup_object = object::File::parse(&*sup.data)?;
-                dwarf.set_sup(load_dwarf(sup, &sup_object, &mut decompressed)?);
-                decompressed += sup.data.len();
+                let sup_image = sup.image();
+                let sup_object = object::File::parse(&sup_image)?;
+                dwarf.set_sup(load_dwarf(sup, &sup_object, &mut held)?);
             }
             Some(addr2line::Context::from_dwarf(dwarf)?)
         } else {
             None
         };
+        // The string tables are read whole, once, rather than a string at a time.
+        for name in [".strtab", ".dynstr"] {
+            if let Some((offset, size)) = object.section_by_name(name).and_then(|s| s.file_range())
+            {
+                image.preload(offset..offset.saturating_add(size));
+            }
+        }
         // Local symbols follow the STT_FILE symbol of their source file, which names the
         // file when there is no DWARF (llvm-symbolizer reports it too).
         let mut symbols = Vec::new();
@@ -110,10 +121,19 @@ impl DebugInfo {
         }
         symbols.sort_by_key(|s| (s.address, std::cmp::Reverse(s.size)));
         symbols.dedup_by_key(|s| s.address);
+        symbols.shrink_to_fit();
+        let symbol_bytes: usize = symbols
+            .iter()
+            .map(|s| {
+                std::mem::size_of::<Symbol>()
+                    + s.name.len()
+                    + s.file.as_ref().map_or(0, String::len)
+            })
+            .sum();
         Ok(DebugInfo {
             context,
             symbols,
-            bytes: file.data.len() + decompressed,
+            bytes: held + symbol_bytes,
         })
     }
 
@@ -177,11 +197,11 @@ impl DebugInfo {
     }
 }
 
-/// The DWARF sections of `file`; adds the bytes of decompressed sections to `decompressed`.
-fn load_dwarf(
+/// The DWARF sections of `file`; adds the bytes read or decompressed to `held`.
+fn load_dwarf<'a>(
     file: &ElfFile,
-    object: &object::File<'_>,
-    decompressed: &mut usize,
+    object: &object::File<'a, &'a Image>,
+    held: &mut usize,
 ) -> Result<gimli::Dwarf<Reader>, DebugInfoError> {
     let endian = if object.is_little_endian() {
         RunTimeEndian::Little
@@ -189,24 +209,31 @@ fn load_dwarf(
         RunTimeEndian::Big
     };
     gimli::Dwarf::load(|id| -> Result<Reader, DebugInfoError> {
-        let section = load_section(object, &file.data, id.name(), endian)?;
-        if !Arc::ptr_eq(&section.0, &file.data) {
-            *decompressed += section.0.len();
+        let name = id.name();
+        // Macro information is never used, and with -g3 it is the largest section.
+        if matches!(name, ".debug_macinfo" | ".debug_macro") {
+            return Ok(EndianArcSlice::new(Arc::from(&[][..]), endian));
         }
-        Ok(EndianArcSlice::new(section.0, endian).range(section.1))
+        let (bytes, range) = load_section(object, file, name)?;
+        // A buffer of its own (read or decompressed), not a slice of a file in memory.
+        if Arc::strong_count(&bytes) == 1 {
+            *held += bytes.len();
+        }
+        Ok(EndianArcSlice::new(bytes, endian).range(range))
     })
 }
 
-/// A section's bytes: the file's own buffer and the range in it, or a decompressed copy.
-fn load_section(
-    object: &object::File<'_>,
-    data: &Arc<[u8]>,
+/// A section's bytes: read from the file (or sliced from it when it is in memory), or
+/// decompressed.
+fn load_section<'a>(
+    object: &object::File<'a, &'a Image>,
+    file: &ElfFile,
     name: &str,
-    _endian: RunTimeEndian,
 ) -> Result<(Arc<[u8]>, std::ops::Range<usize>), DebugInfoError> {
     let Some(section) = object.section_by_name(name) else {
         return Ok((Arc::from(&[][..]), 0..0));
     };
+    let outside = || DebugInfoError::SectionOutsideFile(name.to_owned());
     let compressed = section.compressed_file_range()?;
     if compressed.format != object::CompressionFormat::None {
         let limit = compressed
@@ -220,20 +247,19 @@ fn load_section(
                 compressed: compressed.compressed_size,
             });
         }
-        let bytes = section.uncompressed_data()?;
+        let (buffer, range) = file
+            .shared_range(compressed.offset, compressed.compressed_size)
+            .map_err(|_| outside())?;
+        let data = object::CompressedData {
+            format: compressed.format,
+            data: &buffer[range],
+            uncompressed_size: compressed.uncompressed_size,
+        };
+        let bytes = data.decompress()?;
         return Ok((Arc::from(&*bytes), 0..bytes.len()));
     }
     match section.file_range() {
-        Some((offset, size)) => {
-            let outside = || DebugInfoError::SectionOutsideFile(name.to_owned());
-            let start = usize::try_from(offset).map_err(|_| outside())?;
-            let end = usize::try_from(size)
-                .ok()
-                .and_then(|size| start.checked_add(size))
-                .filter(|end| *end <= data.len())
-                .ok_or_else(outside)?;
-            Ok((data.clone(), start..end))
-        }
+        Some((offset, size)) => Ok(file.shared_range(offset, size).map_err(|_| outside())?),
         None => Ok((Arc::from(&[][..]), 0..0)), // SHT_NOBITS: stripped into a .debug file
     }
 }
