@@ -264,17 +264,19 @@ fn fuzz_regression_a_high_pc_offset_that_overflows_is_no_range() {
     }
 }
 
-/// `nested_main.c` and `nested.S` built with `depth` nested namespaces around `deep()`;
-/// returns the binary and the link-time address of `deep`.
-fn nested_build(dir: &Path, depth: u32) -> (std::path::PathBuf, u64) {
+/// `nested_main.c` and `nested.S` built with `depth` nested namespaces around `deep()`,
+/// and `inlined` nested inlined subroutines in it; returns the binary and the link-time
+/// address of `deep`.
+fn nested_build(dir: &Path, depth: u32, inlined: u32) -> (std::path::PathBuf, u64) {
     let programs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
-    let binary = dir.join(format!("nested{depth}"));
+    let binary = dir.join(format!("nested{depth}-{inlined}"));
     run(
         "gcc",
         &[
             "-O2",
             "-g",
             &format!("-DDEPTH={depth}"),
+            &format!("-DINLINED={inlined}"),
             "-o",
             binary.to_str().unwrap(),
             programs.join("nested_main.c").to_str().unwrap(),
@@ -296,7 +298,7 @@ fn deeply_nested_namespaces_do_not_overflow_the_stack() {
     }
     let dir = tempfile::tempdir().unwrap();
     for depth in [3, 20_000] {
-        let (binary, deep) = nested_build(dir.path(), depth);
+        let (binary, deep) = nested_build(dir.path(), depth, 0);
         let mut event = CrashEvent::new(EventKind::Segfault);
         event.module = Some(binary.file_name().unwrap().to_str().unwrap().to_owned());
         // A PIE whose text has p_offset == p_vaddr: the address is the file offset.
@@ -408,4 +410,35 @@ fn debugaltlink_paths_are_confined_to_the_debug_dirs_and_the_binarys_directory()
     std::fs::remove_file(&dwz).unwrap();
     let beside = std::fs::canonicalize(place("bin/sup.debug")).unwrap();
     assert_eq!(found(beside.to_str().unwrap()), Some(beside.clone()));
+}
+
+/// addr2line parses a function's inlined subroutines recursively: 100,000 nested ones
+/// overflowed the stack while the frames of `deep` were looked up. Units nested that deep
+/// are not handed to addr2line: the symbol table still names the function.
+#[test]
+fn deeply_nested_inlined_subroutines_do_not_overflow_the_stack() {
+    if !needs_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for inlined in [3, 100_000] {
+        let (binary, deep) = nested_build(dir.path(), 1, inlined);
+        let mut event = CrashEvent::new(EventKind::Segfault);
+        event.module = Some(binary.file_name().unwrap().to_str().unwrap().to_owned());
+        event.module_offset = Some(Address(deep));
+        symbolizer(&binary, Vec::new(), None)
+            .symbolize(&mut event)
+            .unwrap_or_else(|e| panic!("{inlined} inlined: {e}"));
+        assert_eq!(
+            event.frames.first().and_then(|f| f.function.as_deref()),
+            Some("deep"),
+            "{inlined} inlined: {event:?}"
+        );
+        assert_eq!(event.instruction.as_deref(), Some("mov rax, [rdi+0x100]"));
+        if inlined == 3 {
+            // Shallow nesting keeps the DWARF: the member analysis still runs.
+            let access = event.access.expect("member analysis");
+            assert_eq!(access.member.as_deref(), Some("next"));
+        }
+    }
 }

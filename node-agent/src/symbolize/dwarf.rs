@@ -1,6 +1,8 @@
 //! Source frames from DWARF (through addr2line), and from the symbol table when there is none.
 
 use std::borrow::Cow;
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crds::Frame;
@@ -50,9 +52,20 @@ struct Symbol {
     file: Option<String>,
 }
 
+/// How deep DWARF entries may nest in a unit that is walked. addr2line parses a function's
+/// inlined subroutines recursively, and a stack overflow aborts the agent whatever
+/// `catch_unwind` does; compilers nest far less (a few dozen levels).
+const MAX_ENTRY_DEPTH: isize = 512;
+
 /// Parsed debug information of one file.
 pub struct DebugInfo {
     context: Option<addr2line::Context<Reader>>,
+    /// The DWARF the context reads, to check units before addr2line walks them.
+    dwarf: Option<Arc<gimli::Dwarf<Reader>>>,
+    /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once.
+    unit_ranges: OnceCell<Vec<(u64, u64, usize)>>,
+    /// Units already checked for their nesting depth: whether they may be walked.
+    walkable: RefCell<HashMap<usize, bool>>,
     symbols: Vec<Symbol>,
     /// Roughly how many bytes this holds: the sections read, decompressed, and the symbols.
     pub bytes: usize,
@@ -71,16 +84,20 @@ impl DebugInfo {
         let image = file.image();
         let object = object::File::parse(&image)?;
         let mut held = 0usize;
-        let context = if file.has_dwarf {
+        let (context, dwarf) = if file.has_dwarf {
             let mut dwarf = load_dwarf(file, &object, &mut held)?;
             if let Some(sup) = supplementary {
                 let sup_image = sup.image();
                 let sup_object = object::File::parse(&sup_image)?;
                 dwarf.set_sup(load_dwarf(sup, &sup_object, &mut held)?);
             }
-            Some(addr2line::Context::from_dwarf(dwarf)?)
+            let dwarf = Arc::new(dwarf);
+            (
+                Some(addr2line::Context::from_arc_dwarf(dwarf.clone())?),
+                Some(dwarf),
+            )
         } else {
-            None
+            (None, None)
         };
         // The string tables are read whole, once, rather than a string at a time.
         for name in [".strtab", ".dynstr"] {
@@ -132,6 +149,9 @@ impl DebugInfo {
             .sum();
         Ok(DebugInfo {
             context,
+            dwarf,
+            unit_ranges: OnceCell::new(),
+            walkable: RefCell::default(),
             symbols,
             bytes: held + symbol_bytes,
         })
@@ -142,19 +162,60 @@ impl DebugInfo {
         self.context.is_some()
     }
 
-    /// The DWARF unit covering `vaddr`.
+    /// The DWARF unit covering `vaddr`, unless its entries nest deeper than any walk of
+    /// them may recurse.
     pub fn unit_at(&self, vaddr: u64) -> Option<gimli::UnitRef<'_, Reader>> {
+        if !self.walkable_at(vaddr) {
+            return None;
+        }
         self.context
             .as_ref()?
             .find_dwarf_and_unit(vaddr)
             .skip_all_loads()
     }
 
-    /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none.
+    /// Whether every unit covering `vaddr` nests its entries at most [`MAX_ENTRY_DEPTH`]
+    /// deep. Checked before addr2line looks at a unit: even finding the function at an
+    /// address makes it parse the function's inlined subroutines, recursively.
+    fn walkable_at(&self, vaddr: u64) -> bool {
+        let Some(dwarf) = &self.dwarf else {
+            return true;
+        };
+        let ranges = self.unit_ranges.get_or_init(|| unit_ranges(dwarf));
+        for &(_, _, offset) in ranges
+            .iter()
+            .filter(|(begin, end, _)| (*begin..*end).contains(&vaddr))
+        {
+            let walkable = *self.walkable.borrow_mut().entry(offset).or_insert_with(|| {
+                let within = dwarf
+                    .debug_info
+                    .header_from_offset(gimli::DebugInfoOffset(offset))
+                    .and_then(|header| dwarf.unit(header))
+                    .is_ok_and(|unit| nesting_within(&unit, MAX_ENTRY_DEPTH));
+                if !within {
+                    tracing::warn!(
+                        unit = offset,
+                        "ignoring a DWARF unit whose entries nest more than {MAX_ENTRY_DEPTH} deep"
+                    );
+                }
+                within
+            });
+            if !walkable {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none
+    /// (or only a unit nested too deep to walk).
     pub fn frames(&self, vaddr: u64) -> Result<Vec<Frame>, gimli::Error> {
         let Some(context) = &self.context else {
             return Ok(Vec::new());
         };
+        if !self.walkable_at(vaddr) {
+            return Ok(Vec::new());
+        }
         let mut iter = context.find_frames(vaddr).skip_all_loads()?;
         let mut frames = Vec::new();
         while let Some(frame) = iter.next()? {
@@ -195,6 +256,47 @@ impl DebugInfo {
             )
         })
     }
+}
+
+/// The address ranges of every compilation unit, with the unit's `.debug_info` offset.
+fn unit_ranges(dwarf: &gimli::Dwarf<Reader>) -> Vec<(u64, u64, usize)> {
+    let mut ranges = Vec::new();
+    let mut headers = dwarf.units();
+    while let Ok(Some(header)) = headers.next() {
+        let offset = header.offset().0;
+        let Ok(unit) = dwarf.unit(header) else {
+            continue;
+        };
+        let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
+            continue;
+        };
+        while let Ok(Some(range)) = iter.next() {
+            ranges.push((range.begin, range.end, offset));
+        }
+    }
+    ranges
+}
+
+/// Whether no entry of `unit` lies deeper than `limit` (read flat, without recursion).
+fn nesting_within(unit: &gimli::Unit<Reader>, limit: isize) -> bool {
+    let Ok(mut entries) = unit.entries_raw(None) else {
+        return false;
+    };
+    while !entries.is_empty() {
+        if entries.next_depth() > limit {
+            return false;
+        }
+        match entries.read_abbreviation() {
+            Ok(Some(abbreviation)) => {
+                if entries.skip_attributes(abbreviation.attributes()).is_err() {
+                    return false;
+                }
+            }
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// The DWARF sections of `file`; adds the bytes read or decompressed to `held`.

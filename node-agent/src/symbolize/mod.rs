@@ -280,8 +280,12 @@ const MAX_INSTRUCTION_LENGTH: usize = 15;
 const MAX_FUNCTION_BYTES: u64 = 1 << 20;
 
 /// Which member was accessed through which pointer at `vaddr`, from the function's code in
-/// `binary` and the variables and types in `debug`.
-fn trace_access(binary: &ElfFile, debug: &DebugInfo, vaddr: u64) -> Option<crds::PointerAccess> {
+/// `binary` and the variables and types in `debug` (the NULL-member analysis).
+pub fn trace_access(
+    binary: &ElfFile,
+    debug: &DebugInfo,
+    vaddr: u64,
+) -> Option<crds::PointerAccess> {
     let (facts, function) = variables::UnitFacts::at(debug, vaddr)?;
     let length = function.end.checked_sub(function.start)?;
     if length > MAX_FUNCTION_BYTES {

@@ -1,6 +1,7 @@
 /* A function inside DEPTH nested namespaces, with DWARF written by hand (gcc refuses to
  * nest more than 255 namespaces): `long deep(struct node *n) { return (long)n->next; }`,
- * `n` in rdi, `next` at offset 0x100. Build: gcc -DDEPTH=N nested_main.c nested.S */
+ * `n` in rdi, `next` at offset 0x100. With -DINLINED=M, `deep` also holds a chain of M
+ * nested DW_TAG_inlined_subroutine entries. Build: gcc -DDEPTH=N nested_main.c nested.S */
 	.text
 	.globl	deep
 	.type	deep, @function
@@ -80,6 +81,11 @@ deep:
 	.uleb128 0x5
 	.byte 0
 	.byte 0
+	.uleb128 9
+	.uleb128 0x1d
+	.byte 1
+	.byte 0
+	.byte 0
 	.uleb128 8
 	.uleb128 0x24
 	.byte 0
@@ -133,6 +139,14 @@ deep:
 	.string "deep"
 	.quad .Ldeep_start
 	.quad .Ldeep_end - .Ldeep_start
+#ifdef INLINED
+	.rept INLINED
+	.uleb128 9
+	.endr
+	.rept INLINED
+	.byte 0
+	.endr
+#endif
 	.uleb128 4
 	.string "n"
 	.long .Lptr - .Lcu
