@@ -37,6 +37,8 @@ for flags in "-O0 -g" "-O2 -g -fomit-frame-pointer" "-O2 -g -gz=zlib" "-O2 -g -g
   objcopy --only-keep-debug "$work/crashy-$name" "$corpus/elf_symbolize/crashy-$name.debug"
   strip -o "$corpus/elf_symbolize/crashy-$name.stripped" "$work/crashy-$name"
 done
+# …and the member program, whose NULL-member cases give the member analysis real work.
+gcc -O2 -g -fomit-frame-pointer -o "$corpus/elf_symbolize/nullmember" node-agent/tests/programs/nullmember.c
 
 cd node-agent
 for target in $targets; do

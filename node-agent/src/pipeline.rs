@@ -6,6 +6,7 @@ use crds::{CrashEvent, EventKind};
 use crate::explain;
 use crate::hangwatch::episodes::kernel_report_blocked_since;
 use crate::hangwatch::{EpisodeVerdict, HangEpisodes};
+use crate::kmsg::inflight::InFlightFile;
 use crate::metrics::AgentMetrics;
 use crate::recognise::{Found, Recognised};
 use crate::symbolize::{Symbolize, SymbolizeError};
@@ -23,6 +24,7 @@ pub struct Pipeline<S> {
     symbolizer: S,
     /// The hang episodes seen so far, shared with the `/proc` watcher.
     pub episodes: HangEpisodes,
+    in_flight: Option<InFlightFile>,
 }
 
 impl<S: Symbolize> Pipeline<S> {
@@ -31,7 +33,14 @@ impl<S: Symbolize> Pipeline<S> {
         Pipeline {
             symbolizer,
             episodes: HangEpisodes::new(),
+            in_flight: None,
         }
+    }
+
+    /// Notes each kernel log record in `file` while its event is symbolized, and does not
+    /// symbolize again the record a previous run did not finish (see [`InFlightFile`]).
+    pub fn note_symbolization_in(&mut self, file: InFlightFile) {
+        self.in_flight = Some(file);
     }
 
     /// Handles one recognised item; returns the event to publish, if any.
@@ -77,19 +86,40 @@ impl<S: Symbolize> Pipeline<S> {
     /// Symbolizes, explains and counts an event that is to be published.
     pub fn finish(&mut self, mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> Finished {
         let started = std::time::Instant::now();
-        // A panic in a parser must not take the agent down with the events it holds.
-        let symbolizer = &self.symbolizer;
-        let symbolized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut copy = event.clone();
-            let result = symbolizer.symbolize(&mut copy);
-            (copy, result)
-        }));
-        let not_symbolized = match symbolized {
-            Ok((symbolized, result)) => {
-                event = symbolized;
-                result.err()
+        // Only events from the kernel log that name a module are symbolized for real.
+        let note = self
+            .in_flight
+            .as_ref()
+            .zip(event.kmsg_seq)
+            .filter(|_| event.module.is_some());
+        let not_symbolized = match note {
+            Some((file, seq)) if file.was_interrupted(seq) => Some(SymbolizeError::Interrupted),
+            _ => {
+                if let Some((file, seq)) = note
+                    && let Err(err) = file.begin(seq)
+                {
+                    tracing::warn!(%err, "cannot note the record being symbolized");
+                }
+                // A panic in a parser must not take the agent down with the events it holds.
+                let symbolizer = &self.symbolizer;
+                let symbolized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut copy = event.clone();
+                    let result = symbolizer.symbolize(&mut copy);
+                    (copy, result)
+                }));
+                if let Some((file, _)) = note
+                    && let Err(err) = file.end()
+                {
+                    tracing::warn!(%err, "cannot remove the note of the record symbolized");
+                }
+                match symbolized {
+                    Ok((symbolized, result)) => {
+                        event = symbolized;
+                        result.err()
+                    }
+                    Err(_) => Some(SymbolizeError::Panicked),
+                }
             }
-            Err(_) => Some(crate::symbolize::SymbolizeError::Panicked),
         };
         if let Some(m) = metrics {
             m.symbolization_seconds
@@ -152,6 +182,50 @@ mod tests {
             event.binary_path = Some("/half/done".into());
             panic!("a parser bug");
         }
+    }
+
+    /// A symbolizer that records, for each call, whether the note file existed meanwhile.
+    struct Watching(std::path::PathBuf, std::cell::RefCell<Vec<bool>>);
+
+    impl Symbolize for Watching {
+        fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+            self.1.borrow_mut().push(self.0.exists());
+            event.binary_path = Some("/bin/x".into());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_record_whose_symbolization_did_not_finish_is_not_symbolized_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let note = dir.path().join("symbolizing.json");
+        let event = |seq| {
+            let mut event = CrashEvent::new(EventKind::Segfault);
+            event.module = Some("x".into());
+            event.kmsg_seq = Some(seq);
+            event
+        };
+        // A run that is "killed" while symbolizing record 41: the note stays behind.
+        InFlightFile::open(dir.path(), "boot").begin(41).unwrap();
+
+        let mut pipeline = Pipeline::new(Watching(note.clone(), Default::default()));
+        pipeline.note_symbolization_in(InFlightFile::open(dir.path(), "boot"));
+        let finished = pipeline.finish(event(41), None);
+        assert!(matches!(
+            finished.not_symbolized,
+            Some(SymbolizeError::Interrupted)
+        ));
+        assert_eq!(finished.event.binary_path, None);
+        assert_eq!(finished.not_symbolized.unwrap().reason(), "interrupted");
+        // The next records are symbolized, each with the note present meanwhile, and
+        // nothing is left behind.
+        for seq in [42, 43] {
+            let finished = pipeline.finish(event(seq), None);
+            assert!(finished.not_symbolized.is_none());
+            assert_eq!(finished.event.binary_path.as_deref(), Some("/bin/x"));
+        }
+        assert_eq!(*pipeline.symbolizer.1.borrow(), [true, true]);
+        assert!(!note.exists());
     }
 
     #[test]

@@ -50,11 +50,35 @@ fn oracle(
         command.arg(format!("--debug-file-directory={}", dir.display()));
     }
     let output = support::output_with_stdin(&mut command, input.as_bytes());
-    String::from_utf8(output.stdout)
+    assert!(
+        output.status.success(),
+        "llvm-symbolizer: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
         .unwrap()
         .lines()
-        .map(|line| {
-            let json: serde_json::Value = serde_json::from_str(line).unwrap();
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    // One answer per address, in order: an empty or short answer must not pass as
+    // agreement when it is zipped with our frames.
+    assert_eq!(
+        lines.len(),
+        addresses.len(),
+        "llvm-symbolizer answered {} of {} addresses for {}",
+        lines.len(),
+        addresses.len(),
+        binary.display()
+    );
+    lines
+        .iter()
+        .zip(addresses)
+        .map(|(json, address)| {
+            assert_eq!(
+                json["Address"].as_str(),
+                Some(format!("{address:#x}").as_str()),
+                "llvm-symbolizer answered out of order"
+            );
             json["Symbol"]
                 .as_array()
                 .unwrap()
@@ -385,12 +409,22 @@ fn truncated_binaries_give_errors_never_panics() {
         );
     }
     // Damage inside the file (headers intact): DWARF and symbols are parsed from garbage.
-    let mut loaded = 0;
+    let (mut loaded, mut refused) = (0, 0);
     for at in (0x40..data.len() - 0x1000).step_by(53) {
         let mut damaged = data.clone();
         damaged[at..at + 16].fill(0xff);
-        let Ok(file) = ElfFile::parse(Path::new("damaged"), damaged.into()) else {
-            continue;
+        let file = match ElfFile::parse(Path::new("damaged"), damaged.into()) {
+            Ok(file) => file,
+            Err(err) => {
+                // Refused, and with a clear message, not a panic or another kind of error.
+                assert!(
+                    err.to_string()
+                        .starts_with("damaged is not a valid ELF file"),
+                    "at {at:#x}: {err}"
+                );
+                refused += 1;
+                continue;
+            }
         };
         if let Ok(info) = DebugInfo::load(&file, None) {
             loaded += 1;
@@ -404,6 +438,9 @@ fn truncated_binaries_give_errors_never_panics() {
         loaded > 100,
         "only {loaded} damaged copies loaded: the loop tested little"
     );
+    // Damage to the program or section headers (at 0x40 on, and at the end, which the
+    // loop spares) must be refused sometimes: else the parse check above never ran.
+    assert!(refused > 0, "no damaged copy was refused");
     let whole = ElfFile::parse(Path::new("whole"), data.clone().into()).unwrap();
     assert!(DebugInfo::load(&whole, None).unwrap().has_dwarf());
 }

@@ -14,6 +14,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::hangwatch::{HangWatcher, WatchConfig};
 use crate::kmsg::cursor::read_boot_id;
+use crate::kmsg::inflight::InFlightFile;
 use crate::kmsg::{
     Cursor, CursorFile, KmsgReader, ReadOutcome, SeqTracker, SeqVerdict, parse_record,
 };
@@ -101,6 +102,11 @@ where
         metrics: metrics.clone(),
         clock,
     };
+    if let Some(dir) = &config.state_dir {
+        state
+            .pipeline
+            .note_symbolization_in(InFlightFile::open(dir, &boot_id));
+    }
     let mut watcher = HangWatcher::new(config.watch.clone());
     let mut scan = tokio::time::interval(config.hang_scan_interval);
     scan.set_missed_tick_behavior(MissedTickBehavior::Delay);

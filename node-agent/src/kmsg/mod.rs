@@ -1,6 +1,7 @@
 //! Stage 1 of the pipeline: the kernel log as a stream of trusted, sequenced records.
 
 pub mod cursor;
+pub mod inflight;
 pub mod reader;
 pub mod record;
 pub mod sequence;

@@ -1,6 +1,8 @@
 //! Source frames from DWARF (through addr2line), and from the symbol table when there is none.
 
 use std::borrow::Cow;
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crds::Frame;
@@ -8,7 +10,7 @@ use gimli::{EndianArcSlice, RunTimeEndian};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
-use super::elf::{ElfFile, MAX_FILE_SIZE};
+use super::elf::{ElfFile, Image, MAX_FILE_SIZE};
 
 /// The reader type: sections share the file's bytes, or own their decompressed copy.
 pub type Reader = EndianArcSlice<RunTimeEndian>;
@@ -50,34 +52,60 @@ struct Symbol {
     file: Option<String>,
 }
 
+/// How deep DWARF entries may nest in a unit that is walked. addr2line parses a function's
+/// inlined subroutines recursively, and a stack overflow aborts the agent whatever
+/// `catch_unwind` does; compilers nest far less (a few dozen levels).
+const MAX_ENTRY_DEPTH: isize = 512;
+
 /// Parsed debug information of one file.
 pub struct DebugInfo {
     context: Option<addr2line::Context<Reader>>,
+    /// The DWARF the context reads, to check units before addr2line walks them.
+    dwarf: Option<Arc<gimli::Dwarf<Reader>>>,
+    /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once.
+    unit_ranges: OnceCell<Vec<(u64, u64, usize)>>,
+    /// Units already checked for their nesting depth: whether they may be walked.
+    walkable: RefCell<HashMap<usize, bool>>,
     symbols: Vec<Symbol>,
-    /// Roughly how many bytes this holds (the file plus decompressed sections).
+    /// Roughly how many bytes this holds: the sections read, decompressed, and the symbols.
     pub bytes: usize,
 }
 
 impl DebugInfo {
     /// Loads DWARF (if the file has line information) and the symbol tables of `file`.
     /// `supplementary` is the dwz file its `.gnu_debugaltlink` names, when found.
+    ///
+    /// Only the DWARF sections addr2line and the member analysis use are read, and the
+    /// symbol and string tables while the symbols are collected; nothing else of the file.
     pub fn load(
         file: &ElfFile,
         supplementary: Option<&ElfFile>,
     ) -> Result<DebugInfo, DebugInfoError> {
-        let object = object::File::parse(&*file.data)?;
-        let mut decompressed = 0usize;
-        let context = if file.has_dwarf {
-            let mut dwarf = load_dwarf(file, &object, &mut decompressed)?;
+        let image = file.image();
+        let object = object::File::parse(&image)?;
+        let mut held = 0usize;
+        let (context, dwarf) = if file.has_dwarf {
+            let mut dwarf = load_dwarf(file, &object, &mut held)?;
             if let Some(sup) = supplementary {
-                let sup_object = object::File::parse(&*sup.data)?;
-                dwarf.set_sup(load_dwarf(sup, &sup_object, &mut decompressed)?);
-                decompressed += sup.data.len();
+                let sup_image = sup.image();
+                let sup_object = object::File::parse(&sup_image)?;
+                dwarf.set_sup(load_dwarf(sup, &sup_object, &mut held)?);
             }
-            Some(addr2line::Context::from_dwarf(dwarf)?)
+            let dwarf = Arc::new(dwarf);
+            (
+                Some(addr2line::Context::from_arc_dwarf(dwarf.clone())?),
+                Some(dwarf),
+            )
         } else {
-            None
+            (None, None)
         };
+        // The string tables are read whole, once, rather than a string at a time.
+        for name in [".strtab", ".dynstr"] {
+            if let Some((offset, size)) = object.section_by_name(name).and_then(|s| s.file_range())
+            {
+                image.preload(offset..offset.saturating_add(size));
+            }
+        }
         // Local symbols follow the STT_FILE symbol of their source file, which names the
         // file when there is no DWARF (llvm-symbolizer reports it too).
         let mut symbols = Vec::new();
@@ -110,10 +138,22 @@ impl DebugInfo {
         }
         symbols.sort_by_key(|s| (s.address, std::cmp::Reverse(s.size)));
         symbols.dedup_by_key(|s| s.address);
+        symbols.shrink_to_fit();
+        let symbol_bytes: usize = symbols
+            .iter()
+            .map(|s| {
+                std::mem::size_of::<Symbol>()
+                    + s.name.len()
+                    + s.file.as_ref().map_or(0, String::len)
+            })
+            .sum();
         Ok(DebugInfo {
             context,
+            dwarf,
+            unit_ranges: OnceCell::new(),
+            walkable: RefCell::default(),
             symbols,
-            bytes: file.data.len() + decompressed,
+            bytes: held + symbol_bytes,
         })
     }
 
@@ -122,19 +162,60 @@ impl DebugInfo {
         self.context.is_some()
     }
 
-    /// The DWARF unit covering `vaddr`.
+    /// The DWARF unit covering `vaddr`, unless its entries nest deeper than any walk of
+    /// them may recurse.
     pub fn unit_at(&self, vaddr: u64) -> Option<gimli::UnitRef<'_, Reader>> {
+        if !self.walkable_at(vaddr) {
+            return None;
+        }
         self.context
             .as_ref()?
             .find_dwarf_and_unit(vaddr)
             .skip_all_loads()
     }
 
-    /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none.
+    /// Whether every unit covering `vaddr` nests its entries at most [`MAX_ENTRY_DEPTH`]
+    /// deep. Checked before addr2line looks at a unit: even finding the function at an
+    /// address makes it parse the function's inlined subroutines, recursively.
+    fn walkable_at(&self, vaddr: u64) -> bool {
+        let Some(dwarf) = &self.dwarf else {
+            return true;
+        };
+        let ranges = self.unit_ranges.get_or_init(|| unit_ranges(dwarf));
+        for &(_, _, offset) in ranges
+            .iter()
+            .filter(|(begin, end, _)| (*begin..*end).contains(&vaddr))
+        {
+            let walkable = *self.walkable.borrow_mut().entry(offset).or_insert_with(|| {
+                let within = dwarf
+                    .debug_info
+                    .header_from_offset(gimli::DebugInfoOffset(offset))
+                    .and_then(|header| dwarf.unit(header))
+                    .is_ok_and(|unit| nesting_within(&unit, MAX_ENTRY_DEPTH));
+                if !within {
+                    tracing::warn!(
+                        unit = offset,
+                        "ignoring a DWARF unit whose entries nest more than {MAX_ENTRY_DEPTH} deep"
+                    );
+                }
+                within
+            });
+            if !walkable {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none
+    /// (or only a unit nested too deep to walk).
     pub fn frames(&self, vaddr: u64) -> Result<Vec<Frame>, gimli::Error> {
         let Some(context) = &self.context else {
             return Ok(Vec::new());
         };
+        if !self.walkable_at(vaddr) {
+            return Ok(Vec::new());
+        }
         let mut iter = context.find_frames(vaddr).skip_all_loads()?;
         let mut frames = Vec::new();
         while let Some(frame) = iter.next()? {
@@ -177,11 +258,52 @@ impl DebugInfo {
     }
 }
 
-/// The DWARF sections of `file`; adds the bytes of decompressed sections to `decompressed`.
-fn load_dwarf(
+/// The address ranges of every compilation unit, with the unit's `.debug_info` offset.
+fn unit_ranges(dwarf: &gimli::Dwarf<Reader>) -> Vec<(u64, u64, usize)> {
+    let mut ranges = Vec::new();
+    let mut headers = dwarf.units();
+    while let Ok(Some(header)) = headers.next() {
+        let offset = header.offset().0;
+        let Ok(unit) = dwarf.unit(header) else {
+            continue;
+        };
+        let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
+            continue;
+        };
+        while let Ok(Some(range)) = iter.next() {
+            ranges.push((range.begin, range.end, offset));
+        }
+    }
+    ranges
+}
+
+/// Whether no entry of `unit` lies deeper than `limit` (read flat, without recursion).
+fn nesting_within(unit: &gimli::Unit<Reader>, limit: isize) -> bool {
+    let Ok(mut entries) = unit.entries_raw(None) else {
+        return false;
+    };
+    while !entries.is_empty() {
+        if entries.next_depth() > limit {
+            return false;
+        }
+        match entries.read_abbreviation() {
+            Ok(Some(abbreviation)) => {
+                if entries.skip_attributes(abbreviation.attributes()).is_err() {
+                    return false;
+                }
+            }
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// The DWARF sections of `file`; adds the bytes read or decompressed to `held`.
+fn load_dwarf<'a>(
     file: &ElfFile,
-    object: &object::File<'_>,
-    decompressed: &mut usize,
+    object: &object::File<'a, &'a Image>,
+    held: &mut usize,
 ) -> Result<gimli::Dwarf<Reader>, DebugInfoError> {
     let endian = if object.is_little_endian() {
         RunTimeEndian::Little
@@ -189,24 +311,31 @@ fn load_dwarf(
         RunTimeEndian::Big
     };
     gimli::Dwarf::load(|id| -> Result<Reader, DebugInfoError> {
-        let section = load_section(object, &file.data, id.name(), endian)?;
-        if !Arc::ptr_eq(&section.0, &file.data) {
-            *decompressed += section.0.len();
+        let name = id.name();
+        // Macro information is never used, and with -g3 it is the largest section.
+        if matches!(name, ".debug_macinfo" | ".debug_macro") {
+            return Ok(EndianArcSlice::new(Arc::from(&[][..]), endian));
         }
-        Ok(EndianArcSlice::new(section.0, endian).range(section.1))
+        let (bytes, range) = load_section(object, file, name)?;
+        // A buffer of its own (read or decompressed), not a slice of a file in memory.
+        if Arc::strong_count(&bytes) == 1 {
+            *held += bytes.len();
+        }
+        Ok(EndianArcSlice::new(bytes, endian).range(range))
     })
 }
 
-/// A section's bytes: the file's own buffer and the range in it, or a decompressed copy.
-fn load_section(
-    object: &object::File<'_>,
-    data: &Arc<[u8]>,
+/// A section's bytes: read from the file (or sliced from it when it is in memory), or
+/// decompressed.
+fn load_section<'a>(
+    object: &object::File<'a, &'a Image>,
+    file: &ElfFile,
     name: &str,
-    _endian: RunTimeEndian,
 ) -> Result<(Arc<[u8]>, std::ops::Range<usize>), DebugInfoError> {
     let Some(section) = object.section_by_name(name) else {
         return Ok((Arc::from(&[][..]), 0..0));
     };
+    let outside = || DebugInfoError::SectionOutsideFile(name.to_owned());
     let compressed = section.compressed_file_range()?;
     if compressed.format != object::CompressionFormat::None {
         let limit = compressed
@@ -220,20 +349,19 @@ fn load_section(
                 compressed: compressed.compressed_size,
             });
         }
-        let bytes = section.uncompressed_data()?;
+        let (buffer, range) = file
+            .shared_range(compressed.offset, compressed.compressed_size)
+            .map_err(|_| outside())?;
+        let data = object::CompressedData {
+            format: compressed.format,
+            data: &buffer[range],
+            uncompressed_size: compressed.uncompressed_size,
+        };
+        let bytes = data.decompress()?;
         return Ok((Arc::from(&*bytes), 0..bytes.len()));
     }
     match section.file_range() {
-        Some((offset, size)) => {
-            let outside = || DebugInfoError::SectionOutsideFile(name.to_owned());
-            let start = usize::try_from(offset).map_err(|_| outside())?;
-            let end = usize::try_from(size)
-                .ok()
-                .and_then(|size| start.checked_add(size))
-                .filter(|end| *end <= data.len())
-                .ok_or_else(outside)?;
-            Ok((data.clone(), start..end))
-        }
+        Some((offset, size)) => Ok(file.shared_range(offset, size).map_err(|_| outside())?),
         None => Ok((Arc::from(&[][..]), 0..0)), // SHT_NOBITS: stripped into a .debug file
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crds::CrashEvent;
 
 use super::debuginfod::Debuginfod;
-use super::elf::{ElfFile, debuglink_crc32, hex};
+use super::elf::{ElfFile, hex};
 
 /// Where binaries and debug files are looked for.
 #[derive(Debug, Clone)]
@@ -113,14 +113,29 @@ impl Places {
     /// The dwz supplementary file named by `debug_file`'s `.gnu_debugaltlink`: at the named
     /// path (under `root`, or relative to the debug file), or by its build-id under a
     /// debug dir. Its build-id must be the one the link records.
-    pub fn supplementary_file(&self, debug_file: &ElfFile) -> Option<ElfFile> {
+    ///
+    /// The named path comes from a file, not from the operator: it is used only when,
+    /// with `..` and symlinks resolved, it lies in a debug dir or in the directory of
+    /// `binary` (the crashed module), so that a crafted link cannot make the agent read
+    /// other host files.
+    pub fn supplementary_file(&self, debug_file: &ElfFile, binary: &Path) -> Option<ElfFile> {
         let (name, id) = debug_file.debugaltlink.as_ref()?;
         let named = Path::new(name);
         let mut places = Vec::new();
-        if named.is_absolute() {
-            places.push(self.under_root(named));
-        } else if let Some(dir) = debug_file.path.parent() {
-            places.push(dir.join(named));
+        let linked = if named.is_absolute() {
+            Some(self.under_root(named))
+        } else {
+            debug_file.path.parent().map(|dir| dir.join(named))
+        };
+        if let Some(linked) = linked {
+            match self.confined(&linked, binary) {
+                Some(path) => places.push(path),
+                None => tracing::warn!(
+                    debug_file = %debug_file.path.display(),
+                    link = %name,
+                    "ignoring a .gnu_debugaltlink that leads outside the debug dirs and the binary's directory"
+                ),
+            }
         }
         places.extend(self.build_id_paths(id));
         // The supplementary file must not be the debug file itself (a link loop).
@@ -129,6 +144,25 @@ impl Places {
             .filter(|p| p != &debug_file.path)
             .filter_map(|p| ElfFile::read(&p).ok())
             .find(|f| f.build_id.as_deref() == Some(id) && f.has_dwarf)
+    }
+
+    /// `path` with `..` and symlinks resolved, if it lies in a debug dir (under `root`) or
+    /// in `binary`'s own directory.
+    fn confined(&self, path: &Path, binary: &Path) -> Option<PathBuf> {
+        let resolved = std::fs::canonicalize(path).ok()?;
+        let allowed = self
+            .debug_dirs
+            .iter()
+            .map(|dir| self.under_root(dir))
+            .chain(binary.parent().map(Path::to_owned));
+        for dir in allowed {
+            if let Ok(dir) = std::fs::canonicalize(&dir)
+                && resolved.starts_with(&dir)
+            {
+                return Some(resolved);
+            }
+        }
+        None
     }
 
     /// The file holding `binary`'s DWARF: itself, a build-id file, or a debuglink target.
@@ -164,7 +198,7 @@ impl Places {
             }
             for path in places {
                 if let Ok(file) = ElfFile::read(&path)
-                    && debuglink_crc32(&file.data) == *crc
+                    && file.crc32().is_ok_and(|actual| actual == *crc)
                     && file.has_dwarf
                 {
                     return Some((file, "debuglink"));

@@ -14,7 +14,7 @@ pub mod variables;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crds::{CrashEvent, Frame};
 use thiserror::Error;
@@ -51,6 +51,12 @@ pub enum SymbolizeError {
         /// Its build-id, to look the debug file up by.
         build_id: String,
     },
+    /// An earlier run of the agent stopped while symbolizing this record (killed, for
+    /// example by the OOM killer): it is not tried again, so it cannot kill the agent twice.
+    #[error(
+        "symbolizing this record did not finish when the agent last tried (it was killed, perhaps out of memory); the event is published unsymbolized"
+    )]
+    Interrupted,
     /// A parser panicked on this input (a bug, ours or a dependency's): the event is kept
     /// unsymbolized and the agent goes on.
     #[error("symbolization failed on a malformed file (an internal error; the event is kept)")]
@@ -66,6 +72,7 @@ impl SymbolizeError {
             SymbolizeError::Mapping(_) => "address_not_mapped",
             SymbolizeError::NoDebugInfo { .. } => "no_debug_info",
             SymbolizeError::Panicked => "panicked",
+            SymbolizeError::Interrupted => "interrupted",
         }
     }
 }
@@ -135,7 +142,14 @@ struct CacheEntry {
     last_used: u64,
 }
 
-/// A least-recently-used cache bounded by the bytes its entries hold.
+/// The most binaries kept open and parsed at once.
+const MAX_CACHED_FILES: usize = 64;
+
+/// What a cached binary costs beyond its debug information: its headers' facts and an
+/// open file.
+const LOADED_OVERHEAD: usize = 4096;
+
+/// A least-recently-used cache bounded by the bytes its entries hold, and by their number.
 struct Cache {
     entries: Vec<CacheEntry>,
     limit_bytes: usize,
@@ -153,6 +167,10 @@ impl Cache {
         Some(entry.loaded.clone())
     }
 
+    fn remove(&mut self, loaded: &Arc<Loaded>) {
+        self.entries.retain(|e| !Arc::ptr_eq(&e.loaded, loaded));
+    }
+
     fn insert(&mut self, path: PathBuf, stamp: Stamp, loaded: Arc<Loaded>) {
         self.clock += 1;
         self.entries.retain(|e| e.path != path);
@@ -162,8 +180,9 @@ impl Cache {
             loaded,
             last_used: self.clock,
         });
-        while self.entries.len() > 1
-            && self.entries.iter().map(|e| e.loaded.bytes()).sum::<usize>() > self.limit_bytes
+        while self.entries.len() > MAX_CACHED_FILES
+            || self.entries.len() > 1
+                && self.entries.iter().map(|e| e.loaded.bytes()).sum::<usize>() > self.limit_bytes
         {
             let oldest = self
                 .entries
@@ -199,14 +218,14 @@ impl Symbolizer {
     fn load(&self, path: &Path) -> Result<Arc<Loaded>, elf::ElfError> {
         let stamp = Stamp::of(path);
         if let Some(stamp) = &stamp
-            && let Some(hit) = self.cache.lock().expect("cache lock").get(path, stamp)
+            && let Some(hit) = self.cache().get(path, stamp)
         {
             return Ok(hit);
         }
         let binary = ElfFile::read(path)?;
         let debug = self.places.debug_file(&binary).and_then(|(file, how)| {
             tracing::debug!(binary = %path.display(), debug = %file.path.display(), how, "debug information found");
-            let supplementary = self.places.supplementary_file(&file);
+            let supplementary = self.places.supplementary_file(&file, path);
             DebugInfo::load(&file, supplementary.as_ref()).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
         });
         let found_dwarf = debug.is_some();
@@ -215,7 +234,8 @@ impl Symbolizer {
             // Symbols only: the binary's own .symtab/.dynsym.
             None => DebugInfo::load(&binary, None).ok(),
         };
-        let bytes = binary.data.len() + debug.as_ref().map_or(0, |d| d.bytes);
+        // The binary itself holds only its headers' facts and an open file.
+        let bytes = LOADED_OVERHEAD + debug.as_ref().map_or(0, |d| d.bytes);
         let loaded = Arc::new(Loaded {
             binary,
             debug: debug.map(Mutex::new),
@@ -224,13 +244,32 @@ impl Symbolizer {
         // Without DWARF, a later crash asks debuginfod again (its negative cache limits how
         // often), so the load is not cached.
         let retry_later = !found_dwarf && self.places.debuginfod.is_some();
-        if let Some(stamp) = stamp.filter(|_| !retry_later) {
-            self.cache
-                .lock()
-                .expect("cache lock")
-                .insert(path.to_owned(), stamp, loaded.clone());
+        // A file that changed while it was read may have given errors (a read past its new
+        // end): what was learned is not kept under the old stamp.
+        let unchanged = stamp.as_ref() == Stamp::of(path).as_ref();
+        if let Some(stamp) = stamp.filter(|_| !retry_later && unchanged) {
+            self.cache().insert(path.to_owned(), stamp, loaded.clone());
         }
         Ok(loaded)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // The cache's own operations cannot leave it inconsistent: a poisoned lock is fine.
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `loaded`, unless a panic poisoned its debug information while it was locked: then
+    /// that entry is dropped from the cache and the files are loaded afresh.
+    fn unpoisoned(&self, loaded: Arc<Loaded>) -> Arc<Loaded> {
+        if !loaded.debug.as_ref().is_some_and(Mutex::is_poisoned) {
+            return loaded;
+        }
+        tracing::warn!(binary = %loaded.binary.path.display(), "a panic interrupted symbolization with this binary; loading it again");
+        self.cache().remove(&loaded);
+        match self.load(&loaded.binary.path) {
+            Ok(fresh) => fresh,
+            Err(_) => loaded,
+        }
     }
 }
 
@@ -241,8 +280,12 @@ const MAX_INSTRUCTION_LENGTH: usize = 15;
 const MAX_FUNCTION_BYTES: u64 = 1 << 20;
 
 /// Which member was accessed through which pointer at `vaddr`, from the function's code in
-/// `binary` and the variables and types in `debug`.
-fn trace_access(binary: &ElfFile, debug: &DebugInfo, vaddr: u64) -> Option<crds::PointerAccess> {
+/// `binary` and the variables and types in `debug` (the NULL-member analysis).
+pub fn trace_access(
+    binary: &ElfFile,
+    debug: &DebugInfo,
+    vaddr: u64,
+) -> Option<crds::PointerAccess> {
     let (facts, function) = variables::UnitFacts::at(debug, vaddr)?;
     let length = function.end.checked_sub(function.start)?;
     if length > MAX_FUNCTION_BYTES {
@@ -250,14 +293,14 @@ fn trace_access(binary: &ElfFile, debug: &DebugInfo, vaddr: u64) -> Option<crds:
     }
     let start = mapping::vaddr_to_file_offset(&binary.segments, function.start)?;
     let code = binary.bytes_at(start, usize::try_from(length).ok()?)?;
-    access::trace_access(&facts, code, function.start, vaddr)
+    access::trace_access(&facts, &code, function.start, vaddr)
 }
 
 /// Whether the `Code:` bytes equal the binary's bytes around `file_offset` (None without Code).
 fn code_matches(event: &CrashEvent, binary: &ElfFile, file_offset: u64) -> Option<bool> {
     let code = disasm::parse_code(event.code.as_deref()?).ok()?;
     let start = file_offset.checked_sub(code.fault_index as u64)?;
-    Some(binary.bytes_at(start, code.bytes.len()) == Some(&code.bytes[..]))
+    Some(binary.bytes_at(start, code.bytes.len()).as_deref() == Some(&code.bytes[..]))
 }
 
 impl Symbolize for Symbolizer {
@@ -301,6 +344,7 @@ impl Symbolize for Symbolizer {
         let Some((loaded, offset, matches)) = chosen else {
             return Err(last_error.unwrap_or(SymbolizeError::BinaryNotFound { module }));
         };
+        let loaded = self.unpoisoned(loaded);
         let binary = &loaded.binary;
         event.binary_path = Some(binary.path.display().to_string());
         event.build_id = binary.build_id.as_deref().map(elf::hex);
@@ -317,7 +361,9 @@ impl Symbolize for Symbolizer {
             .as_ref()
             .ok_or_else(no_debug_info)?
             .lock()
-            .expect("debug info lock");
+            // Only when another panic poisoned it since `unpoisoned`: addr2line's lazily
+            // filled parts are one-time cells, which a panic leaves empty, not half-done.
+            .unwrap_or_else(PoisonError::into_inner);
         let mut frames = debug.frames(vaddr).unwrap_or_default();
         let symbol = debug.symbol(vaddr);
         if !frames
@@ -339,7 +385,7 @@ impl Symbolize for Symbolizer {
         if matches != Some(false) {
             let faulting = binary
                 .bytes_at(offset, MAX_INSTRUCTION_LENGTH)
-                .and_then(|bytes| disasm::decode_at(bytes, vaddr));
+                .and_then(|bytes| disasm::decode_at(&bytes, vaddr));
             // The member analysis walks the unit's DWARF: skip it for an instruction known
             // to touch no memory (a trap, a divide).
             if faulting.as_ref().is_none_or(|i| i.memory.is_some()) {
@@ -350,5 +396,75 @@ impl Symbolize for Symbolizer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
+    fn libc_symbolizer() -> Symbolizer {
+        Symbolizer::new(
+            Places {
+                root: "/".into(),
+                proc_root: "/proc".into(),
+                binaries: vec![LIBC.into()],
+                search_paths: Vec::new(),
+                debug_dirs: Vec::new(),
+                debuginfod: None,
+            },
+            64 << 20,
+        )
+    }
+
+    /// An event 4 bytes into libc's `getpid` (its address from object's own parser).
+    fn libc_event(_symbolizer: &Symbolizer) -> CrashEvent {
+        use object::{Object, ObjectSegment, ObjectSymbol};
+        let data = std::fs::read(LIBC).unwrap();
+        let object = object::File::parse(&*data).unwrap();
+        let getpid = object
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("getpid"))
+            .unwrap()
+            .address();
+        let segment = object
+            .segments()
+            .find(|s| (s.address()..s.address() + s.size()).contains(&getpid))
+            .unwrap();
+        let mut event = CrashEvent::new(crds::EventKind::Segfault);
+        event.module = Some("libc.so.6".into());
+        event.module_offset = Some(crds::Address(
+            getpid - segment.address() + segment.file_range().0 + 4,
+        ));
+        event
+    }
+
+    #[test]
+    fn a_panic_while_the_debug_information_is_locked_does_not_disable_the_binary() {
+        let fresh = libc_symbolizer();
+        let mut expected = libc_event(&fresh);
+        fresh.symbolize(&mut expected).unwrap();
+        assert!(!expected.frames.is_empty());
+
+        let symbolizer = libc_symbolizer();
+        let loaded = symbolizer.load(Path::new(LIBC)).unwrap();
+        // A parser bug panics while the lock is held: the mutex is poisoned.
+        let debug = loaded.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = debug.debug.as_ref().unwrap().lock().unwrap();
+            panic!("a parser bug while the debug information is locked");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(loaded.debug.as_ref().unwrap().is_poisoned());
+        drop(loaded);
+
+        for _ in 0..2 {
+            let mut event = libc_event(&symbolizer);
+            symbolizer.symbolize(&mut event).unwrap();
+            assert_eq!(event.frames, expected.frames);
+        }
     }
 }

@@ -17,6 +17,14 @@ const MAX_INDIRECTIONS: usize = 16;
 /// How many namespaces and classes nested below the unit's top level wait to be searched.
 const MAX_NESTED_SCOPES: usize = 4096;
 
+/// How deep namespaces and classes are followed. The walk over them recurses, and a stack
+/// overflow aborts the agent whatever `catch_unwind` does; hostile DWARF can nest them
+/// without limit (compilers stop far lower: gcc at 255 namespaces).
+const MAX_SCOPE_DEPTH: usize = 256;
+
+/// How deep subprograms, inlined subroutines and lexical blocks are followed.
+const MAX_BLOCK_DEPTH: usize = 64;
+
 /// The DWARF of the unit holding one address.
 pub struct UnitFacts<'a> {
     unit: UnitRef<'a, Reader>,
@@ -36,8 +44,8 @@ impl<'a> UnitFacts<'a> {
     /// The range of the subprogram holding `pc`, looking through the unit's top level and,
     /// for C++, the namespaces and classes that nest functions.
     fn function_range(&self, pc: u64) -> gimli::Result<Option<Range<u64>>> {
-        let mut scopes = vec![None]; // None: the unit's root
-        while let Some(scope) = scopes.pop() {
+        let mut scopes = vec![(None, 0)]; // None: the unit's root
+        while let Some((scope, depth)) = scopes.pop() {
             let mut tree = self.unit.entries_tree(scope)?;
             let mut children = tree.root()?.children();
             while let Some(child) = children.next()? {
@@ -51,9 +59,10 @@ impl<'a> UnitFacts<'a> {
                     gimli::DW_TAG_namespace
                     | gimli::DW_TAG_structure_type
                     | gimli::DW_TAG_class_type
-                        if scope.is_none() || scopes.len() < MAX_NESTED_SCOPES =>
+                        if depth < MAX_SCOPE_DEPTH
+                            && (scope.is_none() || scopes.len() < MAX_NESTED_SCOPES) =>
                     {
-                        scopes.push(Some(entry.offset()));
+                        scopes.push((Some(entry.offset()), depth + 1));
                     }
                     _ => {}
                 }
@@ -98,12 +107,14 @@ impl<'a> UnitFacts<'a> {
 
     /// Visits the scopes around `pc` below `node`, keeping the deepest variable in
     /// `register`. Two different variables at the same depth make the answer ambiguous.
+    /// `depth` counts the blocks entered, `scope_depth` the namespaces and classes; both
+    /// are bounded, so the recursion is.
     fn find_variable(
         &self,
         node: EntriesTreeNode<'_, '_, Reader>,
         pc: u64,
         register: u16,
-        depth: usize,
+        (depth, scope_depth): (usize, usize),
         best: &mut Option<(usize, Option<Typed<UnitOffset>>)>,
     ) -> gimli::Result<()> {
         let mut children = node.children();
@@ -113,16 +124,16 @@ impl<'a> UnitFacts<'a> {
                 gimli::DW_TAG_subprogram
                 | gimli::DW_TAG_inlined_subroutine
                 | gimli::DW_TAG_lexical_block
-                    if depth < 64 && self.range_containing(entry, pc)?.is_some() =>
+                    if depth < MAX_BLOCK_DEPTH && self.range_containing(entry, pc)?.is_some() =>
                 {
-                    self.find_variable(child, pc, register, depth + 1, best)?;
+                    self.find_variable(child, pc, register, (depth + 1, scope_depth), best)?;
                 }
                 gimli::DW_TAG_namespace
                 | gimli::DW_TAG_structure_type
                 | gimli::DW_TAG_class_type
-                    if depth == 0 =>
+                    if depth == 0 && scope_depth < MAX_SCOPE_DEPTH =>
                 {
-                    self.find_variable(child, pc, register, depth, best)?;
+                    self.find_variable(child, pc, register, (depth, scope_depth + 1), best)?;
                 }
                 gimli::DW_TAG_variable | gimli::DW_TAG_formal_parameter if depth > 0 => {
                     if self.in_register_at(entry, pc)? != Some(register) {
@@ -381,7 +392,7 @@ impl DebugFacts for UnitFacts<'_> {
         let mut tree = self.unit.entries_tree(None).ok()?;
         let root = tree.root().ok()?;
         let mut best = None;
-        self.find_variable(root, pc, dwarf_register, 0, &mut best)
+        self.find_variable(root, pc, dwarf_register, (0, 0), &mut best)
             .ok()?;
         best.and_then(|(_, found)| found)
     }

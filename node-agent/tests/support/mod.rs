@@ -280,7 +280,15 @@ impl Agent {
     pub fn start(state_dir: &Path, extra: &[&str]) -> Agent {
         let mut args = vec!["--standalone", "--node-name", "test-node"];
         args.extend(extra);
-        Agent::spawn(state_dir, &args, None, true)
+        Agent::spawn(state_dir, &args, None, None, true)
+    }
+
+    /// Like [`Agent::start`], but the agent runs inside `cgroup` from its first instruction
+    /// (it joins the cgroup before it executes the agent binary).
+    pub fn start_in_cgroup(state_dir: &Path, extra: &[&str], cgroup: &MemoryCgroup) -> Agent {
+        let mut args = vec!["--standalone", "--node-name", "test-node"];
+        args.extend(extra);
+        Agent::spawn(state_dir, &args, None, Some(cgroup), true)
     }
 
     /// Starts the agent publishing CrashReports for `node` to the cluster of `kubeconfig`
@@ -314,15 +322,49 @@ impl Agent {
     ) -> Agent {
         let mut args = vec!["--node-name", node, "--publish-interval", "1"];
         args.extend(extra);
-        Agent::spawn(state_dir, &args, Some(kubeconfig), ready)
+        Agent::spawn(state_dir, &args, Some(kubeconfig), None, ready)
     }
 
-    fn spawn(state_dir: &Path, args: &[&str], kubeconfig: Option<&Path>, ready: bool) -> Agent {
+    fn spawn(
+        state_dir: &Path,
+        args: &[&str],
+        kubeconfig: Option<&Path>,
+        cgroup: Option<&MemoryCgroup>,
+        ready: bool,
+    ) -> Agent {
         let metrics_port = free_port();
         let log = state_dir.join(format!("agent-{metrics_port}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"));
         if let Some(kubeconfig) = kubeconfig {
             command.env("KUBECONFIG", kubeconfig);
+        }
+        if let Some(cgroup) = cgroup {
+            use std::os::unix::process::CommandExt;
+            let procs = std::ffi::CString::new(
+                cgroup
+                    .path
+                    .join("cgroup.procs")
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .unwrap();
+            // SAFETY: between fork and exec the closure calls only async-signal-safe
+            // functions (open, write, close) on memory prepared before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0": the writing process itself.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = command
             .args(["run", "--state-dir"])
@@ -488,6 +530,25 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// Waits up to `timeout` for the agent to exit; its exit status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the agent process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -609,5 +670,87 @@ impl KernelTest {
             _unlimited: Sysctl::set("kernel/printk_ratelimit", "0"),
             _lock: lock,
         })
+    }
+}
+
+/// A cgroup v1 memory cgroup made for one test: its limit, its OOM kill count; removed
+/// when dropped (its remaining processes are killed first).
+pub struct MemoryCgroup {
+    /// `/sys/fs/cgroup/memory/NAME`.
+    pub path: PathBuf,
+}
+
+/// Root, and the cgroup v1 memory controller at `/sys/fs/cgroup/memory`.
+pub fn require_memory_cgroup() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require("needs root", root)
+        && require(
+            "needs the cgroup v1 memory controller at /sys/fs/cgroup/memory",
+            Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists(),
+        )
+}
+
+impl MemoryCgroup {
+    /// Creates `/sys/fs/cgroup/memory/NAME` (unique per test process) limited to `limit` bytes.
+    pub fn create(name: &str, limit: u64) -> MemoryCgroup {
+        let path = Path::new("/sys/fs/cgroup/memory")
+            .join(format!("crashwatch-test-{name}-{}", std::process::id()));
+        if path.exists() {
+            drop(MemoryCgroup { path: path.clone() });
+        }
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let cgroup = MemoryCgroup { path };
+        fs::write(cgroup.path.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        cgroup
+    }
+
+    fn read(&self, file: &str) -> String {
+        fs::read_to_string(self.path.join(file)).unwrap_or_default()
+    }
+
+    /// How many processes the kernel's OOM killer killed in this cgroup (`oom_kill` in
+    /// `memory.oom_control`).
+    pub fn oom_kills(&self) -> u64 {
+        self.read("memory.oom_control")
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .map(|v| v.trim().parse().unwrap())
+            .expect("memory.oom_control has oom_kill")
+    }
+
+    /// The largest memory use seen (`memory.max_usage_in_bytes`).
+    pub fn max_usage(&self) -> u64 {
+        self.read("memory.max_usage_in_bytes")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The processes in the cgroup.
+    pub fn pids(&self) -> Vec<u32> {
+        self.read("cgroup.procs")
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // A cgroup with processes cannot be removed: kill what is left (only this test's
+        // processes were ever put here), then wait until it is empty.
+        for pid in self.pids() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = fs::remove_dir(&self.path) {
+            if Instant::now() >= deadline {
+                eprintln!("FAILED to remove cgroup {}: {e}", self.path.display());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
