@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod event;
+pub mod limits;
 pub mod policy;
 pub mod report;
 

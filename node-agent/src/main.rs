@@ -59,7 +59,8 @@ struct SymbolArgs {
     /// A binary to use for the module with the same file name (repeatable).
     #[arg(long = "binary", value_name = "PATH")]
     binaries: Vec<PathBuf>,
-    /// A directory to look for modules in by file name (repeatable; default: the usual bin and lib directories).
+    /// Another directory to look for modules in by file name (repeatable), searched after the
+    /// usual bin and lib directories.
     #[arg(long = "search-path", value_name = "DIR")]
     search_paths: Vec<PathBuf>,
     /// The host filesystem prefix: search paths and debug dirs are looked up under it.
@@ -90,11 +91,12 @@ struct SymbolArgs {
 
 impl SymbolArgs {
     fn symbolizer(&self, proc_root: PathBuf, default_cache: PathBuf) -> Symbolizer {
-        let search_paths = if self.search_paths.is_empty() {
-            DEFAULT_SEARCH_PATHS.iter().map(PathBuf::from).collect()
-        } else {
-            self.search_paths.clone()
-        };
+        // Extra directories add to the usual ones; they never hide them.
+        let search_paths = DEFAULT_SEARCH_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .chain(self.search_paths.iter().cloned())
+            .collect();
         let places = Places {
             root: self.root.clone(),
             proc_root,
@@ -315,15 +317,17 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .context("no Kubernetes client configuration (in-cluster or KUBECONFIG); use --standalone to run without a cluster")?;
         let boot_id = read_boot_id(&config.watch.proc_root).context("cannot read the boot id")?;
         let outbox = Arc::new(Mutex::new(Outbox::new(&config.node_name, outbox_limit)));
+        let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(kubernetes::write_loop(
             client,
             outbox.clone(),
+            wake.clone(),
             config.node_name.clone(),
             boot_id,
             publish_interval,
             metrics.clone(),
         ));
-        let publisher = KubePublisher::new(outbox, metrics.clone());
+        let publisher = KubePublisher::new(outbox, wake, metrics.clone());
         daemon::run(config, metrics, symbolizer, publisher, shutdown).await
     })
 }
