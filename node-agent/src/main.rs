@@ -87,31 +87,55 @@ struct SymbolArgs {
     /// Seconds one debuginfod request may take.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     debuginfod_timeout: u64,
+    /// Allow plain-http debuginfod servers (by default only https is used: a debug file
+    /// decides what the agent reports).
+    #[arg(long)]
+    debuginfod_allow_http: bool,
+    /// How many MiB of fetched debug files the on-disk cache keeps (least recently used
+    /// files are removed beyond that).
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    debuginfod_cache_mib: u64,
 }
 
 impl SymbolArgs {
-    fn symbolizer(&self, proc_root: PathBuf, default_cache: PathBuf) -> Symbolizer {
+    /// The symbolizer these options describe. `background` makes debuginfod fetches run
+    /// off the caller's path (the daemon).
+    fn symbolizer(
+        &self,
+        proc_root: PathBuf,
+        default_cache: PathBuf,
+        background: bool,
+    ) -> anyhow::Result<Symbolizer> {
         // Extra directories add to the usual ones; they never hide them.
         let search_paths = DEFAULT_SEARCH_PATHS
             .iter()
             .map(PathBuf::from)
             .chain(self.search_paths.iter().cloned())
             .collect();
+        let debuginfod = if self.debuginfod_urls.iter().all(|u| u.trim().is_empty()) {
+            None
+        } else {
+            let mut client = Debuginfod::new(
+                self.debuginfod_urls.clone(),
+                self.debuginfod_cache.clone().unwrap_or(default_cache),
+                Duration::from_secs(self.debuginfod_timeout),
+                self.debuginfod_allow_http,
+            )?;
+            client.cache_limit_bytes = self.debuginfod_cache_mib << 20;
+            if background {
+                client = client.fetch_in_background();
+            }
+            Some(Arc::new(client))
+        };
         let places = Places {
             root: self.root.clone(),
             proc_root,
             binaries: self.binaries.clone(),
             search_paths,
             debug_dirs: self.debug_dirs.iter().map(PathBuf::from).collect(),
-            debuginfod: (!self.debuginfod_urls.is_empty()).then(|| {
-                Arc::new(Debuginfod::new(
-                    self.debuginfod_urls.clone(),
-                    self.debuginfod_cache.clone().unwrap_or(default_cache),
-                    Duration::from_secs(self.debuginfod_timeout),
-                ))
-            }),
+            debuginfod,
         };
-        Symbolizer::new(places, self.symbol_cache_mib << 20)
+        Ok(Symbolizer::new(places, self.symbol_cache_mib << 20))
     }
 }
 
@@ -200,7 +224,7 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     } else {
         Box::new(
             args.symbols
-                .symbolizer(PathBuf::from("/proc"), user_debuginfod_cache()),
+                .symbolizer(PathBuf::from("/proc"), user_debuginfod_cache(), false)?,
         )
     };
     let mut pipeline = Pipeline::new(symbolizer);
@@ -273,7 +297,9 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         .state_dir
         .as_ref()
         .map_or_else(user_debuginfod_cache, |dir| dir.join("debuginfod"));
-    let symbolizer = args.symbols.symbolizer(args.proc.clone(), debuginfod_cache);
+    let symbolizer = args
+        .symbols
+        .symbolizer(args.proc.clone(), debuginfod_cache, true)?;
     let node_name = match args.node_name {
         Some(name) => name,
         None => std::fs::read_to_string(args.proc.join("sys/kernel/hostname"))

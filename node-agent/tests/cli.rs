@@ -127,7 +127,10 @@ fn a_failed_symbolization_is_said_once_and_the_event_still_printed() {
 
 #[test]
 fn an_extra_search_path_adds_to_the_default_one() {
-    if !support::require("needs gcc and nm", support::have("gcc") && support::have("nm")) {
+    if !support::require(
+        "needs gcc and nm",
+        support::have("gcc") && support::have("nm"),
+    ) {
         return;
     }
     // A host root whose /usr/bin (a default directory) holds crashy, and an extra directory
