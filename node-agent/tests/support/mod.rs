@@ -282,7 +282,8 @@ impl Agent {
     }
 
     /// Starts the agent publishing CrashReports for `node` to the cluster of `kubeconfig`
-    /// (one write per object per second), and waits until it is ready.
+    /// (one write per object per second unless `extra` sets `--publish-interval`), and
+    /// waits until it is ready.
     pub fn start_publishing(
         state_dir: &Path,
         node: &str,
@@ -310,7 +311,10 @@ impl Agent {
         extra: &[&str],
         ready: bool,
     ) -> Agent {
-        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
+        let mut args = vec!["--node-name", node];
+        if !extra.contains(&"--publish-interval") {
+            args.extend(["--publish-interval", "1"]);
+        }
         args.extend(extra);
         Agent::spawn(state_dir, &args, Some(kubeconfig), ready)
     }
