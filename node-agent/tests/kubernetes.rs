@@ -572,3 +572,50 @@ impl Drop for Policy<'_> {
         }
     }
 }
+
+/// An agent started within 30 s of boot (its monotonic clock reads a few seconds: a time
+/// namespace makes it so) becomes ready and publishes: no `Instant` arithmetic in the agent
+/// assumes the clock has run for a while.
+#[test]
+fn an_agent_started_seconds_after_boot_publishes() {
+    let Some(setup) = Setup::begin("early") else {
+        return;
+    };
+    if !support::require("needs unshare (util-linux)", support::have("unshare")) {
+        return;
+    }
+    let (cluster, node) = (&setup.cluster, &setup.node);
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The namespace's clocks read about 3 s when the agent starts.
+    let offset = format!("-{}", (uptime as u64).saturating_sub(3));
+    let wrapper = [
+        "unshare",
+        "--time",
+        "--fork",
+        "--kill-child",
+        "--monotonic",
+        &offset,
+        "--boottime",
+        &offset,
+        "--",
+    ];
+    let binary = crashy().to_str().unwrap();
+    let agent = Agent::start_publishing_wrapped(
+        setup.test.state.path(),
+        node,
+        &cluster.kubeconfig,
+        &["--binary", binary],
+        &wrapper,
+    );
+    crash("null");
+    wait_for_reports(cluster, node, "the crash", |r| {
+        find(r, "Segfault").map(count) == Some(1)
+    });
+    drop(agent);
+}

@@ -304,6 +304,20 @@ impl Agent {
         Agent::publishing(state_dir, node, kubeconfig, extra, false)
     }
 
+    /// Like [`Agent::start_publishing`], but run through `wrapper` (a command and its
+    /// arguments, for example `unshare` into a time namespace); the agent is killed with it.
+    pub fn start_publishing_wrapped(
+        state_dir: &Path,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Agent {
+        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
+        args.extend(extra);
+        Agent::spawn_wrapped(state_dir, &args, Some(kubeconfig), true, wrapper)
+    }
+
     fn publishing(
         state_dir: &Path,
         node: &str,
@@ -320,9 +334,27 @@ impl Agent {
     }
 
     fn spawn(state_dir: &Path, args: &[&str], kubeconfig: Option<&Path>, ready: bool) -> Agent {
+        Agent::spawn_wrapped(state_dir, args, kubeconfig, ready, &[])
+    }
+
+    fn spawn_wrapped(
+        state_dir: &Path,
+        args: &[&str],
+        kubeconfig: Option<&Path>,
+        ready: bool,
+        wrapper: &[&str],
+    ) -> Agent {
         let metrics_port = free_port();
         let log = state_dir.join(format!("agent-{metrics_port}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"));
+        let agent = env!("CARGO_BIN_EXE_crashwatch-agent");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(agent);
+                command
+            }
+            None => Command::new(agent),
+        };
         if let Some(kubeconfig) = kubeconfig {
             command.env("KUBECONFIG", kubeconfig);
         }
