@@ -165,6 +165,9 @@ impl Debuginfod {
         if let Some(answer) = self.local_answer(build_id)? {
             return Ok(answer);
         }
+        if self.urls.iter().all(|base| self.recently_failed(base)) {
+            return Err(DebuginfodError::ServersFailing(self.failure_ttl));
+        }
         let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
         if fetching.contains(&id) || fetching.len() >= MAX_FETCHES {
             return Err(DebuginfodError::Fetching(id));
