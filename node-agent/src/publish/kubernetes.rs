@@ -213,21 +213,22 @@ pub async fn write_loop(
     let probe_every = PROBE_INTERVAL.min(interval * 5);
     let mut pacer = Pacer::new(interval);
     loop {
-        let batch = outbox.lock().expect("outbox lock").snapshot();
         let now = Instant::now();
+        // Only what is due is copied: during a storm of repeats, a wake-up costs little.
+        let (batch, idle) = {
+            let outbox = outbox.lock().expect("outbox lock");
+            let batch = outbox.snapshot_where(|name| pacer.is_due(name, now));
+            (batch, outbox.is_empty())
+        };
         // With nothing to write, a cheap request now and then keeps readiness true to
         // the API server's state.
-        if batch.is_empty() && pacer.probe_due(now, probe_every) {
+        if idle && pacer.probe_due(now, probe_every) {
             pacer.probed(now);
             let reachable = api.get_opt(PROBE_NAME).await.is_ok();
             metrics.api_up.set(i64::from(reachable));
         }
         let mut server_down = false;
-        let due: Vec<&(String, Pending)> = batch
-            .iter()
-            .filter(|(name, _)| pacer.is_due(name, now))
-            .collect();
-        for (name, pending) in due {
+        for (name, pending) in &batch {
             let result = write_one(&api, name, pending, &boot_id).await;
             pacer.wrote(name, Instant::now());
             match result {
@@ -292,8 +293,7 @@ pub async fn write_loop(
         let wake_at = if server_down {
             now + interval
         } else {
-            let pending = outbox.lock().expect("outbox lock").names();
-            let next_write = pacer.next_due(pending.iter().map(String::as_str), now);
+            let next_write = pacer.next_due(outbox.lock().expect("outbox lock").names(), now);
             let next_probe = pacer.next_probe(probe_every);
             match (next_write, next_probe) {
                 (Some(write), Some(probe)) => write.min(probe),

@@ -101,9 +101,19 @@ impl Outbox {
         }
     }
 
+    /// The pending reports whose name `due` accepts, to be written (a copy: the outbox
+    /// keeps filling meanwhile).
+    pub fn snapshot_where(&self, mut due: impl FnMut(&str) -> bool) -> Vec<(String, Pending)> {
+        self.entries
+            .iter()
+            .filter(|(name, _)| due(name))
+            .map(|(name, pending)| (name.clone(), pending.clone()))
+            .collect()
+    }
+
     /// The names of the reports with occurrences waiting.
-    pub fn names(&self) -> Vec<String> {
-        self.entries.keys().cloned().collect()
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 
     /// Whether an occurrence without a kernel log sequence number (a hang found by the
