@@ -402,7 +402,7 @@ fn an_agent_restarted_during_an_ongoing_hang_counts_it_once() {
         hang_counts() == [1]
     });
     let report = reports_of(&cluster, &node);
-    assert_eq!(report[0]["spec"]["detectedBy"], "ProcScan", "{report:#?}");
+    assert_eq!(report[0]["spec"]["detectedBy"], "procScan", "{report:#?}");
 
     // A rollout: the agent stops and a new one starts while the reader is still stuck.
     agent.stop();
