@@ -389,11 +389,31 @@ fn crash_to_crash_report_latency() {
     assert!(percentile(99) <= Duration::from_secs(1), "{latencies:?}");
 }
 
-/// Watches `node`'s CrashReports: each change as (comm, count, when it arrived).
-fn watch_reports(
-    cluster: &ControlPlane,
-    node: &str,
-) -> std::sync::mpsc::Receiver<(String, u64, Instant)> {
+/// A `kubectl get --watch` of `node`'s CrashReports: each change as (comm, count, when it
+/// arrived). The watch ends when this is dropped.
+struct ReportWatch {
+    child: std::process::Child,
+    changes: std::sync::mpsc::Receiver<(String, u64, Instant)>,
+}
+
+impl ReportWatch {
+    fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<(String, u64, Instant), std::sync::mpsc::RecvTimeoutError> {
+        self.changes.recv_timeout(timeout)
+    }
+}
+
+impl Drop for ReportWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a [`ReportWatch`].
+fn watch_reports(cluster: &ControlPlane, node: &str) -> ReportWatch {
     use std::io::BufRead;
     let mut child = std::process::Command::new(cluster.bin.join("kubectl"))
         .arg("--kubeconfig")
@@ -424,10 +444,8 @@ fn watch_reports(
                 }
             }
         }
-        let _ = child.kill();
-        let _ = child.wait();
     });
-    rx
+    ReportWatch { child, changes: rx }
 }
 
 /// A CrashReport the API server refuses for good (a ValidatingAdmissionPolicy denies its
