@@ -8,6 +8,7 @@
 
 pub mod bounds;
 pub mod event;
+pub mod limits;
 pub mod policy;
 pub mod report;
 

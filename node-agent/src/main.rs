@@ -85,7 +85,8 @@ struct SymbolArgs {
     /// A binary to use for the module with the same file name (repeatable).
     #[arg(long = "binary", value_name = "PATH")]
     binaries: Vec<PathBuf>,
-    /// A directory to look for modules in by file name (repeatable; default: the usual bin and lib directories).
+    /// Another directory to look for modules in by file name (repeatable), searched after the
+    /// usual bin and lib directories.
     #[arg(long = "search-path", value_name = "DIR")]
     search_paths: Vec<PathBuf>,
     /// The host filesystem prefix: search paths and debug dirs are looked up under it.
@@ -112,14 +113,45 @@ struct SymbolArgs {
     /// Seconds one debuginfod request may take.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     debuginfod_timeout: u64,
+    /// Allow plain-http debuginfod servers (by default only https is used: a debug file
+    /// decides what the agent reports).
+    #[arg(long)]
+    debuginfod_allow_http: bool,
+    /// How many MiB of fetched debug files the on-disk cache keeps (least recently used
+    /// files are removed beyond that).
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    debuginfod_cache_mib: u64,
 }
 
 impl SymbolArgs {
-    fn symbolizer(&self, proc_root: PathBuf, default_cache: PathBuf) -> Symbolizer {
-        let search_paths = if self.search_paths.is_empty() {
-            DEFAULT_SEARCH_PATHS.iter().map(PathBuf::from).collect()
+    /// The symbolizer these options describe. `background` makes debuginfod fetches run
+    /// off the caller's path (the daemon).
+    fn symbolizer(
+        &self,
+        proc_root: PathBuf,
+        default_cache: PathBuf,
+        background: bool,
+    ) -> anyhow::Result<Symbolizer> {
+        // Extra directories add to the usual ones; they never hide them.
+        let search_paths = DEFAULT_SEARCH_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .chain(self.search_paths.iter().cloned())
+            .collect();
+        let debuginfod = if self.debuginfod_urls.iter().all(|u| u.trim().is_empty()) {
+            None
         } else {
-            self.search_paths.clone()
+            let mut client = Debuginfod::new(
+                self.debuginfod_urls.clone(),
+                self.debuginfod_cache.clone().unwrap_or(default_cache),
+                Duration::from_secs(self.debuginfod_timeout),
+                self.debuginfod_allow_http,
+            )?;
+            client.cache_limit_bytes = self.debuginfod_cache_mib << 20;
+            if background {
+                client = client.fetch_in_background();
+            }
+            Some(Arc::new(client))
         };
         let places = Places {
             root: self.root.clone(),
@@ -127,15 +159,9 @@ impl SymbolArgs {
             binaries: self.binaries.clone(),
             search_paths,
             debug_dirs: self.debug_dirs.iter().map(PathBuf::from).collect(),
-            debuginfod: (!self.debuginfod_urls.is_empty()).then(|| {
-                Arc::new(Debuginfod::new(
-                    self.debuginfod_urls.clone(),
-                    self.debuginfod_cache.clone().unwrap_or(default_cache),
-                    Duration::from_secs(self.debuginfod_timeout),
-                ))
-            }),
+            debuginfod,
         };
-        Symbolizer::new(places, self.symbol_cache_mib << 20)
+        Ok(Symbolizer::new(places, self.symbol_cache_mib << 20))
     }
 }
 
@@ -219,7 +245,7 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     } else {
         Box::new(
             args.symbols
-                .symbolizer(PathBuf::from("/proc"), user_debuginfod_cache()),
+                .symbolizer(PathBuf::from("/proc"), user_debuginfod_cache(), false)?,
         )
     };
     let mut pipeline = Pipeline::new(symbolizer);
@@ -292,7 +318,9 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         .state_dir
         .as_ref()
         .map_or_else(user_debuginfod_cache, |dir| dir.join("debuginfod"));
-    let symbolizer = args.symbols.symbolizer(args.proc.clone(), debuginfod_cache);
+    let symbolizer = args
+        .symbols
+        .symbolizer(args.proc.clone(), debuginfod_cache, true)?;
     let node_name = match args.node_name {
         Some(name) => name,
         None => std::fs::read_to_string(args.proc.join("sys/kernel/hostname"))
@@ -336,15 +364,17 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .context("no Kubernetes client configuration (in-cluster or KUBECONFIG); use --standalone to run without a cluster")?;
         let boot_id = read_boot_id(&config.watch.proc_root).context("cannot read the boot id")?;
         let outbox = Arc::new(Mutex::new(Outbox::new(&config.node_name, outbox_limit)));
+        let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(kubernetes::write_loop(
             client,
             outbox.clone(),
+            wake.clone(),
             config.node_name.clone(),
             boot_id,
             publish_interval,
             metrics.clone(),
         ));
-        let publisher = KubePublisher::new(outbox, metrics.clone());
+        let publisher = KubePublisher::new(outbox, wake, metrics.clone());
         daemon::run(config, metrics, symbolizer, publisher, shutdown).await
     })
 }

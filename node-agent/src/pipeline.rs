@@ -165,7 +165,12 @@ impl<S: Symbolize> Pipeline<S> {
         // Without timestamps (a pasted bare line), reports of one thread are one episode.
         let seen_at = monotonic_usec.unwrap_or(seconds.saturating_mul(1_000_000));
         let since = kernel_report_blocked_since(seen_at, seconds);
-        self.episodes.observe(tid, comm, since, seen_at, true) == Some(EpisodeVerdict::Report)
+        let new =
+            self.episodes.observe(tid, comm, since, seen_at, true) == Some(EpisodeVerdict::Report);
+        if new && let Some(seq) = event.kmsg_seq {
+            self.episodes.reported_by_record(tid, seq);
+        }
+        new
     }
 }
 

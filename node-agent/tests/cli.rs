@@ -109,7 +109,7 @@ fn a_failed_symbolization_is_said_once_and_the_event_still_printed() {
         &[
             "explain",
             "--json",
-            "--search-path",
+            "--root",
             empty.path().to_str().unwrap(),
             SEED,
         ],
@@ -137,4 +137,47 @@ fn an_arm64_code_word_is_decoded_into_the_instruction_field() {
         serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
     assert_eq!(event["kind"], "InvalidOpcode");
     assert_eq!(event["instruction"], "str x30, [sp, #-0x10]!");
+}
+
+#[test]
+fn an_extra_search_path_adds_to_the_default_one() {
+    if !support::require(
+        "needs gcc and nm",
+        support::have("gcc") && support::have("nm"),
+    ) {
+        return;
+    }
+    // A host root whose /usr/bin (a default directory) holds crashy, and an extra directory
+    // that holds nothing.
+    let root = tempfile::tempdir().unwrap();
+    let bin = root.path().join("usr/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(root.path().join("opt/extra")).unwrap();
+    let binary = bin.join("crashy");
+    support::compile_crashy(&binary, &[]);
+    let (offset, _) = support::symbol_range(&binary, "read_null_offset");
+    let line = format!(
+        "crashy[42]: segfault at 100 ip 000055555555{offset:04x} sp 00007ffc75ee83d8 error 4 in crashy[{offset:x},555555550000+2000]"
+    );
+    let out = agent(
+        &[
+            "explain",
+            "--json",
+            "--root",
+            root.path().to_str().unwrap(),
+            "--search-path",
+            "/opt/extra",
+            &line,
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let event: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        event["binaryPath"],
+        binary.to_str().unwrap(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(event["frames"][0]["function"], "read_null_offset");
 }

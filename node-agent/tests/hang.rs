@@ -237,3 +237,59 @@ fn two_real_qemu_nbd_hangs_cordon_this_machines_node_within_5_seconds_of_the_sec
     drop(agent);
     cluster.kubectl(&["delete", "remediationpolicy", &run]);
 }
+
+/// A rollout during a hang: the agent that reported a `/proc`-found hang is restarted while
+/// the thread is still stuck, and the CrashReport's count stays 1.
+#[test]
+fn an_agent_restarted_during_an_ongoing_hang_counts_it_once() {
+    // hung_task_warnings=0: the kernel prints nothing, only the /proc watcher reports.
+    let Some(test) = HangTest::begin("0") else {
+        return;
+    };
+    let Some(cluster) = ControlPlane::get() else {
+        return;
+    };
+    cluster.install_crds();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let node = format!("hang-restart-{}-{nanos}", std::process::id());
+    let args = ["--hang-threshold", "2", "--hang-scan-interval", "0.5"];
+    support::start_at_the_end_of_the_log(test.state.path());
+    let agent = Agent::start_publishing(test.state.path(), &node, &cluster.kubeconfig, &args);
+    let stuck = StuckReader::start();
+    let pid = stuck.reader_pid();
+    let hang_counts = || -> Vec<u64> {
+        reports_of(&cluster, &node)
+            .iter()
+            .filter(|r| r["spec"]["kind"] == "HungTask" && r["spec"]["pid"] == pid)
+            .map(|r| r["status"]["count"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    wait_until("the hang's CrashReport", Duration::from_secs(30), || {
+        hang_counts() == [1]
+    });
+    let report = reports_of(&cluster, &node);
+    assert_eq!(report[0]["spec"]["detectedBy"], "procScan", "{report:#?}");
+
+    // A rollout: the agent stops and a new one starts while the reader is still stuck.
+    agent.stop();
+    let agent = Agent::start_publishing(test.state.path(), &node, &cluster.kubeconfig, &args);
+    // The new agent scans every 0.5 s and the threshold has long passed: had it counted
+    // the episode again, it would have written within a few scans.
+    std::thread::sleep(Duration::from_secs(5));
+    let log = agent.log();
+    assert_eq!(
+        hang_counts(),
+        [1],
+        "one stuck episode, one occurrence:\n{log}"
+    );
+    assert_eq!(
+        agent.process_counter("crashwatch_hung_tasks_total", "qemu-nbd"),
+        0.0,
+        "the new agent reported nothing:\n{log}"
+    );
+    drop(stuck);
+    drop(agent);
+}

@@ -12,7 +12,7 @@ use anyhow::Context;
 use crds::CrashEvent;
 use tokio::time::MissedTickBehavior;
 
-use crate::hangwatch::{HangWatcher, WatchConfig};
+use crate::hangwatch::{HangState, HangWatcher, WatchConfig};
 use crate::kmsg::cursor::read_boot_id;
 use crate::kmsg::inflight::InFlightFile;
 use crate::kmsg::{
@@ -108,6 +108,23 @@ where
             .note_symbolization_in(InFlightFile::open(dir, &boot_id));
     }
     let mut watcher = HangWatcher::new(config.watch.clone());
+    // Hangs reported before a restart (a rollout) stay reported while the thread is stuck.
+    let hang_file = config
+        .state_dir
+        .as_ref()
+        .map(|dir| dir.join(HANG_STATE_FILE));
+    if let Some(saved) = hang_file.as_deref().and_then(load_hang_state)
+        && saved.boot_id == boot_id
+    {
+        tracing::info!(
+            episodes = saved.episodes.len(),
+            "hang episodes reported before the restart are not reported again while they last"
+        );
+        state.pipeline.episodes.restore(saved.episodes);
+        watcher.restore(saved.sightings);
+    }
+    let mut saved_hangs: Option<HangState> = None;
+    let mut last_hang_save = Instant::now();
     let mut scan = tokio::time::interval(config.hang_scan_interval);
     scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut persisted = resume_after;
@@ -158,6 +175,32 @@ where
             persisted = done;
             last_persist = Instant::now();
         }
+        if let Some(file) = &hang_file
+            && last_hang_save.elapsed() >= CURSOR_LAG
+        {
+            last_hang_save = Instant::now();
+            save_hang_state(
+                file,
+                &boot_id,
+                &state.pipeline.episodes,
+                &watcher,
+                done,
+                &publisher,
+                &mut saved_hangs,
+            );
+        }
+    }
+    if let Some(file) = &hang_file {
+        let done = delivered_through(state.handled_through(), &publisher);
+        save_hang_state(
+            file,
+            &boot_id,
+            &state.pipeline.episodes,
+            &watcher,
+            done,
+            &publisher,
+            &mut saved_hangs,
+        );
     }
 
     if let (Some(file), Some(last_seq)) = (
@@ -170,6 +213,53 @@ where
     metrics.kmsg_reader_up.set(0);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The file in the state dir that keeps reported hang episodes across restarts.
+const HANG_STATE_FILE: &str = "hang-episodes.json";
+
+/// The saved hang state, if there is a readable one.
+fn load_hang_state(path: &std::path::Path) -> Option<HangState> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text)
+        .inspect_err(
+            |err| tracing::warn!(%err, file = %path.display(), "ignoring the saved hang episodes"),
+        )
+        .ok()
+}
+
+/// Saves the hang episodes whose reports are delivered, when they changed. Nothing is saved
+/// while a `/proc`-found hang waits for delivery: saved as reported, it would be lost by a
+/// restart; unsaved, the restarted agent finds it again.
+fn save_hang_state(
+    path: &std::path::Path,
+    boot_id: &str,
+    episodes: &crate::hangwatch::HangEpisodes,
+    watcher: &HangWatcher,
+    delivered_through: Option<u64>,
+    publisher: &impl Publish,
+    saved: &mut Option<HangState>,
+) {
+    if publisher.has_undelivered_without_seq() {
+        return;
+    }
+    let current = HangState {
+        boot_id: boot_id.to_owned(),
+        episodes: episodes.delivered(delivered_through),
+        sightings: watcher.sightings(),
+    };
+    if saved.as_ref() == Some(&current) {
+        return;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let written = serde_json::to_vec(&current)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    match written {
+        Ok(()) => *saved = Some(current),
+        Err(err) => tracing::warn!(%err, file = %path.display(), "cannot save the hang episodes"),
+    }
 }
 
 /// The last record the cursor may pass: handled, and with every event of it delivered.

@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 /// Episodes not seen for this long are forgotten.
 const FORGET_AFTER_USEC: u64 = 10 * 60 * 1_000_000;
 /// At most this many threads are tracked; the stalest are forgotten first.
@@ -20,6 +22,21 @@ struct Episode {
     comm: String,
     last_seen_blocked: u64,
     reported: bool,
+    /// The kernel log sequence number of the report that reported it, when one did.
+    report_seq: Option<u64>,
+}
+
+/// A reported episode as kept across agent restarts (same boot: the times are on the
+/// monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedEpisode {
+    /// The thread id.
+    pub tid: u32,
+    /// The thread's name.
+    pub comm: String,
+    /// When it was last seen blocked (µs, monotonic).
+    pub last_seen_blocked: u64,
 }
 
 /// The episodes known per thread id.
@@ -59,6 +76,7 @@ impl HangEpisodes {
             comm: comm.to_owned(),
             last_seen_blocked: seen_at,
             reported: false,
+            report_seq: None,
         });
         let new_episode = episode.comm != comm || blocked_since > episode.last_seen_blocked;
         if new_episode {
@@ -66,6 +84,7 @@ impl HangEpisodes {
                 comm: comm.to_owned(),
                 last_seen_blocked: seen_at,
                 reported: false,
+                report_seq: None,
             };
         }
         episode.last_seen_blocked = episode.last_seen_blocked.max(seen_at);
@@ -77,6 +96,49 @@ impl HangEpisodes {
         } else {
             episode.reported = true;
             Some(EpisodeVerdict::Report)
+        }
+    }
+
+    /// Records that the episode of `tid` was reported by the kernel log record `seq`.
+    pub fn reported_by_record(&mut self, tid: u32, seq: u64) {
+        if let Some(episode) = self.by_tid.get_mut(&tid) {
+            episode.report_seq = Some(seq);
+        }
+    }
+
+    /// The reported episodes whose report is delivered: those reported by the `/proc` scan
+    /// (the caller saves only when all of those are delivered), and those reported by a
+    /// kernel record at or before `delivered_through` (later ones are read again after a
+    /// restart, and must then be reported again).
+    pub fn delivered(&self, delivered_through: Option<u64>) -> Vec<SavedEpisode> {
+        let mut saved: Vec<SavedEpisode> = self
+            .by_tid
+            .iter()
+            .filter(|(_, e)| e.reported)
+            .filter(|(_, e)| match e.report_seq {
+                None => true,
+                Some(seq) => delivered_through.is_some_and(|through| seq <= through),
+            })
+            .map(|(&tid, e)| SavedEpisode {
+                tid,
+                comm: e.comm.clone(),
+                last_seen_blocked: e.last_seen_blocked,
+            })
+            .collect();
+        saved.sort_by_key(|e| e.tid);
+        saved
+    }
+
+    /// Takes back episodes reported before a restart, so that a thread still stuck in one
+    /// is not reported again.
+    pub fn restore(&mut self, saved: Vec<SavedEpisode>) {
+        for episode in saved {
+            self.by_tid.entry(episode.tid).or_insert(Episode {
+                comm: episode.comm,
+                last_seen_blocked: episode.last_seen_blocked,
+                reported: true,
+                report_seq: None,
+            });
         }
     }
 
@@ -169,6 +231,55 @@ mod tests {
         // A reused tid with another name is another task.
         assert_eq!(
             e.observe(7, "dd", 100 * S, 111 * S, true),
+            Some(EpisodeVerdict::Report)
+        );
+    }
+
+    #[test]
+    fn an_episode_reported_before_a_restart_is_not_reported_again_after_it() {
+        let mut before = HangEpisodes::new();
+        // The scan reports thread 7 (blocked since 100 s); the kernel reports thread 8 in
+        // record 500 and thread 9 in record 900, which is not delivered yet.
+        assert_eq!(
+            before.observe(7, "qemu-nbd", 100 * S, 103 * S, true),
+            Some(EpisodeVerdict::Report)
+        );
+        for (tid, seq) in [(8, 500), (9, 900)] {
+            let since = kernel_report_blocked_since(104 * S, 2);
+            assert_eq!(
+                before.observe(tid, "qemu-nbd", since, 104 * S, true),
+                Some(EpisodeVerdict::Report)
+            );
+            before.reported_by_record(tid, seq);
+        }
+        let saved = before.delivered(Some(899));
+        assert_eq!(
+            saved.iter().map(|e| e.tid).collect::<Vec<_>>(),
+            [7, 8],
+            "record 900 is read again after the restart: its episode is not saved"
+        );
+
+        let mut after = HangEpisodes::new();
+        after.restore(saved);
+        // Still stuck in the same episode: seen by the scan, and reported by the kernel.
+        assert_eq!(
+            after.observe(7, "qemu-nbd", 100 * S, 110 * S, true),
+            Some(EpisodeVerdict::AlreadyReported)
+        );
+        let since = kernel_report_blocked_since(110 * S, 8);
+        assert_eq!(
+            after.observe(8, "qemu-nbd", since, 110 * S, true),
+            Some(EpisodeVerdict::AlreadyReported)
+        );
+        // The undelivered one is reported when its record is read again.
+        let since = kernel_report_blocked_since(104 * S, 2);
+        assert_eq!(
+            after.observe(9, "qemu-nbd", since, 104 * S, true),
+            Some(EpisodeVerdict::Report)
+        );
+        // Thread 7 ran after the restart and is stuck again: a new episode.
+        assert_eq!(
+            after.observe(7, "qemu-nbd", 111 * S, 115 * S, true),
             Some(EpisodeVerdict::Report)
         );
     }

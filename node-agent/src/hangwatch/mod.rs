@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crds::{CrashEvent, DetectedBy, EventKind};
+use serde::{Deserialize, Serialize};
 
-pub use episodes::{EpisodeVerdict, HangEpisodes};
+pub use episodes::{EpisodeVerdict, HangEpisodes, SavedEpisode};
 
 /// The longest task name the kernel keeps (`TASK_COMM_LEN - 1`).
 const COMM_LEN: usize = 15;
@@ -41,6 +42,33 @@ struct Sighting {
     last_ran_usec: Option<u64>,
 }
 
+/// When the scan first saw a thread blocked, kept across agent restarts (for kernels without
+/// `se.exec_start`, where it dates the episode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedSighting {
+    /// The thread id.
+    pub tid: u32,
+    /// Its voluntary + involuntary context switches then.
+    pub switches: Option<u64>,
+    /// When it was first seen blocked with that count (µs, monotonic).
+    pub since: u64,
+}
+
+/// What the hang watcher and the episode tracker keep across agent restarts in one boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HangState {
+    /// The boot these monotonic times belong to.
+    pub boot_id: String,
+    /// Episodes already reported and delivered.
+    #[serde(default)]
+    pub episodes: Vec<SavedEpisode>,
+    /// Threads the scan has seen blocked.
+    #[serde(default)]
+    pub sightings: Vec<SavedSighting>,
+}
+
 /// Scans `/proc` for stuck threads of watched processes.
 #[derive(Debug)]
 pub struct HangWatcher {
@@ -56,6 +84,28 @@ impl HangWatcher {
         HangWatcher {
             config,
             first_seen: HashMap::new(),
+        }
+    }
+
+    /// The threads seen blocked, to keep across a restart.
+    pub fn sightings(&self) -> Vec<SavedSighting> {
+        let mut saved: Vec<SavedSighting> = self
+            .first_seen
+            .iter()
+            .map(|(&tid, &(switches, since))| SavedSighting {
+                tid,
+                switches,
+                since,
+            })
+            .collect();
+        saved.sort_by_key(|s| s.tid);
+        saved
+    }
+
+    /// Takes back the threads seen blocked before a restart.
+    pub fn restore(&mut self, saved: Vec<SavedSighting>) {
+        for s in saved {
+            self.first_seen.insert(s.tid, (s.switches, s.since));
         }
     }
 

@@ -18,6 +18,12 @@ pub trait Publish {
     fn oldest_undelivered_seq(&self) -> Option<u64> {
         None
     }
+
+    /// Whether an event without a kernel log sequence number (a hang found by the `/proc`
+    /// scan) was accepted but is not delivered yet.
+    fn has_undelivered_without_seq(&self) -> bool {
+        false
+    }
 }
 
 /// Writes each event as one JSON line (JSON Lines) and flushes, so a reader sees it at once.

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use crds::limits;
 use crds::report::{RECENT_OCCURRENCES, location, report_name};
 use crds::{CrashEvent, CrashReportSpec, CrashReportStatus, Occurrence};
 
@@ -50,7 +51,7 @@ impl Outbox {
             return false;
         }
         let name = report_name(&self.node, event);
-        let occurrence = Occurrence {
+        let mut occurrence = Occurrence {
             time: event.timestamp.clone(),
             pid: event.pid,
             kmsg_seq: event.kmsg_seq,
@@ -58,15 +59,23 @@ impl Outbox {
             pod: event.pod.clone(),
             container: event.container.clone(),
         };
+        limits::bound_string_option(&mut occurrence.time, limits::MAX_NAME_BYTES);
+        limits::bound_string_option(&mut occurrence.line, limits::MAX_LINE_BYTES);
         self.entries
             .entry(name)
-            .or_insert_with(|| Pending {
-                spec: CrashReportSpec {
-                    node_name: self.node.clone(),
-                    location: location(event),
-                    event: event.clone(),
-                },
-                occurrences: Vec::new(),
+            .or_insert_with(|| {
+                let mut event = event.clone();
+                limits::bound_event(&mut event);
+                let mut location = location(&event);
+                limits::bound_string_option(&mut location, limits::MAX_TEXT_BYTES);
+                Pending {
+                    spec: CrashReportSpec {
+                        node_name: self.node.clone(),
+                        location,
+                        event,
+                    },
+                    occurrences: Vec::new(),
+                }
             })
             .occurrences
             .push(occurrence);
@@ -92,6 +101,29 @@ impl Outbox {
                 self.entries.remove(name);
             }
         }
+    }
+
+    /// The pending reports whose name `due` accepts, to be written (a copy: the outbox
+    /// keeps filling meanwhile).
+    pub fn snapshot_where(&self, mut due: impl FnMut(&str) -> bool) -> Vec<(String, Pending)> {
+        self.entries
+            .iter()
+            .filter(|(name, _)| due(name))
+            .map(|(name, pending)| (name.clone(), pending.clone()))
+            .collect()
+    }
+
+    /// The names of the reports with occurrences waiting.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Whether an occurrence without a kernel log sequence number (a hang found by the
+    /// `/proc` scan) waits: the cursor cannot stand for it.
+    pub fn holds_unsequenced(&self) -> bool {
+        self.entries
+            .values()
+            .any(|p| p.occurrences.iter().any(|o| o.kmsg_seq.is_none()))
     }
 
     /// How many occurrences wait.
@@ -223,6 +255,39 @@ mod tests {
         let rebooted = merge_status(Some(&second), "boot-b", &occurrences(&[3])).unwrap();
         assert_eq!(rebooted.count, 4);
         assert_eq!(rebooted.boot_id.as_deref(), Some("boot-b"));
+    }
+
+    #[test]
+    fn a_report_of_a_huge_event_stays_within_the_bounds() {
+        // A hung task with a 5000-frame stack, 5000 raw lines and overlong names.
+        let mut event = CrashEvent::new(EventKind::HungTask);
+        event.comm = Some("c".repeat(10_000));
+        event.wchan = Some("w".repeat(10_000));
+        event.kernel_stack = (0..5000).map(|i| format!("frame_{i}+0x1/0x2")).collect();
+        event.raw = (0..5000)
+            .map(|i| format!("line {i} {}", "x".repeat(3000)))
+            .collect();
+        event.explanation = Some("e".repeat(100_000));
+        let mut outbox = Outbox::new("node-1", 10);
+        assert!(outbox.add(&event));
+        let (_, pending) = outbox.snapshot().remove(0);
+        let spec = &pending.spec;
+        assert!(spec.event.comm.as_ref().unwrap().len() <= 256);
+        assert!(spec.event.wchan.as_ref().unwrap().len() <= 256);
+        assert!(spec.event.explanation.as_ref().unwrap().len() <= 4096);
+        assert_eq!(spec.event.kernel_stack.len(), 64);
+        assert_eq!(spec.event.kernel_stack[0], "frame_0+0x1/0x2");
+        assert_eq!(spec.event.raw.len(), 100);
+        assert!(spec.event.raw.iter().all(|l| l.len() <= 1024));
+        assert!(spec.location.as_ref().unwrap().len() <= 4096);
+        let line = pending.occurrences[0].line.as_ref().unwrap();
+        assert!(
+            line.starts_with("line 0 ") && line.len() <= 1024,
+            "{}",
+            line.len()
+        );
+        let bytes = serde_json::to_vec(spec).unwrap().len();
+        assert!(bytes < 512 << 10, "the spec is {bytes} bytes");
     }
 
     #[test]

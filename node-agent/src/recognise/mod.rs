@@ -23,12 +23,13 @@ pub mod line;
 pub mod misc;
 pub mod user_fault;
 
+use crds::limits::{self, MAX_KERNEL_STACK, MAX_RAW_LINES};
 use crds::{CrashEvent, DetectedBy, EventKind};
 
 pub use line::LogLine;
 
-/// The most records one oops or OOM report may take before it is closed regardless
-/// (an OOM report lists every task, one record each).
+/// The most records one report may take before it is closed regardless (an OOM report lists
+/// every task, one record each; an nbd device may log thousands of errors in a row).
 const MAX_REPORT_RECORDS: usize = 5000;
 
 /// Something the recogniser found in the log.
@@ -64,6 +65,10 @@ struct OpenReport {
     shape: Shape,
     found: Found,
     first_seq: Option<u64>,
+    /// Records taken, the first included.
+    records: usize,
+    /// Records taken but not kept in `raw` (beyond [`MAX_RAW_LINES`]).
+    omitted: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,9 +156,11 @@ impl Recogniser {
 
     /// Closes the open report, if any (call after a quiet period or at the end of input).
     pub fn flush(&mut self) -> Option<Recognised> {
-        self.open
-            .take()
-            .map(|open| Recognised::Event(Box::new(open.found)))
+        self.open.take().map(|open| {
+            let mut found = open.found;
+            limits::bound_lines(&mut found.event.raw, MAX_RAW_LINES, open.omitted);
+            Recognised::Event(Box::new(found))
+        })
     }
 
     /// The sequence number of the oldest record not yet turned into output: a persisted
@@ -306,6 +313,8 @@ impl OpenReport {
                 monotonic_usec: line.monotonic_usec,
             },
             first_seq: line.seq,
+            records: 1,
+            omitted: 0,
         }
     }
 
@@ -344,7 +353,8 @@ impl OpenReport {
                         *stack_done = true;
                     } else if message.trim() == "</TASK>" {
                         *stack_done = true;
-                    } else if let Some(frame) = hung::stack_frame(message).filter(|_| !*stack_done)
+                    } else if let Some(frame) = hung::stack_frame(message)
+                        .filter(|_| !*stack_done && event.kernel_stack.len() < MAX_KERNEL_STACK)
                     {
                         event.kernel_stack.push(frame.to_owned());
                     }
@@ -411,10 +421,20 @@ impl OpenReport {
                 _ => Absorb::NotMine,
             },
         };
-        if !matches!(verdict, Absorb::NotMine) {
-            event.raw.push(line.raw.clone());
+        if matches!(verdict, Absorb::NotMine) {
+            return verdict;
         }
-        verdict
+        if event.raw.len() < MAX_RAW_LINES {
+            event.raw.push(line.raw.clone());
+        } else {
+            self.omitted += 1;
+        }
+        self.records += 1;
+        if self.records >= MAX_REPORT_RECORDS {
+            Absorb::TakenAndComplete
+        } else {
+            verdict
+        }
     }
 }
 
@@ -560,6 +580,47 @@ mod tests {
         assert_eq!(found[0].raw.len(), 3);
         assert_eq!(found[0].device.as_deref(), Some("nbd0"));
         assert_eq!(found[1].device.as_deref(), Some("nbd1"));
+    }
+
+    #[test]
+    fn a_huge_hung_task_report_and_an_nbd_error_storm_stay_within_the_report_bounds() {
+        // A hung-task report whose stack goes on for 3000 frames.
+        let mut text = String::from(
+            "INFO: task qemu-nbd:645 blocked for more than 2 seconds.\ntask:qemu-nbd state:D\nCall Trace:\n <TASK>\n",
+        );
+        for i in 0..3000 {
+            text.push_str(&format!(" frame_{i}+0x10/0x20\n"));
+        }
+        text.push_str(" </TASK>\n");
+        // 4000 errors of one nbd device in a row.
+        for i in 0..4000 {
+            text.push_str(&format!(
+                "I/O error, dev nbd0, sector {i} op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0\n"
+            ));
+        }
+        let found = events(&text);
+        let hung = &found[0];
+        assert_eq!(hung.kind, EventKind::HungTask);
+        assert_eq!(hung.kernel_stack.len(), 64, "the innermost 64 frames");
+        assert_eq!(hung.kernel_stack[0], "frame_0+0x10/0x20");
+        assert_eq!(hung.raw.len(), 100);
+        assert_eq!(
+            hung.raw[0],
+            "INFO: task qemu-nbd:645 blocked for more than 2 seconds."
+        );
+        // 3005 lines in all, 99 kept as they were.
+        assert_eq!(hung.raw[99], "[2906 more lines omitted]");
+        let nbd: Vec<_> = found
+            .iter()
+            .filter(|e| e.kind == EventKind::NbdError)
+            .collect();
+        assert_eq!(
+            nbd.len(),
+            1,
+            "4000 records are one incident (below the record bound)"
+        );
+        assert_eq!(nbd[0].raw.len(), 100);
+        assert_eq!(nbd[0].raw[99], "[3901 more lines omitted]");
     }
 
     #[test]

@@ -206,7 +206,7 @@ impl Places {
             }
         }
         if let (Some(client), Some(id)) = (&self.debuginfod, binary.build_id.as_deref()) {
-            match client.debuginfo(id).map(|path| ElfFile::read(&path)) {
+            match client.lookup(id).map(|path| ElfFile::read(&path)) {
                 Ok(Ok(file)) => return Some((file, "debuginfod")),
                 Ok(Err(err)) => tracing::warn!(%err, "unusable file in the debuginfod cache"),
                 Err(err) => tracing::debug!(%err, "debuginfod has no debug file"),

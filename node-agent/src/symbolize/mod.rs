@@ -57,6 +57,19 @@ pub enum SymbolizeError {
         "symbolizing this record did not finish when the agent last tried (it was killed, perhaps out of memory); the event is published unsymbolized"
     )]
     Interrupted,
+    /// The debug file is being fetched from debuginfod in the background: this event is
+    /// reported without it, later ones of the binary will have it.
+    #[error(
+        "{binary} has no local debug information for {address:#x}; its debug file (build-id {build_id}) is being fetched from debuginfod for later crashes"
+    )]
+    DebuginfodPending {
+        /// The binary.
+        binary: String,
+        /// The link-time address.
+        address: u64,
+        /// Its build-id.
+        build_id: String,
+    },
     /// A parser panicked on this input (a bug, ours or a dependency's): the event is kept
     /// unsymbolized and the agent goes on.
     #[error("symbolization failed on a malformed file (an internal error; the event is kept)")]
@@ -71,6 +84,7 @@ impl SymbolizeError {
             SymbolizeError::BadBinary(_) => "bad_binary",
             SymbolizeError::Mapping(_) => "address_not_mapped",
             SymbolizeError::NoDebugInfo { .. } => "no_debug_info",
+            SymbolizeError::DebuginfodPending { .. } => "debuginfod_pending",
             SymbolizeError::Panicked => "panicked",
             SymbolizeError::Interrupted => "interrupted",
         }
@@ -106,6 +120,8 @@ struct Loaded {
     binary: ElfFile,
     debug: Option<Mutex<DebugInfo>>,
     bytes: usize,
+    /// Its DWARF is being fetched from debuginfod in the background.
+    debuginfod_pending: bool,
 }
 
 impl Loaded {
@@ -236,10 +252,16 @@ impl Symbolizer {
         };
         // The binary itself holds only its headers' facts and an open file.
         let bytes = LOADED_OVERHEAD + debug.as_ref().map_or(0, |d| d.bytes);
+        let debuginfod_pending = !found_dwarf
+            && match (&self.places.debuginfod, binary.build_id.as_deref()) {
+                (Some(client), Some(id)) => client.is_fetching(id),
+                _ => false,
+            };
         let loaded = Arc::new(Loaded {
             binary,
             debug: debug.map(Mutex::new),
             bytes,
+            debuginfod_pending,
         });
         // Without DWARF, a later crash asks debuginfod again (its negative cache limits how
         // often), so the load is not cached.
@@ -351,10 +373,22 @@ impl Symbolize for Symbolizer {
         event.binary_matches = matches;
         event.module_offset.get_or_insert(crds::Address(offset));
         let vaddr = mapping::file_offset_to_vaddr(&binary.segments, offset)?;
-        let no_debug_info = || SymbolizeError::NoDebugInfo {
-            binary: binary.path.display().to_string(),
-            address: vaddr,
-            build_id: event.build_id.clone().unwrap_or_else(|| "none".into()),
+        let no_debug_info = || {
+            let (binary, address) = (binary.path.display().to_string(), vaddr);
+            let build_id = event.build_id.clone().unwrap_or_else(|| "none".into());
+            if loaded.debuginfod_pending {
+                SymbolizeError::DebuginfodPending {
+                    binary,
+                    address,
+                    build_id,
+                }
+            } else {
+                SymbolizeError::NoDebugInfo {
+                    binary,
+                    address,
+                    build_id,
+                }
+            }
         };
         let debug = loaded
             .debug

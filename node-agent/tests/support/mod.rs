@@ -292,7 +292,8 @@ impl Agent {
     }
 
     /// Starts the agent publishing CrashReports for `node` to the cluster of `kubeconfig`
-    /// (one write per object per second), and waits until it is ready.
+    /// (one write per object per second unless `extra` sets `--publish-interval`), and
+    /// waits until it is ready.
     pub fn start_publishing(
         state_dir: &Path,
         node: &str,
@@ -313,6 +314,20 @@ impl Agent {
         Agent::publishing(state_dir, node, kubeconfig, extra, false)
     }
 
+    /// Like [`Agent::start_publishing`], but run through `wrapper` (a command and its
+    /// arguments, for example `unshare` into a time namespace); the agent is killed with it.
+    pub fn start_publishing_wrapped(
+        state_dir: &Path,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Agent {
+        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
+        args.extend(extra);
+        Agent::spawn_wrapped(state_dir, &args, Some(kubeconfig), None, true, wrapper)
+    }
+
     fn publishing(
         state_dir: &Path,
         node: &str,
@@ -320,7 +335,10 @@ impl Agent {
         extra: &[&str],
         ready: bool,
     ) -> Agent {
-        let mut args = vec!["--node-name", node, "--publish-interval", "1"];
+        let mut args = vec!["--node-name", node];
+        if !extra.contains(&"--publish-interval") {
+            args.extend(["--publish-interval", "1"]);
+        }
         args.extend(extra);
         Agent::spawn(state_dir, &args, Some(kubeconfig), None, ready)
     }
@@ -332,9 +350,28 @@ impl Agent {
         cgroup: Option<&MemoryCgroup>,
         ready: bool,
     ) -> Agent {
+        Agent::spawn_wrapped(state_dir, args, kubeconfig, cgroup, ready, &[])
+    }
+
+    fn spawn_wrapped(
+        state_dir: &Path,
+        args: &[&str],
+        kubeconfig: Option<&Path>,
+        cgroup: Option<&MemoryCgroup>,
+        ready: bool,
+        wrapper: &[&str],
+    ) -> Agent {
         let metrics_port = free_port();
         let log = state_dir.join(format!("agent-{metrics_port}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_crashwatch-agent"));
+        let agent = env!("CARGO_BIN_EXE_crashwatch-agent");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(agent);
+                command
+            }
+            None => Command::new(agent),
+        };
         if let Some(kubeconfig) = kubeconfig {
             command.env("KUBECONFIG", kubeconfig);
         }
