@@ -120,6 +120,13 @@ impl HangWatcher {
     /// Scans once at `now_usec` (monotonic clock) and returns the episodes to report.
     pub fn scan(&mut self, episodes: &mut HangEpisodes, now_usec: u64) -> Vec<CrashEvent> {
         let sightings = self.blocked_threads();
+        // `se.exec_start` is on the scheduler's task clock, which trails CLOCK_MONOTONIC by
+        // the steal and interrupt time (1.9 s on the loaded development VM). This thread's
+        // own `se.exec_start`, read while it runs, says by how much.
+        let task_clock_lag = read(&self.config.proc_root.join("thread-self"), "sched")
+            .as_deref()
+            .and_then(procfs::parse_last_ran_usec)
+            .map_or(0, |own| now_usec.saturating_sub(own));
         self.first_seen
             .retain(|tid, _| sightings.iter().any(|s| s.tid == *tid));
         let threshold = self.config.threshold.as_micros() as u64;
@@ -132,7 +139,8 @@ impl HangWatcher {
             if first.0 != sighting.switches {
                 *first = (sighting.switches, now_usec);
             }
-            let blocked_since = sighting.last_ran_usec.unwrap_or(first.1).min(now_usec);
+            let last_ran = sighting.last_ran_usec.map(|t| t + task_clock_lag);
+            let blocked_since = last_ran.unwrap_or(first.1).min(now_usec);
             let blocked_for = now_usec - blocked_since;
             let due = blocked_for >= threshold;
             if episodes.observe(sighting.tid, &sighting.comm, blocked_since, now_usec, due)

@@ -18,8 +18,8 @@ pub fn parse_stat(text: &str) -> Option<TaskStat> {
     Some(TaskStat { comm, state })
 }
 
-/// The time the task last ran, in microseconds on the monotonic clock (`se.exec_start` in
-/// `/proc/PID/task/TID/sched`, printed in milliseconds); available with `CONFIG_SCHED_DEBUG`.
+/// The time the task last ran, in microseconds on the scheduler's task clock (`se.exec_start`
+/// in `/proc/PID/task/TID/sched`, printed in milliseconds); available with `CONFIG_SCHED_DEBUG`.
 pub fn parse_last_ran_usec(sched: &str) -> Option<u64> {
     let line = sched.lines().find(|l| l.starts_with("se.exec_start"))?;
     let millis: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
