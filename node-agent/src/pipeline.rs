@@ -93,7 +93,13 @@ impl<S: Symbolize> Pipeline<S> {
             .zip(event.kmsg_seq)
             .filter(|_| event.module.is_some());
         let not_symbolized = match note {
-            Some((file, seq)) if file.was_interrupted(seq) => Some(SymbolizeError::Interrupted),
+            Some((file, seq)) if file.was_interrupted(seq) => {
+                // Its headers still name the binary, so the report keeps its fingerprint.
+                if let Err(err) = self.symbolizer.identify(&mut event) {
+                    tracing::debug!(%err, "the binary of an interrupted record is not known");
+                }
+                Some(SymbolizeError::Interrupted)
+            }
             _ => {
                 if let Some((file, seq)) = note
                     && let Err(err) = file.begin(seq)

@@ -96,11 +96,22 @@ pub trait Symbolize {
     /// Adds `binaryPath`, `buildId`, `binaryMatches`, `frames` … to the event where it can.
     /// Ok(()) also when there is nothing to symbolize (no module).
     fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError>;
+
+    /// Adds only `binaryPath`, `buildId` and `binaryMatches`, from the binary's headers and
+    /// notes, never its debug information: what a report's fingerprint needs when
+    /// symbolizing is not to be tried.
+    fn identify(&self, _event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        Ok(())
+    }
 }
 
 impl<T: Symbolize + ?Sized> Symbolize for Box<T> {
     fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
         (**self).symbolize(event)
+    }
+
+    fn identify(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        (**self).identify(event)
     }
 }
 
@@ -325,15 +336,21 @@ fn code_matches(event: &CrashEvent, binary: &ElfFile, file_offset: u64) -> Optio
     Some(binary.bytes_at(start, code.bytes.len()).as_deref() == Some(&code.bytes[..]))
 }
 
-impl Symbolize for Symbolizer {
-    fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
-        let Some(module) = event.module.clone() else {
-            return Ok(());
-        };
-        let mut chosen: Option<(Arc<Loaded>, u64, Option<bool>)> = None;
+impl Symbolizer {
+    /// The binary the event's process ran: the first candidate whose bytes match the
+    /// `Code:` record (or the first that loads, when none can be checked), loaded by `load`,
+    /// with the file offset of the faulting instruction and whether the bytes matched.
+    fn choose_binary<T>(
+        &self,
+        event: &CrashEvent,
+        module: &str,
+        load: impl Fn(&Path) -> Result<T, elf::ElfError>,
+        binary: impl Fn(&T) -> &ElfFile,
+    ) -> Result<(T, u64, Option<bool>), SymbolizeError> {
+        let mut chosen: Option<(T, u64, Option<bool>)> = None;
         let mut last_error = None;
         for path in self.places.binary_candidates(event) {
-            let loaded = match self.load(&path) {
+            let loaded = match load(&path) {
                 Ok(loaded) => loaded,
                 Err(err) => {
                     last_error = Some(SymbolizeError::from(err));
@@ -343,7 +360,7 @@ impl Symbolize for Symbolizer {
             let offset = match event.module_offset {
                 Some(offset) => offset.0,
                 None => match mapping::vma_to_file_offset(
-                    &loaded.binary.segments,
+                    &binary(&loaded).segments,
                     event.ip.map_or(0, |a| a.0),
                     event.vma_start.map_or(0, |a| a.0),
                 ) {
@@ -354,7 +371,7 @@ impl Symbolize for Symbolizer {
                     }
                 },
             };
-            let matches = code_matches(event, &loaded.binary, offset);
+            let matches = code_matches(event, binary(&loaded), offset);
             let good = matches != Some(false);
             if good || chosen.is_none() {
                 chosen = Some((loaded, offset, matches));
@@ -363,9 +380,34 @@ impl Symbolize for Symbolizer {
                 break;
             }
         }
-        let Some((loaded, offset, matches)) = chosen else {
-            return Err(last_error.unwrap_or(SymbolizeError::BinaryNotFound { module }));
+        chosen.ok_or_else(|| {
+            last_error.unwrap_or(SymbolizeError::BinaryNotFound {
+                module: module.to_owned(),
+            })
+        })
+    }
+}
+
+impl Symbolize for Symbolizer {
+    fn identify(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        let Some(module) = event.module.clone() else {
+            return Ok(());
         };
+        let (binary, offset, matches) =
+            self.choose_binary(event, &module, |path| ElfFile::read(path), |b| b)?;
+        event.binary_path = Some(binary.path.display().to_string());
+        event.build_id = binary.build_id.as_deref().map(elf::hex);
+        event.binary_matches = matches;
+        event.module_offset.get_or_insert(crds::Address(offset));
+        Ok(())
+    }
+
+    fn symbolize(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
+        let Some(module) = event.module.clone() else {
+            return Ok(());
+        };
+        let (loaded, offset, matches) =
+            self.choose_binary(event, &module, |path| self.load(path), |l| &l.binary)?;
         let loaded = self.unpoisoned(loaded);
         let binary = &loaded.binary;
         event.binary_path = Some(binary.path.display().to_string());
