@@ -40,6 +40,7 @@ struct Sighting {
     comm: String,
     switches: Option<u64>,
     last_ran_usec: Option<u64>,
+    cpu: Option<usize>,
 }
 
 /// When the scan first saw a thread blocked, kept across agent restarts (for kernels without
@@ -120,13 +121,7 @@ impl HangWatcher {
     /// Scans once at `now_usec` (monotonic clock) and returns the episodes to report.
     pub fn scan(&mut self, episodes: &mut HangEpisodes, now_usec: u64) -> Vec<CrashEvent> {
         let sightings = self.blocked_threads();
-        // `se.exec_start` is on the scheduler's task clock, which trails CLOCK_MONOTONIC by
-        // the steal and interrupt time (1.9 s on the loaded development VM). This thread's
-        // own `se.exec_start`, read while it runs, says by how much.
-        let task_clock_lag = read(&self.config.proc_root.join("thread-self"), "sched")
-            .as_deref()
-            .and_then(procfs::parse_last_ran_usec)
-            .map_or(0, |own| now_usec.saturating_sub(own));
+        let mut lags = HashMap::new();
         self.first_seen
             .retain(|tid, _| sightings.iter().any(|s| s.tid == *tid));
         let threshold = self.config.threshold.as_micros() as u64;
@@ -139,7 +134,17 @@ impl HangWatcher {
             if first.0 != sighting.switches {
                 *first = (sighting.switches, now_usec);
             }
-            let last_ran = sighting.last_ran_usec.map(|t| t + task_clock_lag);
+            // `se.exec_start` is on the task clock of the CPU the thread last ran on, which
+            // trails CLOCK_MONOTONIC by that CPU's steal and interrupt time (up to 2 s on the
+            // loaded development VM), a different amount on each CPU.
+            let last_ran = sighting.last_ran_usec.map(|t| {
+                let lag = sighting.cpu.map_or(0, |cpu| {
+                    *lags
+                        .entry(cpu)
+                        .or_insert_with(|| task_clock_lag(&self.config.proc_root, cpu))
+                });
+                t + lag
+            });
             let blocked_since = last_ran.unwrap_or(first.1).min(now_usec);
             let blocked_for = now_usec - blocked_since;
             let due = blocked_for >= threshold;
@@ -184,6 +189,7 @@ impl HangWatcher {
                     last_ran_usec: read(&dir, "sched")
                         .as_deref()
                         .and_then(procfs::parse_last_ran_usec),
+                    cpu: stat.cpu,
                 });
             }
         }
@@ -229,6 +235,32 @@ fn truncate_comm(name: &str) -> &str {
 fn is_number(name: &std::ffi::OsStr) -> bool {
     name.to_str()
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// How far CPU `cpu`'s task clock (that of `se.exec_start`) trails CLOCK_MONOTONIC, in
+/// microseconds: this thread moves to that CPU, reads its own `se.exec_start` (set when it was
+/// scheduled there, so now to within a tick) and the monotonic clock, and moves back. 0 when
+/// it cannot (no such CPU, no `se.exec_start`).
+fn task_clock_lag(proc_root: &Path, cpu: usize) -> u64 {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: the sets are plain bit arrays of `size` bytes, valid for both calls.
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size, &mut old) != 0 {
+            return 0;
+        }
+        let mut there: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut there);
+        if libc::sched_setaffinity(0, size, &there) != 0 {
+            return 0;
+        }
+        let own = read(&proc_root.join("thread-self"), "sched")
+            .as_deref()
+            .and_then(procfs::parse_last_ran_usec);
+        let now = crate::daemon::monotonic_usec();
+        libc::sched_setaffinity(0, size, &old);
+        own.map_or(0, |own| now.saturating_sub(own))
+    }
 }
 
 fn read(dir: &Path, file: &str) -> Option<String> {

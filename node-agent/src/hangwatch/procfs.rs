@@ -7,6 +7,8 @@ pub struct TaskStat {
     pub comm: String,
     /// The one-letter state (`R`, `S`, `D`, `T`, `Z`, …).
     pub state: char,
+    /// The CPU it last ran on (field 39).
+    pub cpu: Option<usize>,
 }
 
 /// Parses `/proc/PID/task/TID/stat`.
@@ -14,8 +16,11 @@ pub fn parse_stat(text: &str) -> Option<TaskStat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_owned();
-    let state = text.get(close + 1..)?.trim_start().chars().next()?;
-    Some(TaskStat { comm, state })
+    let mut fields = text.get(close + 1..)?.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 4 to 38 come between the state (3) and the processor (39).
+    let cpu = fields.nth(35).and_then(|f| f.parse().ok());
+    Some(TaskStat { comm, state, cpu })
 }
 
 /// The time the task last ran, in microseconds on the scheduler's task clock (`se.exec_start`
@@ -57,13 +62,20 @@ mod tests {
         assert_eq!(
             s,
             TaskStat {
+                cpu: None,
                 comm: "qemu-nbd".into(),
                 state: 'D'
             }
         );
         let s = parse_stat("7 (a) b (c)) S 1 2").unwrap();
+        assert_eq!(s.cpu, None, "a short line has no processor field");
         assert_eq!((s.comm.as_str(), s.state), ("a) b (c)", 'S'));
         assert!(parse_stat("garbage").is_none());
+        // A real line of this machine's (cat, last run on CPU 1).
+        let real = "12227 (cat) R 12225 12225 1464 0 -1 4194304 124 0 0 0 0 0 0 0 20 0 1 0 663156 \
+                    3133440 387 18446744073709551615 94169311723520 94169311743401 140736521035616 \
+                    0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 94169311759408";
+        assert_eq!(parse_stat(real).unwrap().cpu, Some(1));
     }
 
     #[test]
