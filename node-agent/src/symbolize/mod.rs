@@ -393,8 +393,7 @@ impl Symbolize for Symbolizer {
         let Some(module) = event.module.clone() else {
             return Ok(());
         };
-        let (binary, offset, matches) =
-            self.choose_binary(event, &module, |path| ElfFile::read(path), |b| b)?;
+        let (binary, offset, matches) = self.choose_binary(event, &module, ElfFile::read, |b| b)?;
         event.binary_path = Some(binary.path.display().to_string());
         event.build_id = binary.build_id.as_deref().map(elf::hex);
         event.binary_matches = matches;
