@@ -23,6 +23,12 @@ pub enum EventKind {
     InvalidOpcode,
     /// A breakpoint instruction with no debugger attached (`trap int3`).
     Breakpoint,
+    /// A process that aborted itself (`SIGABRT`: `abort()`, a failed `assert`); seen only
+    /// by the core handler, since the kernel logs nothing for it.
+    Abort,
+    /// A bus error (`SIGBUS`: a truncated mapped file, a misaligned access); seen only by the
+    /// core handler.
+    BusError,
     /// A task stuck in uninterruptible sleep.
     HungTask,
     /// An error from the nbd block driver.
@@ -42,6 +48,8 @@ impl EventKind {
             EventKind::DivideError => "DivideError",
             EventKind::InvalidOpcode => "InvalidOpcode",
             EventKind::Breakpoint => "Breakpoint",
+            EventKind::Abort => "Abort",
+            EventKind::BusError => "BusError",
             EventKind::HungTask => "HungTask",
             EventKind::NbdError => "NbdError",
             EventKind::OomKill => "OomKill",
@@ -58,6 +66,8 @@ impl EventKind {
                 | EventKind::DivideError
                 | EventKind::InvalidOpcode
                 | EventKind::Breakpoint
+                | EventKind::Abort
+                | EventKind::BusError
         )
     }
 }
@@ -125,6 +135,11 @@ impl<'de> Deserialize<'de> for Address {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Frame {
+    /// The file name of the module (executable or shared library) the frame's code is in;
+    /// set on the frames of a whole stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::bounds::PATH_LEN))]
+    pub module: Option<String>,
     /// The (demangled) function name.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::bounds::TEXT_LEN))]
@@ -306,7 +321,8 @@ pub struct CrashEvent {
     /// Whether the `Code:` bytes equal the binary's bytes at `moduleOffset`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binary_matches: Option<bool>,
-    /// Source frames of `ip`, innermost (inlined) first.
+    /// Source frames, innermost first: those of `ip` (its inlined frames first), then, when
+    /// the stack was unwound at crash time, those of each caller, each naming its module.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = crate::bounds::FRAMES))]
     pub frames: Vec<Frame>,

@@ -63,6 +63,20 @@ enum Command {
     Explain(ExplainArgs),
     /// Follows this machine's kernel log and reports every crash and hang.
     Run(RunArgs),
+    /// The core handler the kernel runs for each core dump (installed by `run
+    /// --core-handler`; not for people): reads the dump on stdin.
+    #[command(hide = true)]
+    Coredump(CoredumpArgs),
+}
+
+#[derive(Args)]
+struct CoredumpArgs {
+    /// Only check that this binary runs here, and print `ok`.
+    #[arg(long)]
+    check: bool,
+    /// The pattern's specifiers, in node_agent::coredump::pattern::HANDLER_ARGS order.
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+    specifiers: Vec<String>,
 }
 
 #[derive(Args)]
@@ -203,14 +217,40 @@ struct RunArgs {
     /// they are dropped and counted in crashwatch_reports_published_total{result="dropped"}.
     #[arg(long, default_value_t = 10_000)]
     outbox_limit: usize,
+    /// Install the agent as the kernel's core_pattern pipe handler while it runs: each crash
+    /// is then attributed to its pod and unwound, symbolized from its own container, with
+    /// no core file kept. The previous handler still receives every dump, and is restored
+    /// when the agent stops. Needs --state-dir.
+    #[arg(long)]
+    core_handler: bool,
+    /// The state dir's path on the host, where the kernel runs the handler from (default:
+    /// --state-dir, right when the agent runs on the host).
+    #[arg(long, value_name = "DIR")]
+    host_state_dir: Option<PathBuf>,
+    /// The container runtime's state dir on the host, where the handler reads which pod
+    /// and container a process ran in.
+    #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
+    runtime_state_dir: PathBuf,
     #[command(flatten)]
     symbols: SymbolArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Coredump(args) = &cli.command {
+        // Run by the kernel, with nowhere to log but the kernel log itself.
+        if args.check {
+            println!("ok");
+            return ExitCode::SUCCESS;
+        }
+        return match node_agent::coredump::handler::run(&args.specifiers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     init_logging(cli.log_format, "info");
     let result = match cli.command {
+        Command::Coredump(_) => unreachable!("handled above"),
         Command::Explain(args) => explain_command(args),
         Command::Run(args) => run_command(args),
     };
@@ -301,6 +341,28 @@ fn user_debuginfod_cache() -> PathBuf {
         .join("crashwatch/debuginfod")
 }
 
+/// Where the core handler goes, when `--core-handler` asks for it.
+fn core_handler_config(
+    symbols: &SymbolArgs,
+    state_dir: Option<&std::path::Path>,
+    enabled: bool,
+    host_state_dir: Option<PathBuf>,
+    runtime_state_dir: PathBuf,
+) -> anyhow::Result<Option<node_agent::coredump::InstallConfig>> {
+    if !enabled {
+        return Ok(None);
+    }
+    let state_dir = state_dir.context("--core-handler needs --state-dir")?;
+    Ok(Some(node_agent::coredump::InstallConfig {
+        kernel_dir: PathBuf::from("/proc/sys/kernel"),
+        state_dir: state_dir.to_owned(),
+        host_state_dir: host_state_dir.unwrap_or_else(|| state_dir.to_owned()),
+        host_root: symbols.root.clone(),
+        debug_dirs: symbols.debug_dirs.iter().map(PathBuf::from).collect(),
+        runtime_state_dir,
+    }))
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let positive = |name: &str, secs: f64| {
         if secs.is_finite() && secs > 0.0 {
@@ -327,6 +389,13 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .map(|h| h.trim().to_owned())
             .context("no --node-name or NODE_NAME, and the host name is unreadable")?,
     };
+    let core_handler = core_handler_config(
+        &args.symbols,
+        args.state_dir.as_deref(),
+        args.core_handler,
+        args.host_state_dir,
+        args.runtime_state_dir.clone(),
+    )?;
     let config = RunConfig {
         kmsg_path: args.kmsg,
         state_dir: args.state_dir,
@@ -339,6 +408,12 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         },
         hang_scan_interval: positive("hang-scan-interval", args.hang_scan_interval)?,
         publishes_to_api: !standalone,
+        runtime_state_dir: args.symbols.root.join(
+            args.runtime_state_dir
+                .strip_prefix("/")
+                .unwrap_or(&args.runtime_state_dir),
+        ),
+        core_handler,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -43,6 +43,12 @@ pub struct AgentMetrics {
     pub api_up: IntGauge,
     /// Occurrences waiting to be written as CrashReports.
     pub reports_pending: IntGauge,
+    /// Whether the agent is the kernel's core handler (1) or not (0).
+    pub core_handler_installed: IntGauge,
+    /// Crashes whose event came from the core handler.
+    pub core_dumps_handled: IntCounter,
+    /// Spool files that held no readable event, removed.
+    pub core_dumps_unreadable: IntCounter,
     crash_series: Mutex<HashSet<(String, String, String)>>,
 }
 
@@ -140,6 +146,18 @@ impl AgentMetrics {
             reports_pending: gauge(
                 "crashwatch_reports_pending",
                 "Occurrences waiting to be written as CrashReports.",
+            ),
+            core_handler_installed: gauge(
+                "crashwatch_core_handler_installed",
+                "1 while the agent is the kernel's core_pattern handler.",
+            ),
+            core_dumps_handled: counter(
+                "crashwatch_core_dumps_handled_total",
+                "Crashes reported with the core handler's stack and pod.",
+            ),
+            core_dumps_unreadable: counter(
+                "crashwatch_core_dumps_unreadable_total",
+                "Spooled core handler events that could not be read, removed.",
             ),
             crash_series: Mutex::new(HashSet::new()),
             registry,

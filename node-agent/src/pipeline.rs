@@ -136,30 +136,21 @@ impl<S: Symbolize> Pipeline<S> {
                     .inc();
             }
         }
-        if event.instruction.is_none() {
-            event.instruction = explain::faulting_instruction(&event)
-                .map(|i| i.text)
-                .or_else(|| explain::arm64::faulting_instruction(&event));
-        }
-        let text = explain::explanation(&event);
-        if !text.is_empty() {
-            event.explanation = Some(text);
-        }
-        if let Some(m) = metrics {
-            let process = event.comm.as_deref().unwrap_or("");
-            if event.kind == EventKind::HungTask {
-                m.count_hung_task(process);
-            } else {
-                m.count_crash(
-                    event.kind.as_str(),
-                    process,
-                    event.module.as_deref().unwrap_or(""),
-                );
-            }
-        }
         Finished {
-            event,
+            event: explain_and_count(event, metrics),
             not_symbolized,
+        }
+    }
+
+    /// Explains and counts an event the core handler has symbolized already.
+    pub fn finish_symbolized(
+        &mut self,
+        event: CrashEvent,
+        metrics: Option<&AgentMetrics>,
+    ) -> Finished {
+        Finished {
+            event: explain_and_count(event, metrics),
+            not_symbolized: None,
         }
     }
 
@@ -178,6 +169,33 @@ impl<S: Symbolize> Pipeline<S> {
         }
         new
     }
+}
+
+/// Names the faulting instruction when symbolization did not, writes the explanation, and
+/// counts the event.
+fn explain_and_count(mut event: CrashEvent, metrics: Option<&AgentMetrics>) -> CrashEvent {
+    if event.instruction.is_none() {
+        event.instruction = explain::faulting_instruction(&event)
+            .map(|i| i.text)
+            .or_else(|| explain::arm64::faulting_instruction(&event));
+    }
+    let text = explain::explanation(&event);
+    if !text.is_empty() {
+        event.explanation = Some(text);
+    }
+    if let Some(m) = metrics {
+        let process = event.comm.as_deref().unwrap_or("");
+        if event.kind == EventKind::HungTask {
+            m.count_hung_task(process);
+        } else {
+            m.count_crash(
+                event.kind.as_str(),
+                process,
+                event.module.as_deref().unwrap_or(""),
+            );
+        }
+    }
+    event
 }
 
 #[cfg(test)]

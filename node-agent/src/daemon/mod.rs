@@ -12,6 +12,7 @@ use anyhow::Context;
 use crds::CrashEvent;
 use tokio::time::MissedTickBehavior;
 
+use crate::coredump::{CoreHandler, CoreMerge, InstallConfig, Merged, Spool};
 use crate::hangwatch::{HangState, HangWatcher, WatchConfig};
 use crate::kmsg::cursor::read_boot_id;
 use crate::kmsg::inflight::InFlightFile;
@@ -47,7 +48,15 @@ pub struct RunConfig {
     pub hang_scan_interval: Duration,
     /// Whether events go to the API server, so that `/readyz` also needs it.
     pub publishes_to_api: bool,
+    /// Where to install the core handler, when it is wanted.
+    pub core_handler: Option<InstallConfig>,
+    /// The container runtime's state dir as the agent sees it, for naming the pod of a
+    /// live process (a hung one) from its bundle.
+    pub runtime_state_dir: PathBuf,
 }
+
+/// How often the core handler's spool is looked at.
+const SPOOL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs until `shutdown` completes, publishing every event to `publisher`.
 pub async fn run<S, P>(
@@ -95,12 +104,35 @@ where
     let mut reader = KmsgReader::open(&config.kmsg_path)?;
     metrics.kmsg_reader_up.set(1);
     let clock = Clock::now();
+    // The handler is restored when `core_handler` drops, on every way out of this function.
+    let core_handler = match &config.core_handler {
+        Some(install) => match CoreHandler::install(install) {
+            Ok(handler) => {
+                metrics.core_handler_installed.set(1);
+                Some(handler)
+            }
+            Err(err) => {
+                tracing::error!(
+                    err = format!("{err:#}"),
+                    "cannot install the core handler; crashes are reported from the kernel log only"
+                );
+                None
+            }
+        },
+        None => None,
+    };
     let mut state = ReadState {
         seq: SeqTracker::resume_after(resume_after),
         recogniser: Recogniser::new(),
         pipeline: Pipeline::new(symbolizer),
         metrics: metrics.clone(),
         clock,
+        core: core_handler
+            .as_ref()
+            .map(|h| (CoreMerge::default(), h.spool().clone())),
+        published_spool_files: Vec::new(),
+        proc_root: config.watch.proc_root.clone(),
+        runtime_state_dir: config.runtime_state_dir.clone(),
     };
     if let Some(dir) = &config.state_dir {
         state
@@ -125,6 +157,8 @@ where
     }
     let mut saved_hangs: Option<HangState> = None;
     let mut last_hang_save = Instant::now();
+    let mut spool_tick = tokio::time::interval(SPOOL_INTERVAL);
+    spool_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut scan = tokio::time::interval(config.hang_scan_interval);
     scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut persisted = resume_after;
@@ -160,7 +194,14 @@ where
                     publisher.publish(&event).context("publishing an event")?;
                 }
             },
+            _ = spool_tick.tick(), if state.core.is_some() => {
+                for event in state.read_spool() {
+                    publisher.publish(&event).context("publishing an event")?;
+                    published = true;
+                }
+            },
         }
+        state.remove_published_spool_files();
         let done = delivered_through(state.handled_through(), &publisher);
         if let Some(file) = &cursor_file
             && done != persisted
@@ -210,6 +251,8 @@ where
         file.store(&Cursor { boot_id, last_seq })
             .context("persisting the kmsg cursor")?;
     }
+    drop(core_handler);
+    metrics.core_handler_installed.set(0);
     metrics.kmsg_reader_up.set(0);
     tracing::info!("stopped");
     Ok(())
@@ -276,6 +319,12 @@ struct ReadState<S> {
     pipeline: Pipeline<S>,
     metrics: Arc<AgentMetrics>,
     clock: Clock,
+    /// With the core handler: crash lines and spooled dumps waiting for each other.
+    core: Option<(CoreMerge, Spool)>,
+    /// Spool files whose events were handed to the publisher.
+    published_spool_files: Vec<PathBuf>,
+    proc_root: PathBuf,
+    runtime_state_dir: PathBuf,
 }
 
 impl<S: Symbolize> ReadState<S> {
@@ -314,6 +363,17 @@ impl<S: Symbolize> ReadState<S> {
             Recognised::Event(found) => found.monotonic_usec,
             _ => None,
         };
+        // With the core handler, a crash line waits for its dump's richer event.
+        if let (Some((merge, _)), Recognised::Event(found)) = (&mut self.core, &item)
+            && found.event.kind.is_user_crash()
+            && found.event.pid.is_some()
+        {
+            let Recognised::Event(found) = item else {
+                unreachable!("matched above")
+            };
+            let merged = merge.line(found.event, usec, Instant::now())?;
+            return Some(self.finish_merged(merged));
+        }
         let finished = self.pipeline.handle(item, Some(&self.metrics))?;
         Some(self.stamped(finished, usec))
     }
@@ -323,21 +383,91 @@ impl<S: Symbolize> ReadState<S> {
         self.stamped(finished, usec)
     }
 
-    /// Logs why an event was not symbolized and gives it its wall-clock time.
+    /// Logs why an event was not symbolized, gives it its wall-clock time, and names the
+    /// pod of a process that still runs.
     fn stamped(&self, finished: Finished, usec: Option<u64>) -> CrashEvent {
         if let Some(err) = &finished.not_symbolized {
             tracing::info!(%err, "not symbolized");
         }
         let mut event = finished.event;
-        event.timestamp = usec.map(|u| self.clock.wall_time(u));
+        if let Some(usec) = usec {
+            event.timestamp = Some(self.clock.wall_time(usec));
+        }
+        if event.pod.is_none()
+            && let Some(pid) = event.pid
+            && let Ok(cgroup) =
+                std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
+            && let Some((pod, container)) =
+                crate::coredump::attribute::attribute(&cgroup, &self.runtime_state_dir)
+        {
+            event.pod = Some(pod);
+            event.container = Some(container);
+        }
         event
     }
 
-    /// The last record whose events are all out: before any open report.
+    /// Finishes a crash from the merge: the handler's event is symbolized already.
+    fn finish_merged(&mut self, merged: Merged) -> CrashEvent {
+        match merged {
+            Merged::FromDump {
+                event,
+                monotonic_usec,
+                spool_file,
+            } => {
+                self.metrics.core_dumps_handled.inc();
+                self.published_spool_files.push(spool_file);
+                let finished = self.pipeline.finish_symbolized(event, Some(&self.metrics));
+                self.stamped(finished, monotonic_usec)
+            }
+            Merged::LineOnly {
+                event,
+                monotonic_usec,
+            } => self.finish_event(event, monotonic_usec),
+        }
+    }
+
+    /// New spooled dumps, and what has waited long enough, as events to publish.
+    fn read_spool(&mut self) -> Vec<CrashEvent> {
+        let Some((merge, spool)) = &mut self.core else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let (spooled, bad) = spool.read();
+        self.metrics.core_dumps_unreadable.inc_by(bad as u64);
+        for (path, event) in spooled {
+            if self.published_spool_files.contains(&path) || merge.holds(&path) {
+                continue;
+            }
+            ready.extend(merge.dump(path, event, now));
+        }
+        let spool = spool.clone();
+        ready.extend(merge.due(now, |tid| spool.is_in_flight(tid)));
+        ready
+            .into_iter()
+            .map(|merged| self.finish_merged(merged))
+            .collect()
+    }
+
+    /// Removes the spool files of published events: the publisher holds them now.
+    fn remove_published_spool_files(&mut self) {
+        for path in self.published_spool_files.drain(..) {
+            if let Err(err) = std::fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), %err, "cannot remove a spooled crash");
+            }
+        }
+    }
+
+    /// The last record whose events are all out: before any open report, and before any
+    /// crash line waiting for its dump.
     fn handled_through(&self) -> Option<u64> {
-        match self.recogniser.oldest_pending_seq() {
+        let through = match self.recogniser.oldest_pending_seq() {
             Some(pending) => pending.checked_sub(1),
             None => self.seq.last_seq(),
+        };
+        match self.core.as_ref().and_then(|(merge, _)| merge.oldest_seq()) {
+            Some(waiting) => through.min(waiting.checked_sub(1)),
+            None => through,
         }
     }
 }

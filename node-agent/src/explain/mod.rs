@@ -171,6 +171,16 @@ pub fn explanation(event: &CrashEvent) -> String {
                 .map(|c| format!(" while {c} was allocating"))
                 .unwrap_or_default(),
         ),
+        EventKind::Abort => format!(
+            "{who} aborted itself with SIGABRT: abort() was called, typically by a failed assert() or an uncaught C++ exception."
+        ),
+        EventKind::BusError => format!(
+            "{who} was killed by a bus error (SIGBUS){}: an access beyond the end of a mapped file, or one the hardware cannot do.",
+            event
+                .fault_address
+                .map(|a| format!(" at {a}"))
+                .unwrap_or_default(),
+        ),
         EventKind::KernelOops => format!(
             "The kernel itself faulted{}{}; this is a kernel bug, not a crash of {}.",
             event
@@ -289,7 +299,8 @@ fn fault_explanation(event: &CrashEvent, class: FaultClass) -> String {
     text
 }
 
-/// ", in f() at file.c:12, inlined into g() ← h()".
+/// ", in f() at file.c:12, inlined into g(), called from h() ← main()": the frames of
+/// the faulting address up to its real function, then the callers of a whole stack.
 fn write_frames(text: &mut String, event: &CrashEvent, innermost: &crds::Frame) {
     let _ = write!(
         text,
@@ -299,12 +310,32 @@ fn write_frames(text: &mut String, event: &CrashEvent, innermost: &crds::Frame) 
     if let (Some(file), Some(line)) = (&innermost.file, innermost.line) {
         let _ = write!(text, " at {file}:{line}");
     }
-    let callers: Vec<String> = event.frames[1..]
+    let names = |frames: &[crds::Frame]| {
+        frames
+            .iter()
+            .map(|f| format!("{}()", f.function.as_deref().unwrap_or("??")))
+            .collect::<Vec<_>>()
+            .join(" ← ")
+    };
+    // The faulting function is the first frame not inlined into the next.
+    let function = event
+        .frames
         .iter()
-        .map(|f| format!("{}()", f.function.as_deref().unwrap_or("??")))
-        .collect();
-    if !callers.is_empty() {
-        let _ = write!(text, ", inlined into {}", callers.join(" ← "));
+        .position(|f| !f.inlined)
+        .unwrap_or(event.frames.len() - 1);
+    if function > 0 {
+        let _ = write!(
+            text,
+            ", inlined into {}",
+            names(&event.frames[1..=function])
+        );
+    }
+    if function + 1 < event.frames.len() {
+        let _ = write!(
+            text,
+            ", called from {}",
+            names(&event.frames[function + 1..])
+        );
     }
 }
 
@@ -386,12 +417,17 @@ pub fn render_text(event: &CrashEvent) -> String {
             _ => String::new(),
         };
         let inlined = if frame.inlined { " (inlined)" } else { "" };
+        let module = frame
+            .module
+            .as_deref()
+            .map(|m| format!(" [{m}]"))
+            .unwrap_or_default();
         let name = if i == 0 { "frames:" } else { "" };
         field(
             &mut out,
             name,
             format!(
-                "{}{location}{inlined}",
+                "{}{location}{inlined}{module}",
                 frame.function.as_deref().unwrap_or("??")
             ),
         );

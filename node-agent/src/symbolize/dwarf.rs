@@ -231,6 +231,7 @@ impl DebugInfo {
                 line: location.and_then(|l| l.line),
                 column: location.and_then(|l| l.column),
                 inlined: true,
+                module: None,
             });
         }
         if let Some(outermost) = frames.last_mut() {
