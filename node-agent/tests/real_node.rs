@@ -43,6 +43,14 @@ fn main() {
             install,
         ),
         trial("a_host_segfault_is_a_crash_report_within_10_s", host_crash),
+        trial(
+            "a_crashing_pod_is_named_unwound_like_gdb_and_told_on_the_pod",
+            pod_crash,
+        ),
+        trial(
+            "a_burst_of_20_crashing_pods_is_counted_and_attributed_exactly",
+            pod_burst,
+        ),
         trial("helm_upgrade_rolls_the_agent_and_counts_survive", upgrade),
         trial(
             "a_drain_on_a_real_hang_stops_pods_honours_the_pdb_and_the_budget",
@@ -74,9 +82,12 @@ static CLUSTER: Mutex<Option<Result<Cluster, String>>> = Mutex::new(None);
 static SHARED: Mutex<Shared> = Mutex::new(Shared {
     crash_binary: None,
     hang_name: None,
+    previous_handler: None,
 });
 
 struct Shared {
+    /// The core_pattern handler the test installed before the chart, restored on drop.
+    previous_handler: Option<PreviousHandler>,
     /// The host program whose crash the host-crash trial reported.
     crash_binary: Option<PathBuf>,
     /// The watched process name the upgrade added, for the drain trial's hang.
@@ -387,9 +398,57 @@ fn unique_name(prefix: &str) -> String {
     format!("{prefix}{:06x}", (nanos ^ std::process::id()) & 0xff_ffff)
 }
 
+/// A core_pattern handler of the test's own, as systemd-coredump would be on a node: a script
+/// that keeps every dump it receives in `cores/core.PID`. Set before the chart is installed,
+/// so the agent must chain to it; the old pattern comes back when this drops.
+struct PreviousHandler {
+    pattern: String,
+    cores: PathBuf,
+    _pattern: Sysctl,
+}
+
+impl PreviousHandler {
+    fn install(dir: &Path) -> PreviousHandler {
+        let cores = dir.join("cores");
+        fs::create_dir_all(&cores).unwrap();
+        let script = dir.join("previous-handler");
+        fs::write(
+            &script,
+            format!("#!/bin/sh\ncat > {}/core.$1\n", cores.display()),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let pattern = format!("|{} %P", script.display());
+        PreviousHandler {
+            _pattern: Sysctl::set("kernel/core_pattern", &pattern),
+            pattern,
+            cores,
+        }
+    }
+
+    /// The dump the handler kept for process `pid`.
+    fn core_of(&self, pid: u64) -> PathBuf {
+        self.cores.join(format!("core.{pid}"))
+    }
+}
+
+fn core_pattern() -> String {
+    fs::read_to_string("/proc/sys/kernel/core_pattern")
+        .unwrap()
+        .trim_end()
+        .to_owned()
+}
+
 fn install(c: &Cluster) {
     let chart = repo().join("charts/crashwatch");
+    let previous = PreviousHandler::install(c.dir.path());
     let start = Instant::now();
+    // The node's containerd keeps its bundles in the cluster's directory.
+    let runtime = format!(
+        "agent.runtimeStateDir={}",
+        c.dir.path().join("containerd/state").display()
+    );
     c.helm(&[
         "install",
         RELEASE,
@@ -397,10 +456,20 @@ fn install(c: &Cluster) {
         "-n",
         NAMESPACE,
         "--create-namespace",
+        "--set",
+        &runtime,
         "--wait",
         "--timeout",
         "180s",
     ]);
+    // The agent is the core handler now, and recorded the one it replaced.
+    let ours = format!("|{STATE_DIR}/bin/crashwatch-agent coredump ");
+    wait_until("the agent's core handler", Duration::from_secs(30), || {
+        core_pattern().starts_with(&ours)
+    });
+    let recorded = fs::read_to_string(Path::new(STATE_DIR).join("coredump/handler.json")).unwrap();
+    assert!(recorded.contains(&previous.pattern), "{recorded}");
+    SHARED.lock().unwrap().previous_handler = Some(previous);
     let (agent, _) = c.ready_agent();
     eprintln!(
         "helm install: agent Ready after {:.1} s",
@@ -518,11 +587,27 @@ fn host_crash(c: &Cluster) {
         .unwrap_or_else(|| panic!("no row for {name}:\n{table}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(columns[0], report["metadata"]["name"], "{row}");
+    // No pod: the Namespace and Pod columns are empty.
     assert_eq!(
-        &columns[1..4],
-        [c.node.as_str(), name.as_str(), "Segfault"],
+        &columns[1..6],
+        [
+            c.node.as_str(),
+            "<none>",
+            "<none>",
+            name.as_str(),
+            "Segfault"
+        ],
         "{row}"
     );
+    assert!(report["spec"].get("pod").is_none(), "{report}");
+    // The core handler unwound the host process too: crashy's null mode crashes in main.
+    let functions: Vec<&str> = report["spec"]["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect();
+    assert_eq!(functions.last(), Some(&"main"), "{report}");
     SHARED.lock().unwrap().crash_binary = Some(binary);
 }
 
@@ -844,6 +929,309 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// The test's crashing service, as a pod's owner would ship it: `checkout.c` built -O2
+/// -fomit-frame-pointer, dynamically linked and stripped, its debug file in the image under
+/// /usr/lib/debug/.build-id, with the libraries it links. Returns the archive and the
+/// unstripped binary (for gdb).
+fn checkout_image(dir: &Path) -> (PathBuf, PathBuf) {
+    let source = repo().join("node-agent/tests/programs/checkout.c");
+    let full = dir.join("checkout.full");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-fomit-frame-pointer", "-o"])
+        .arg(&full)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(status.success(), "gcc checkout.c");
+    let debug = dir.join("checkout.debug");
+    let stripped = dir.join("checkout");
+    support::run(
+        "objcopy",
+        &[
+            "--only-keep-debug",
+            full.to_str().unwrap(),
+            debug.to_str().unwrap(),
+        ],
+    );
+    support::run(
+        "strip",
+        &["-o", stripped.to_str().unwrap(), full.to_str().unwrap()],
+    );
+    let id = support::build_id(&full);
+    let archive = dir.join("checkout.tar");
+    let mut command = Command::new(repo().join("scripts/node/oci-image.py"));
+    command
+        .arg(&archive)
+        .arg(CHECKOUT_IMAGE)
+        .args(["--entrypoint", "/usr/bin/checkout"])
+        .arg("--file")
+        .arg(format!("{}:/usr/bin/checkout:755", stripped.display()))
+        .arg("--file")
+        .arg(format!(
+            "{}:/usr/lib/debug/.build-id/{}/{}.debug:644",
+            debug.display(),
+            &id[..2],
+            &id[2..]
+        ));
+    let ldd = support::run("ldd", &[stripped.to_str().unwrap()]);
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let real = fs::canonicalize(lib).unwrap();
+        command
+            .arg("--file")
+            .arg(format!("{}:{lib}", real.display()));
+    }
+    command.args([
+        "--dir", "/tmp", "--dir", "/proc", "--dir", "/sys", "--dir", "/dev",
+    ]);
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "oci-image.py: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (archive, full)
+}
+
+const CHECKOUT_IMAGE: &str = "crashwatch.test/checkout:1";
+
+/// The line of `checkout.c` carrying `marker` in a comment.
+fn checkout_line(marker: &str) -> u64 {
+    let source = fs::read_to_string(repo().join("node-agent/tests/programs/checkout.c")).unwrap();
+    source
+        .lines()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker} in checkout.c")) as u64
+        + 1
+}
+
+/// A pod of the checkout image that runs once, labelled as the test's.
+fn checkout_pod(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": SHOP, "labels": {"crashwatch.test/crash": "checkout"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "checkout", "image": CHECKOUT_IMAGE, "imagePullPolicy": "Never"}],
+        },
+    })
+}
+
+/// The Warning Events on pod `name` whose reason is `reason`.
+fn pod_events(c: &Cluster, reason: &str) -> Vec<Value> {
+    c.json(&["get", "events", "-n", SHOP])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == reason && e["involvedObject"]["kind"] == "Pod")
+        .cloned()
+        .collect()
+}
+
+/// gdb's `bt` of `core` with `binary`: (function, line) per frame, innermost first, to main.
+fn gdb_backtrace(binary: &Path, core: &Path) -> Vec<(String, u64)> {
+    let output = support::run(
+        "gdb",
+        &[
+            "-batch",
+            "-nx",
+            "-ex",
+            "bt",
+            binary.to_str().unwrap(),
+            core.to_str().unwrap(),
+        ],
+    );
+    output
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .map(|l| {
+            // "#1  0x000055d0c0c4a196 in charge (order=...) at /path/checkout.c:26"
+            let rest = l.split_once("  ").map_or(l, |(_, r)| r);
+            let rest =
+                rest.split_once(" in ").map_or(
+                    rest,
+                    |(addr, r)| {
+                        if addr.starts_with("0x") { r } else { rest }
+                    },
+                );
+            let function = rest.split(" (").next().unwrap().to_owned();
+            let line = rest
+                .rsplit(':')
+                .next()
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            (function, line)
+        })
+        .collect()
+}
+
+fn pod_crash(c: &Cluster) {
+    let (archive, full) = checkout_image(c.dir.path());
+    let loaded = script(&[
+        "cluster.sh",
+        "load",
+        c.dir.path().to_str().unwrap(),
+        archive.to_str().unwrap(),
+    ]);
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    c.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SHOP}}));
+    let name = unique_name("checkout-");
+    let start = Instant::now();
+    c.apply(checkout_pod(&name));
+    let mut report = Value::Null;
+    wait_until("the pod's CrashReport", Duration::from_secs(60), || {
+        report = c
+            .reports_of("checkout")
+            .into_iter()
+            .find(|r| r["spec"]["pod"]["name"] == name.as_str())
+            .unwrap_or(Value::Null);
+        !report.is_null()
+    });
+    eprintln!(
+        "pod created to CrashReport: {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    let spec = &report["spec"];
+    let pod = c.json(&["get", "pod", "-n", SHOP, &name]);
+    // Which pod and container.
+    assert_eq!(spec["pod"]["namespace"], SHOP, "{report}");
+    assert_eq!(spec["pod"]["uid"], pod["metadata"]["uid"], "{report}");
+    assert_eq!(spec["container"]["name"], "checkout", "{report}");
+    assert_eq!(spec["container"]["image"], CHECKOUT_IMAGE, "{report}");
+    let container_id = pod["status"]["containerStatuses"][0]["containerID"].clone();
+    if !container_id.is_null() {
+        assert_eq!(spec["container"]["id"], container_id, "{report}");
+    }
+    // Which function and line, which NULL member: from the image's own debug file.
+    let frames = spec["frames"].as_array().unwrap();
+    let ours: Vec<(String, u64)> = frames
+        .iter()
+        .map(|f| (str_of(&f["function"]), f["line"].as_u64().unwrap_or(0)))
+        .collect();
+    let expected = [
+        ("payment_total", checkout_line("crash:here")),
+        ("charge", checkout_line("call:charge")),
+        ("checkout", checkout_line("call:checkout")),
+        ("main", checkout_line("call:main")),
+    ]
+    .map(|(f, l)| (f.to_owned(), l));
+    assert_eq!(ours, expected, "{report}");
+    assert!(frames.iter().all(|f| f["module"] == "checkout"), "{report}");
+    assert_eq!(spec["access"]["pointer"], "order->payment", "{report}");
+    assert_eq!(spec["access"]["member"], "amount_cents", "{report}");
+    let explanation = str_of(&spec["explanation"]);
+    assert!(
+        explanation.contains("NULL") && explanation.contains("amount_cents"),
+        "{explanation}"
+    );
+    // The stack is gdb's, on the dump the previous handler received for this crash.
+    let shared = SHARED.lock().unwrap();
+    let previous = shared
+        .previous_handler
+        .as_ref()
+        .expect("the install trial ran");
+    let core = previous.core_of(spec["pid"].as_u64().unwrap());
+    wait_until(
+        "the previous handler's dump",
+        Duration::from_secs(10),
+        || fs::read(&core).is_ok_and(|b| b.len() > 64 && &b[..4] == b"\x7fELF" && b[16] == 4),
+    );
+    assert_eq!(gdb_backtrace(&full, &core), ours, "gdb bt differs");
+    drop(shared);
+    // The pod tells why its container died.
+    wait_until("the Pod's Warning Event", Duration::from_secs(30), || {
+        pod_events(c, "Segfault").iter().any(|e| {
+            e["involvedObject"]["name"] == name.as_str()
+                && e["type"] == "Warning"
+                && str_of(&e["message"]).contains("payment_total")
+        })
+    });
+    let described = c.kubectl(&["describe", "pod", "-n", SHOP, &name]);
+    assert!(described.contains("Segfault"), "{described}");
+    // kubectl get crashreports names the namespace and the pod.
+    let table = c.kubectl(&["get", "crashreports"]);
+    let row = table
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &columns[2..6],
+        [SHOP, name.as_str(), "checkout", "Segfault"],
+        "{row}"
+    );
+}
+
+fn pod_burst(c: &Cluster) {
+    let report_of = || {
+        c.reports_of("checkout")
+            .into_iter()
+            .find(|r| r["spec"]["pod"]["namespace"] == SHOP)
+            .expect("the pod trial's report")
+    };
+    let before = report_of()["status"]["count"].as_u64().unwrap();
+    let names: Vec<String> = (0..20).map(|i| format!("burst-{i:02}")).collect();
+    let list = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": names.iter().map(|n| checkout_pod(n)).collect::<Vec<_>>(),
+    });
+    let start = Instant::now();
+    c.apply(list);
+    // Every pod gets its own Event.
+    wait_until(
+        "an Event on each of the 20 pods",
+        Duration::from_secs(120),
+        || {
+            let told: BTreeSet<String> = pod_events(c, "Segfault")
+                .iter()
+                .map(|e| str_of(&e["involvedObject"]["name"]))
+                .filter(|n| n.starts_with("burst-"))
+                .collect();
+            told.len() == names.len()
+        },
+    );
+    eprintln!(
+        "20 crashing pods to 20 Pod Events: {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    // The count is exact, and stays so.
+    wait_until("the count of 20 more", Duration::from_secs(30), || {
+        report_of()["status"]["count"].as_u64() == Some(before + 20)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let report = report_of();
+    assert_eq!(
+        report["status"]["count"].as_u64(),
+        Some(before + 20),
+        "{report}"
+    );
+    // Each recent occurrence names its own pod.
+    let recent: Vec<String> = report["status"]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| str_of(&o["pod"]["name"]))
+        .collect();
+    let distinct: BTreeSet<&String> = recent.iter().collect();
+    assert_eq!(distinct.len(), recent.len(), "{recent:?}");
+    assert!(recent.iter().all(|n| names.contains(n)), "{recent:?}");
+    c.kubectl(&[
+        "delete",
+        "pods",
+        "-n",
+        SHOP,
+        "-l",
+        "crashwatch.test/crash=checkout",
+        "--wait=false",
+    ]);
+}
+
 fn uninstall(c: &Cluster) {
     c.helm(&[
         "uninstall",
@@ -877,6 +1265,11 @@ fn uninstall(c: &Cluster) {
     }
     let reports = c.json(&["get", "crashreports"]);
     assert!(!reports["items"].as_array().unwrap().is_empty());
+    // The agent put the previous core handler back as it stopped.
+    let previous = SHARED.lock().unwrap().previous_handler.take();
+    if let Some(previous) = previous {
+        assert_eq!(core_pattern(), previous.pattern);
+    }
 }
 
 fn down(c: &Cluster) {

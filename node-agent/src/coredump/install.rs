@@ -18,7 +18,7 @@ use super::{HandlerConfig, Spool};
 
 /// `core_pipe_limit` while the handler is installed, unless it was higher: how many dumps
 /// may be analysed at once, each keeping its process in `/proc` until the handler exits.
-pub const PIPE_LIMIT: u32 = 16;
+pub const PIPE_LIMIT: u32 = 64;
 
 /// Where things are, as the agent sees them and as the host does.
 #[derive(Debug, Clone)]

@@ -254,6 +254,16 @@ pub async fn write_loop(
                         if let Err(err) = recorder.publish(&event, &node_ref).await {
                             tracing::warn!(%err, "cannot record an Event on the Node");
                         }
+                        // Each new occurrence in a pod also goes to that Pod, so that
+                        // `kubectl describe pod` shows why its container died.
+                        let skip = pending.occurrences.len().saturating_sub(added);
+                        for occurrence in &pending.occurrences[skip..] {
+                            let Some(pod) = &occurrence.pod else { continue };
+                            let event = pod_event(&pending.spec.event, name, occurrence);
+                            if let Err(err) = recorder.publish(&event, &pod_reference(pod)).await {
+                                tracing::warn!(%err, pod = %pod.name, "cannot record an Event on the Pod");
+                            }
+                        }
                     }
                     let mut outbox = outbox.lock().expect("outbox lock");
                     outbox.written(name, pending.occurrences.len());
@@ -309,6 +319,41 @@ pub async fn write_loop(
                 () = sleep => {}
             }
         }
+    }
+}
+
+/// The Warning Event for one occurrence in a pod: the kind as reason; the container, the
+/// location and the explanation as the note.
+fn pod_event(event: &CrashEvent, report: &str, occurrence: &crds::Occurrence) -> Event {
+    let container = occurrence
+        .container
+        .as_ref()
+        .and_then(|c| c.name.as_deref())
+        .map(|c| format!("container {c}: "))
+        .unwrap_or_default();
+    let note = format!(
+        "{container}{} at {}: {}",
+        event.kind.as_str(),
+        crds::report::location(event).unwrap_or_else(|| "an unknown location".into()),
+        event.explanation.as_deref().unwrap_or(""),
+    );
+    Event {
+        type_: EventType::Warning,
+        reason: event.kind.as_str().to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Crashed".into(),
+        secondary: Some(report_reference(report)),
+    }
+}
+
+fn pod_reference(pod: &crds::PodRef) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some(pod.namespace.clone()),
+        name: Some(pod.name.clone()),
+        uid: pod.uid.clone(),
+        ..ObjectReference::default()
     }
 }
 
