@@ -62,7 +62,7 @@ enum Command {
     /// Explains crashes and hangs in pasted kernel log text (arguments, or stdin).
     Explain(ExplainArgs),
     /// Follows this machine's kernel log and reports every crash and hang.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The core handler the kernel runs for each core dump (installed by `run
     /// --core-handler`; not for people): reads the dump on stdin.
     #[command(hide = true)]
@@ -252,7 +252,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Coredump(_) => unreachable!("handled above"),
         Command::Explain(args) => explain_command(args),
-        Command::Run(args) => run_command(args),
+        Command::Run(args) => run_command(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1042,8 +1042,11 @@ fn gdb_backtrace(binary: &Path, core: &Path) -> Vec<(String, u64)> {
             core.to_str().unwrap(),
         ],
     );
-    output
-        .lines()
+    // gdb prints frame #0 once as it loads the core, then the whole `bt`.
+    let bt = output
+        .rfind("\n#0 ")
+        .map_or(output.as_str(), |at| &output[at + 1..]);
+    bt.lines()
         .filter(|l| l.starts_with('#'))
         .map(|l| {
             // "#1  0x000055d0c0c4a196 in charge (order=...) at /path/checkout.c:26"

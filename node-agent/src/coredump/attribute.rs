@@ -121,6 +121,29 @@ pub fn attribute(cgroup: &str, runtime_state: &Path) -> Option<(PodRef, Containe
     Some(refs_in_bundle(&config, &ids))
 }
 
+/// Fills in the names of a pod and container known by ids only, from the bundle.
+pub fn name_from_bundle(pod: &mut PodRef, container: &mut ContainerRef, runtime_state: &Path) {
+    let Some(id) = container
+        .id
+        .as_deref()
+        .and_then(|id| id.rsplit("://").next())
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    let Some(config) = std::fs::read(bundle_config(runtime_state, &id))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+    else {
+        return;
+    };
+    let ids = CgroupIds {
+        pod_uid: pod.uid.clone().unwrap_or_default(),
+        container_id: Some(id),
+    };
+    (*pod, *container) = refs_in_bundle(&config, &ids);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,7 +108,9 @@ fn state_dir_of_handler() -> io::Result<PathBuf> {
 /// (`dmesg | grep crashwatch`); its stderr goes nowhere.
 fn log_to_kmsg(message: &str) {
     if let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        let _ = writeln!(kmsg, "crashwatch core handler: {message}");
+        // One write is one record.
+        let line = format!("crashwatch core handler: {message}\n");
+        let _ = kmsg.write_all(line.as_bytes());
     }
 }
 
@@ -303,11 +305,14 @@ fn parse_maps(text: &str) -> Vec<Mapping> {
         .collect()
 }
 
+/// A module's load segments (to map file offsets to link-time addresses) and its CFI.
+type LoadedModule = (Vec<LoadSegment>, Rc<Cfi>);
+
 /// The process's mapped modules, opened through its root, with their CFI read on demand.
 struct ProcessModules {
     root: PathBuf,
     mappings: Vec<Mapping>,
-    loaded: std::cell::RefCell<HashMap<String, Option<(Vec<LoadSegment>, Rc<Cfi>)>>>,
+    loaded: std::cell::RefCell<HashMap<String, Option<LoadedModule>>>,
 }
 
 impl ProcessModules {
@@ -318,7 +323,7 @@ impl ProcessModules {
     }
 
     /// The module's load segments and CFI, read once.
-    fn module(&self, path: &str) -> Option<(Vec<LoadSegment>, Rc<Cfi>)> {
+    fn module(&self, path: &str) -> Option<LoadedModule> {
         self.loaded
             .borrow_mut()
             .entry(path.to_owned())

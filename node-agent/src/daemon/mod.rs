@@ -70,6 +70,23 @@ where
     S: Symbolize,
     P: Publish,
 {
+    // Installed before the agent says it is ready. The handler is restored when `core_handler` drops, on every way out of this function.
+    let core_handler = match &config.core_handler {
+        Some(install) => match CoreHandler::install(install) {
+            Ok(handler) => {
+                metrics.core_handler_installed.set(1);
+                Some(handler)
+            }
+            Err(err) => {
+                tracing::error!(
+                    err = format!("{err:#}"),
+                    "cannot install the core handler; crashes are reported from the kernel log only"
+                );
+                None
+            }
+        },
+        None => None,
+    };
     let listener = http::bind(config.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     tokio::spawn(http::serve(
@@ -104,23 +121,6 @@ where
     let mut reader = KmsgReader::open(&config.kmsg_path)?;
     metrics.kmsg_reader_up.set(1);
     let clock = Clock::now();
-    // The handler is restored when `core_handler` drops, on every way out of this function.
-    let core_handler = match &config.core_handler {
-        Some(install) => match CoreHandler::install(install) {
-            Ok(handler) => {
-                metrics.core_handler_installed.set(1);
-                Some(handler)
-            }
-            Err(err) => {
-                tracing::error!(
-                    err = format!("{err:#}"),
-                    "cannot install the core handler; crashes are reported from the kernel log only"
-                );
-                None
-            }
-        },
-        None => None,
-    };
     let mut state = ReadState {
         seq: SeqTracker::resume_after(resume_after),
         recogniser: Recogniser::new(),
@@ -402,6 +402,12 @@ impl<S: Symbolize> ReadState<S> {
         {
             event.pod = Some(pod);
             event.container = Some(container);
+        }
+        // Known by ids only (an OOM kill's cgroup path): the names from the bundle.
+        if let (Some(pod), Some(container)) = (&mut event.pod, &mut event.container)
+            && pod.name.is_empty()
+        {
+            crate::coredump::attribute::name_from_bundle(pod, container, &self.runtime_state_dir);
         }
         event
     }

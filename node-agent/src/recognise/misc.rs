@@ -168,6 +168,16 @@ fn is_oom_reason(prefix: &str) -> bool {
         })
 }
 
+/// The victim's cgroup path from the summary line kernels since 5.0 print,
+/// `oom-kill:constraint=…,oom_memcg=…,task_memcg=PATH,task=NAME,pid=N,uid=N`.
+pub fn parse_oom_task_memcg(message: &str) -> Option<&str> {
+    let fields = message.strip_prefix("oom-kill:")?;
+    let start = fields.find(",task_memcg=")? + ",task_memcg=".len();
+    let path = &fields[start..];
+    let path = &path[..path.find(",task=")?];
+    path.starts_with('/').then_some(path)
+}
+
 /// Recognises `[Memory cgroup ]Out of memory: Killed process PID (NAME) total-vm:…` and the
 /// older `Killed process PID (NAME)[, UID N,] total-vm:…` that followed `Kill process …`.
 pub fn parse_oom_kill(message: &str) -> Option<OomVictim> {

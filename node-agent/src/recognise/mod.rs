@@ -393,6 +393,17 @@ impl OpenReport {
                         event.cpu.get_or_insert(cpu);
                         event.pid.get_or_insert(pid);
                     }
+                    if let Some(ids) = misc::parse_oom_task_memcg(message)
+                        .and_then(crate::coredump::attribute::ids_in_path)
+                    {
+                        // The victim's pod and container by id; the agent adds the names.
+                        let (pod, container) = crate::coredump::attribute::refs_in_bundle(
+                            &serde_json::Value::Null,
+                            &ids,
+                        );
+                        event.pod = Some(pod);
+                        event.container = Some(container);
+                    }
                     if let Some(victim) = misc::parse_oom_kill(message) {
                         event.victim_pid = Some(victim.pid);
                         event.victim_comm = Some(victim.comm);
@@ -736,5 +747,29 @@ traps: PANIC: double fault, error_code: 0x0";
             (found[0].victim_pid, found[0].victim_comm.as_deref()),
             (Some(4711), Some("java"))
         );
+    }
+
+    #[test]
+    fn an_oom_kill_in_a_pod_names_the_pod_and_container_by_id() {
+        // The 5.x summary line, with a kubelet cgroupfs path.
+        let text = "stress invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=999\n\
+            oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=ca1d417e0814,mems_allowed=0,oom_memcg=/kubepods/burstable/pod863a656b-ce85-4ab3-a7fd-71ebe3d3a5df,task_memcg=/kubepods/burstable/pod863a656b-ce85-4ab3-a7fd-71ebe3d3a5df/ca1d417e0814bae39a16aaccd7a65b99e61d28c3ad16730d6e99eb44a9b4b708,task=stress,pid=4711,uid=0\n\
+            Memory cgroup out of memory: Killed process 4711 (stress) total-vm:1kB, anon-rss:1kB";
+        let found = events(text);
+        assert_eq!(found.len(), 1);
+        let pod = found[0].pod.as_ref().unwrap();
+        assert_eq!(
+            pod.uid.as_deref(),
+            Some("863a656b-ce85-4ab3-a7fd-71ebe3d3a5df")
+        );
+        assert_eq!(
+            found[0].container.as_ref().unwrap().id.as_deref(),
+            Some("containerd://ca1d417e0814bae39a16aaccd7a65b99e61d28c3ad16730d6e99eb44a9b4b708")
+        );
+        // A host process's OOM kill names no pod.
+        let host = events(
+            "oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0,global_oom,task_memcg=/user.slice,task=stress,pid=4711,uid=0\nOut of memory: Killed process 4711 (stress) total-vm:1kB, anon-rss:1kB",
+        );
+        assert!(host.iter().all(|e| e.pod.is_none()), "{host:?}");
     }
 }
