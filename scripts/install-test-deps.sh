@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   gcc binutils            # test programs are compiled and inspected (nm) at test time
+  gdb                     # the core handler's stacks are checked against gdb's bt
   qemu-utils              # qemu-nbd, for real hung-task tests
   libnbd-bin fuse3        # nbdfuse and fusermount3
   elfutils llvm           # eu-addr2line, llvm-symbolizer: symbolization oracles

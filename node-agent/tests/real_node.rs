@@ -52,6 +52,7 @@ fn main() {
             pod_burst,
         ),
         trial("helm_upgrade_rolls_the_agent_and_counts_survive", upgrade),
+        trial("a_hung_process_in_a_pod_is_attributed", pod_hang),
         trial(
             "a_drain_on_a_real_hang_stops_pods_honours_the_pdb_and_the_budget",
             drain,
@@ -973,6 +974,18 @@ fn checkout_image(dir: &Path) -> (PathBuf, PathBuf) {
             &id[..2],
             &id[2..]
         ));
+    // The hang trial's program, as `qemu-nbd`.
+    let hang = dir.join("vforkhang");
+    let status = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&hang)
+        .arg(repo().join("node-agent/tests/programs/vforkhang.c"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "gcc vforkhang.c");
+    command
+        .arg("--file")
+        .arg(format!("{}:/usr/bin/qemu-nbd:755", hang.display()));
     let ldd = support::run("ldd", &[stripped.to_str().unwrap()]);
     for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
         let real = fs::canonicalize(lib).unwrap();
@@ -1232,6 +1245,42 @@ fn pod_burst(c: &Cluster) {
         "-l",
         "crashwatch.test/crash=checkout",
         "--wait=false",
+    ]);
+}
+
+fn pod_hang(c: &Cluster) {
+    let name = unique_name("hang-");
+    let mut pod = checkout_pod(&name);
+    pod["spec"]["containers"][0]["command"] = json!(["/usr/bin/qemu-nbd"]);
+    pod["spec"]["containers"][0]["name"] = json!("server");
+    c.apply(pod);
+    // The upgrade set a 3 s threshold; the agent watches qemu-nbd by default.
+    let mut report = Value::Null;
+    wait_until("the hang's CrashReport", Duration::from_secs(60), || {
+        report = c.json(&["get", "crashreports"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["spec"]["kind"] == "HungTask" && r["spec"]["pod"]["name"] == name.as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
+        !report.is_null()
+    });
+    let spec = &report["spec"];
+    let uid = c.json(&["get", "pod", "-n", SHOP, &name])["metadata"]["uid"].clone();
+    assert_eq!(spec["comm"], "qemu-nbd", "{report}");
+    assert_eq!(spec["pod"]["namespace"], SHOP, "{report}");
+    assert_eq!(spec["pod"]["uid"], uid, "{report}");
+    assert_eq!(spec["container"]["name"], "server", "{report}");
+    assert_eq!(spec["container"]["image"], CHECKOUT_IMAGE, "{report}");
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        SHOP,
+        &name,
+        "--grace-period=0",
+        "--force",
     ]);
 }
 
