@@ -68,6 +68,8 @@ fn main() {
     if let Some(Ok(cluster)) = CLUSTER.lock().unwrap_or_else(|p| p.into_inner()).take() {
         cluster.down();
     }
+    // The kernel's core_pattern and core_pipe_limit go back whatever happened.
+    drop(shared().previous_handler.take());
     conclusion.exit();
 }
 
@@ -85,6 +87,11 @@ static SHARED: Mutex<Shared> = Mutex::new(Shared {
     hang_name: None,
     previous_handler: None,
 });
+
+/// The shared state, also after a trial panicked while holding it.
+fn shared() -> std::sync::MutexGuard<'static, Shared> {
+    SHARED.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 struct Shared {
     /// The core_pattern handler the test installed before the chart, restored on drop.
@@ -406,6 +413,7 @@ struct PreviousHandler {
     pattern: String,
     cores: PathBuf,
     _pattern: Sysctl,
+    _pipe_limit: Sysctl,
 }
 
 impl PreviousHandler {
@@ -422,6 +430,7 @@ impl PreviousHandler {
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         let pattern = format!("|{} %P", script.display());
         PreviousHandler {
+            _pipe_limit: Sysctl::set("kernel/core_pipe_limit", "0"),
             _pattern: Sysctl::set("kernel/core_pattern", &pattern),
             pattern,
             cores,
@@ -470,7 +479,7 @@ fn install(c: &Cluster) {
     });
     let recorded = fs::read_to_string(Path::new(STATE_DIR).join("coredump/handler.json")).unwrap();
     assert!(recorded.contains(&previous.pattern), "{recorded}");
-    SHARED.lock().unwrap().previous_handler = Some(previous);
+    shared().previous_handler = Some(previous);
     let (agent, _) = c.ready_agent();
     eprintln!(
         "helm install: agent Ready after {:.1} s",
@@ -581,24 +590,19 @@ fn host_crash(c: &Cluster) {
         c.reports_of(&name)[0]["status"]["count"] == 1
     });
     // kubectl get crashreports shows it.
-    let table = c.kubectl(&["get", "crashreports"]);
-    let row = table
-        .lines()
-        .find(|l| l.contains(&name))
-        .unwrap_or_else(|| panic!("no row for {name}:\n{table}"));
-    let columns: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(columns[0], report["metadata"]["name"], "{row}");
+    let row = table_row(&c.kubectl(&["get", "crashreports"]), &name);
+    assert_eq!(row["NAME"], report["metadata"]["name"].as_str().unwrap());
     // No pod: the Namespace and Pod columns are empty.
     assert_eq!(
-        &columns[1..6],
         [
-            c.node.as_str(),
-            "<none>",
-            "<none>",
-            name.as_str(),
-            "Segfault"
+            &row["NODE"],
+            &row["NAMESPACE"],
+            &row["POD"],
+            &row["PROCESS"],
+            &row["KIND"]
         ],
-        "{row}"
+        [c.node.as_str(), "", "", name.as_str(), "Segfault"],
+        "{row:?}"
     );
     assert!(report["spec"].get("pod").is_none(), "{report}");
     // The core handler unwound the host process too: crashy's null mode crashes in main.
@@ -609,13 +613,11 @@ fn host_crash(c: &Cluster) {
         .filter_map(|f| f["function"].as_str())
         .collect();
     assert_eq!(functions.last(), Some(&"main"), "{report}");
-    SHARED.lock().unwrap().crash_binary = Some(binary);
+    shared().crash_binary = Some(binary);
 }
 
 fn upgrade(c: &Cluster) {
-    let binary = SHARED
-        .lock()
-        .unwrap()
+    let binary = shared()
         .crash_binary
         .clone()
         .expect("the host-crash trial ran");
@@ -679,16 +681,11 @@ fn upgrade(c: &Cluster) {
         "counted again after the roll: {}",
         report[0]
     );
-    SHARED.lock().unwrap().hang_name = Some(hang_name);
+    shared().hang_name = Some(hang_name);
 }
 
 fn drain(c: &Cluster) {
-    let hang_name = SHARED
-        .lock()
-        .unwrap()
-        .hang_name
-        .clone()
-        .expect("the upgrade trial ran");
+    let hang_name = shared().hang_name.clone().expect("the upgrade trial ran");
     let (agent, agent_uid) = c.ready_agent();
     let operator_uids: BTreeSet<String> = c
         .release_pods("operator")
@@ -1146,7 +1143,7 @@ fn pod_crash(c: &Cluster) {
         "{explanation}"
     );
     // The stack is gdb's, on the dump the previous handler received for this crash.
-    let shared = SHARED.lock().unwrap();
+    let shared = shared();
     let previous = shared
         .previous_handler
         .as_ref()
@@ -1170,17 +1167,48 @@ fn pod_crash(c: &Cluster) {
     let described = c.kubectl(&["describe", "pod", "-n", SHOP, &name]);
     assert!(described.contains("Segfault"), "{described}");
     // kubectl get crashreports names the namespace and the pod.
-    let table = c.kubectl(&["get", "crashreports"]);
-    let row = table
-        .lines()
-        .find(|l| l.contains(&name))
-        .unwrap_or_else(|| panic!("no row for {name}:\n{table}"));
-    let columns: Vec<&str> = row.split_whitespace().collect();
+    let row = table_row(&c.kubectl(&["get", "crashreports"]), &name);
     assert_eq!(
-        &columns[2..6],
+        [
+            &row["NAMESPACE"],
+            &row["POD"],
+            &row["PROCESS"],
+            &row["KIND"]
+        ],
         [SHOP, name.as_str(), "checkout", "Segfault"],
-        "{row}"
+        "{row:?}"
     );
+}
+
+/// The row of a kubectl table that contains `needle`, by column header: cells are cut at the
+/// headers' positions, so empty cells stay empty.
+fn table_row(table: &str, needle: &str) -> std::collections::HashMap<String, String> {
+    let mut lines = table.lines();
+    let header = lines.next().expect("a header");
+    let row = lines
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no row with {needle}:\n{table}"));
+    let mut starts: Vec<(usize, &str)> = Vec::new();
+    let mut at = 0;
+    for name in header.split_whitespace() {
+        let start = header[at..].find(name).unwrap() + at;
+        starts.push((start, name));
+        at = start + name.len();
+    }
+    let cell = |from: usize, to: usize| {
+        row.get(from..to.min(row.len()))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, (start, name))| {
+            let end = starts.get(i + 1).map_or(row.len(), |(next, _)| *next);
+            ((*name).to_owned(), cell(*start, end))
+        })
+        .collect()
 }
 
 fn pod_burst(c: &Cluster) {
@@ -1318,7 +1346,7 @@ fn uninstall(c: &Cluster) {
     let reports = c.json(&["get", "crashreports"]);
     assert!(!reports["items"].as_array().unwrap().is_empty());
     // The agent put the previous core handler back as it stopped.
-    let previous = SHARED.lock().unwrap().previous_handler.take();
+    let previous = shared().previous_handler.take();
     if let Some(previous) = previous {
         assert_eq!(core_pattern(), previous.pattern);
     }
