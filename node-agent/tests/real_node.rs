@@ -30,6 +30,8 @@ const RELEASE: &str = "crashwatch";
 const STATE_DIR: &str = "/var/lib/crashwatch";
 /// Where the test's workloads run.
 const SHOP: &str = "shop";
+/// Where the crashing and hanging pods of the pod trials run.
+const STORE: &str = "store";
 
 fn main() {
     let mut args = Arguments::from_args();
@@ -1019,7 +1021,7 @@ fn checkout_pod(name: &str) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": SHOP, "labels": {"crashwatch.test/crash": "checkout"}},
+        "metadata": {"name": name, "namespace": STORE, "labels": {"crashwatch.test/crash": "checkout"}},
         "spec": {
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 0,
@@ -1030,7 +1032,7 @@ fn checkout_pod(name: &str) -> Value {
 
 /// The Warning Events on pod `name` whose reason is `reason`.
 fn pod_events(c: &Cluster, reason: &str) -> Vec<Value> {
-    c.json(&["get", "events", "-n", SHOP])["items"]
+    c.json(&["get", "events", "-n", STORE])["items"]
         .as_array()
         .unwrap()
         .iter()
@@ -1092,7 +1094,7 @@ fn pod_crash(c: &Cluster) {
         "{}",
         String::from_utf8_lossy(&loaded.stderr)
     );
-    c.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SHOP}}));
+    c.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": STORE}}));
     let name = unique_name("checkout-");
     let start = Instant::now();
     c.apply(checkout_pod(&name));
@@ -1110,9 +1112,9 @@ fn pod_crash(c: &Cluster) {
         start.elapsed().as_secs_f64()
     );
     let spec = &report["spec"];
-    let pod = c.json(&["get", "pod", "-n", SHOP, &name]);
+    let pod = c.json(&["get", "pod", "-n", STORE, &name]);
     // Which pod and container.
-    assert_eq!(spec["pod"]["namespace"], SHOP, "{report}");
+    assert_eq!(spec["pod"]["namespace"], STORE, "{report}");
     assert_eq!(spec["pod"]["uid"], pod["metadata"]["uid"], "{report}");
     assert_eq!(spec["container"]["name"], "checkout", "{report}");
     assert_eq!(spec["container"]["image"], CHECKOUT_IMAGE, "{report}");
@@ -1164,7 +1166,7 @@ fn pod_crash(c: &Cluster) {
                 && str_of(&e["message"]).contains("payment_total")
         })
     });
-    let described = c.kubectl(&["describe", "pod", "-n", SHOP, &name]);
+    let described = c.kubectl(&["describe", "pod", "-n", STORE, &name]);
     assert!(described.contains("Segfault"), "{described}");
     // kubectl get crashreports names the namespace and the pod.
     let row = table_row(&c.kubectl(&["get", "crashreports"]), &name);
@@ -1175,7 +1177,7 @@ fn pod_crash(c: &Cluster) {
             &row["PROCESS"],
             &row["KIND"]
         ],
-        [SHOP, name.as_str(), "checkout", "Segfault"],
+        [STORE, name.as_str(), "checkout", "Segfault"],
         "{row:?}"
     );
 }
@@ -1215,7 +1217,7 @@ fn pod_burst(c: &Cluster) {
     let report_of = || {
         c.reports_of("checkout")
             .into_iter()
-            .find(|r| r["spec"]["pod"]["namespace"] == SHOP)
+            .find(|r| r["spec"]["pod"]["namespace"] == STORE)
             .expect("the pod trial's report")
     };
     let before = report_of()["status"]["count"].as_u64().unwrap();
@@ -1269,7 +1271,7 @@ fn pod_burst(c: &Cluster) {
         "delete",
         "pods",
         "-n",
-        SHOP,
+        STORE,
         "-l",
         "crashwatch.test/crash=checkout",
         "--wait=false",
@@ -1295,9 +1297,9 @@ fn pod_hang(c: &Cluster) {
         !report.is_null()
     });
     let spec = &report["spec"];
-    let uid = c.json(&["get", "pod", "-n", SHOP, &name])["metadata"]["uid"].clone();
+    let uid = c.json(&["get", "pod", "-n", STORE, &name])["metadata"]["uid"].clone();
     assert_eq!(spec["comm"], "qemu-nbd", "{report}");
-    assert_eq!(spec["pod"]["namespace"], SHOP, "{report}");
+    assert_eq!(spec["pod"]["namespace"], STORE, "{report}");
     assert_eq!(spec["pod"]["uid"], uid, "{report}");
     assert_eq!(spec["container"]["name"], "server", "{report}");
     assert_eq!(spec["container"]["image"], CHECKOUT_IMAGE, "{report}");
@@ -1305,7 +1307,7 @@ fn pod_hang(c: &Cluster) {
         "delete",
         "pod",
         "-n",
-        SHOP,
+        STORE,
         &name,
         "--grace-period=0",
         "--force",
