@@ -20,13 +20,17 @@ cargo build --release -p node-agent --quiet
 work=$(mktemp -d /tmp/crashwatch-bench-core.XXXXXX)
 old_pattern=$(cat /proc/sys/kernel/core_pattern)
 old_limit=$(cat /proc/sys/kernel/core_pipe_limit)
+old_ratelimit=$(cat /proc/sys/kernel/printk_ratelimit)
 cleanup() {
+  echo "$old_ratelimit" > /proc/sys/kernel/printk_ratelimit
   [ -n "${agent_pid:-}" ] && kill -TERM "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
   echo "$old_pattern" > /proc/sys/kernel/core_pattern
   echo "$old_limit" > /proc/sys/kernel/core_pipe_limit
   rm -rf "$work"
 }
 trap cleanup EXIT
+# Every crash gets its kernel line, so each event is the merged one.
+echo 0 > /proc/sys/kernel/printk_ratelimit
 
 gcc -O2 -g -fomit-frame-pointer -o "$work/checkout.full" node-agent/tests/programs/checkout.c
 id=$(readelf -n "$work/checkout.full" | awk '/Build ID/ {print $3}')
@@ -36,7 +40,7 @@ strip -o "$work/checkout" "$work/checkout.full"
 printf '#!/bin/sh\ncat > %s/core\n' "$work" > "$work/pipe-handler"
 chmod +x "$work/pipe-handler"
 
-crash() { hyperfine --runs "$runs" --warmup 2 --ignore-failure --style none --export-json "$work/$1.json" "$work/checkout" >/dev/null; }
+crash() { hyperfine -N --runs "$runs" --warmup 2 --ignore-failure --style none --export-json "$work/$1.json" "$work/checkout" >/dev/null; }
 mean_ms() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; print("%.2f %.2f" % (r["mean"]*1e3, r["stddev"]*1e3))' "$1"; }
 
 echo core > /proc/sys/kernel/core_pattern
@@ -64,8 +68,13 @@ took = []
 for _ in range(runs):
     start = time.monotonic()
     pid = subprocess.Popen([os.path.join(work, "checkout")], stdout=subprocess.DEVNULL).pid
+    pending = ""
     while True:
         line = events.readline()
+        if line and not line.endswith("\n"):
+            pending += line  # the rest is still being written
+            continue
+        line, pending = pending + line, ""
         if not line:
             time.sleep(0.002)
             if time.monotonic() - start > 30: sys.exit(f"no event for pid {pid} in 30 s")
