@@ -153,8 +153,8 @@ fn written_registers(instruction: &Instruction) -> Vec<u16> {
         BL | BLR => (0..=18).chain([30]).collect(),
         SVC => vec![0],
         // Branches, compares into xzr, barriers and hints write no general register.
-        B | BR | RET | Bcc(_) | CBZ | CBNZ | TBZ | TBNZ | CCMP | CCMN | HINT | DMB(_)
-        | DSB(_) | ISB | BRK | UDF | CLREX => Vec::new(),
+        B | BR | RET | Bcc(_) | CBZ | CBNZ | TBZ | TBNZ | CCMP | CCMN | HINT | DMB(_) | DSB(_)
+        | ISB | BRK | UDF | CLREX => Vec::new(),
         // Stores write no register, except the exclusive ones' status register (operand 0).
         STLXR | STLXRB | STLXRH | STLXP | STXR | STXRB | STXRH | STXP => {
             register(&instruction.operands[0]).into_iter().collect()
@@ -177,7 +177,8 @@ fn written_registers(instruction: &Instruction) -> Vec<u16> {
     // A load or store with writeback also changes its base register.
     for operand in &instruction.operands {
         match *operand {
-            Operand::RegPreIndex(base, _, true) | Operand::RegPostIndex(base, _)
+            Operand::RegPreIndex(base, _, true)
+            | Operand::RegPostIndex(base, _)
             | Operand::RegPostIndexReg(base, _)
                 if base < 31 =>
             {
@@ -196,10 +197,13 @@ fn branch_target(decoded: &Decoded) -> Option<u64> {
     if !matches!(instruction.opcode, B | Bcc(_) | CBZ | CBNZ | TBZ | TBNZ) {
         return None;
     }
-    instruction.operands.iter().find_map(|operand| match *operand {
-        Operand::PCOffset(offset) => Some(decoded.pc.wrapping_add_signed(offset)),
-        _ => None,
-    })
+    instruction
+        .operands
+        .iter()
+        .find_map(|operand| match *operand {
+            Operand::PCOffset(offset) => Some(decoded.pc.wrapping_add_signed(offset)),
+            _ => None,
+        })
 }
 
 /// The source register of a 64-bit register copy `mov xD, xS` (`orr xD, xzr, xS`).
@@ -274,9 +278,9 @@ impl FunctionCode {
         if let Some(variable) = facts.variable_in_register(pc, register) {
             return Some(variable);
         }
-        let writer = (0..user).rev().find(|&i| {
-            written_registers(&self.instructions[i].instruction).contains(&register)
-        })?;
+        let writer = (0..user)
+            .rev()
+            .find(|&i| written_registers(&self.instructions[i].instruction).contains(&register))?;
         let writer_pc = self.instructions[writer].pc;
         if self
             .branch_targets
@@ -423,9 +427,15 @@ mod tests {
             })
         );
         // str x30, [sp, #-0x10]!: through sp, never a NULL member.
-        assert_eq!(memory_operand(&decode(&words(&[0xf81f_0ffe])).unwrap()), None);
+        assert_eq!(
+            memory_operand(&decode(&words(&[0xf81f_0ffe])).unwrap()),
+            None
+        );
         // mov x16, x1 is a copy of x1.
-        assert_eq!(copied_from(&decode(&words(&[BDRV_CO_FLUSH[4]])).unwrap()), Some(1));
+        assert_eq!(
+            copied_from(&decode(&words(&[BDRV_CO_FLUSH[4]])).unwrap()),
+            Some(1)
+        );
     }
 
     #[test]

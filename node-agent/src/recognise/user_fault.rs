@@ -250,6 +250,14 @@ pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
     if message.trim().is_empty() || walk || BANNERS.iter().any(|b| message.starts_with(b)) {
         return true;
     }
+    // Since 4.16 the processor state has a line of its own before `pc :`:
+    // `pstate: %08llx (%c%c%c%c %c%c%c%c %cPAN %cUAO …)`.
+    if let Some(rest) = message.strip_prefix("pstate: ") {
+        let (digits, flags) = rest.split_at(rest.len().min(8));
+        return digits.len() == 8
+            && digits.bytes().all(|b| b.is_ascii_hexdigit())
+            && (flags.trim_end().is_empty() || flags.starts_with(" ("));
+    }
     let Some((name, value)) = message.split_once(" : ") else {
         return false;
     };
@@ -537,6 +545,11 @@ mod tests {
             "x29: 0000ffffd8ebd5a0 x28: 0000000000000000"
         ));
         assert!(!arm64_register(&mut with_regs, "Code: bad"));
+        assert!(arm64_register(
+            &mut with_regs,
+            "pstate: 80001000 (Nzcv daif -PAN -UAO -TCO -DIT +SSBS BTYPE=--)"
+        ));
+        assert!(!arm64_register(&mut with_regs, "pstate: on"));
         assert_eq!(with_regs.ip, Some(Address(0xaaaa_b8a3_0714)));
         assert_eq!(with_regs.sp, Some(Address(0xffff_d8eb_d5a0)));
     }

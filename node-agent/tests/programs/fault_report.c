@@ -14,7 +14,7 @@
 
 static void report(int signo, siginfo_t *info, void *context) {
     ucontext_t *uc = context;
-    struct sigcontext *sc = &uc->uc_mcontext;
+    struct sigcontext *sc = (struct sigcontext *)&uc->uc_mcontext;
     char text[4096];
     int n = snprintf(text, sizeof text, "fault.addr=%#lx\nfault.pc=%#llx\nfault.sp=%#llx\n",
                      (unsigned long)info->si_addr, sc->pc, sc->sp);
