@@ -5,7 +5,7 @@
 //! No arm64 kernel runs here, so no kernel prints the report. The program's own SIGSEGV
 //! handler (tests/programs/fault_report.c) prints the facts of the fault as qemu delivered
 //! it: the fault address, pc, sp, x0…x30, and the mapping of pc from /proc/self/maps. The
-//! test writes them in the arm64 kernel's report layouts (`unhandled exception` of 4.19 on,
+//! test writes them in the arm64 kernel's report layouts (`unhandled exception` of 5.x on,
 //! with the register dump; `unhandled level N translation fault … at ADDR` before). qemu
 //! gives no ESR, so the ESR is composed by the test from the faulting instruction that
 //! binutils' objdump reads from the binary: a data abort, level 0 translation fault, with
@@ -127,8 +127,8 @@ fn register_dump(registers: &[u64], per_line: usize) -> Vec<String> {
         .collect()
 }
 
-/// The report of a 4.19-or-later arm64 kernel: no fault address, a register dump.
-fn report_since_4_19(fault: &Fault, esr: u64) -> String {
+/// The report of an arm64 kernel since 5.x: no fault address, a register dump.
+fn report_since_5_x(fault: &Fault, esr: u64) -> String {
     let mut lines = vec![
         format!(
             "qemu-nbd[{}]: unhandled exception: DABT (lower EL), ESR 0x{esr:016x}, level 0 translation fault in qemu-nbd[{:x}+{:x}]",
@@ -150,8 +150,8 @@ fn report_since_4_19(fault: &Fault, esr: u64) -> String {
     lines.join("\n") + "\n"
 }
 
-/// The report of a 4.14-to-4.18 arm64 kernel: the fault address on the first line.
-fn report_before_4_19(fault: &Fault, esr: u64) -> String {
+/// The report of a 4.x arm64 kernel (before the `unhandled exception` form): the fault address on the first line.
+fn report_of_4_x(fault: &Fault, esr: u64) -> String {
     let mut lines = vec![
         format!(
             "qemu-nbd[{}]: unhandled level 0 translation fault (11) at 0x{:08x}, esr 0x{esr:08x}, in qemu-nbd[{:x}+{:x}]",
@@ -255,8 +255,8 @@ fn an_aarch64_o2_build_names_the_member_and_the_null_pointer() {
         // DABT from a lower EL (EC 0x24), IL, WnR for a store, level 0 translation fault.
         let esr = (0x24 << 26) | (1 << 25) | if write { 1 << 6 } else { 0 } | 0x04;
         for (kernel, report) in [
-            ("4.19+", report_since_4_19(&fault, esr)),
-            ("4.14", report_before_4_19(&fault, esr)),
+            ("5.x+", report_since_5_x(&fault, esr)),
+            ("4.x", report_of_4_x(&fault, esr)),
         ] {
             let output = support::output_with_stdin(
                 Command::new(env!("CARGO_BIN_EXE_crashwatch-agent")).args([

@@ -517,7 +517,7 @@ impl Symbolize for Symbolizer {
             if faulting.as_ref().is_none_or(|f| f.touches_memory) {
                 event.access = trace_access(binary, &debug, vaddr);
             }
-            // arm64 kernels since 4.19 print no fault address: the faulting load's or
+            // arm64 `unhandled exception` reports (5.x on) print no fault address: the faulting load's or
             // store's base register in the register dump, plus its offset, gives it.
             if let Some(operand) = faulting.as_ref().and_then(|f| f.arm64_operand)
                 && event.fault_address.is_none()
