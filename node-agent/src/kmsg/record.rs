@@ -90,12 +90,10 @@ pub enum RecordError {
 /// Parses one record exactly as one `read(2)` of `/dev/kmsg` returns it.
 pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
     let separator = memchr::memchr(b';', bytes).ok_or(RecordError::MissingSeparator)?;
-    let header = String::from_utf8_lossy(&bytes[..separator]);
-    let mut fields = header.split(',');
-    let priority: u32 = header_number(fields.next(), "priority")?;
-    let seq = header_number(fields.next(), "sequence")?;
-    let timestamp_usec = header_number(fields.next(), "timestamp")?;
-    let continuation = fields.next().is_some_and(|flags| flags.contains('c'));
+    let (priority, seq, timestamp_usec, continuation) = match plain_header(&bytes[..separator]) {
+        Some(header) => header,
+        None => checked_header(&bytes[..separator])?,
+    };
 
     let body = &bytes[separator + 1..];
     let body = body.strip_suffix(b"\n").unwrap_or(body);
@@ -125,6 +123,42 @@ pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
         message,
         dictionary,
     })
+}
+
+/// The header fields `PRIORITY,SEQ,USEC,FLAGS…` when the first three are plain decimal digits
+/// (what the kernel writes), read without building strings; None for anything else, which
+/// [`checked_header`] then reads or rejects with its error.
+fn plain_header(header: &[u8]) -> Option<(u32, u64, u64, bool)> {
+    fn digits(field: &[u8]) -> Option<u64> {
+        // At most 19 digits cannot overflow a u64; longer fields take the checked path.
+        if field.is_empty() || field.len() > 19 {
+            return None;
+        }
+        field.iter().try_fold(0u64, |value, &b| {
+            b.is_ascii_digit().then(|| value * 10 + u64::from(b - b'0'))
+        })
+    }
+    let mut fields = header.split(|&b| b == b',');
+    let priority = u32::try_from(digits(fields.next()?)?).ok()?;
+    let seq = digits(fields.next()?)?;
+    let timestamp_usec = digits(fields.next()?)?;
+    let continuation = fields.next().is_some_and(|flags| flags.contains(&b'c'));
+    // Lossy decoding would change nothing then: the flags are compared as the text is.
+    header
+        .is_ascii()
+        .then_some((priority, seq, timestamp_usec, continuation))
+}
+
+/// The header fields, parsed as text (a `+` sign is accepted, as `str::parse` does), or the
+/// field that is missing or not a number.
+fn checked_header(header: &[u8]) -> Result<(u32, u64, u64, bool), RecordError> {
+    let header = String::from_utf8_lossy(header);
+    let mut fields = header.split(',');
+    let priority: u32 = header_number(fields.next(), "priority")?;
+    let seq = header_number(fields.next(), "sequence")?;
+    let timestamp_usec = header_number(fields.next(), "timestamp")?;
+    let continuation = fields.next().is_some_and(|flags| flags.contains('c'));
+    Ok((priority, seq, timestamp_usec, continuation))
 }
 
 fn header_number<T: std::str::FromStr>(
@@ -187,6 +221,55 @@ mod tests {
             i += 1;
         }
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn plain_headers_read_as_the_checked_parser_reads_them() {
+        let headers: [&[u8]; 12] = [
+            b"6,346,605503265,-",
+            b"4,1494,12345,c",
+            b"6,1,2",
+            b"30,18446744073709551615,0,-,caller=T1",
+            b"4294967295,0,0,-",
+            b"4294967296,0,0,-",
+            b"+6,1,2,-",
+            b"6,,2,-",
+            b"6,1",
+            b"6,1,2,\xc3c",
+            b"06,0001,02,cc",
+            b"",
+        ];
+        for header in headers {
+            // Whenever the plain reading answers, it answers as the checked one.
+            if let Some(plain) = plain_header(header) {
+                assert_eq!(Some(plain), checked_header(header).ok(), "{header:?}");
+            }
+        }
+        assert_eq!(
+            plain_header(b"6,346,605503265,-"),
+            Some((6, 346, 605_503_265, false))
+        );
+        assert_eq!(
+            plain_header(b"4,1494,12345,c"),
+            Some((4, 1494, 12345, true))
+        );
+        // Left to the checked parser: a sign, an empty field, 20 digits, a u32 overflow.
+        for header in [
+            &b"+6,1,2,-"[..],
+            b"6,,2,-",
+            b"30,18446744073709551615,0,-",
+            b"4294967296,0,0,-",
+        ] {
+            assert_eq!(plain_header(header), None, "{header:?}");
+        }
+        assert!(checked_header(b"+6,1,2,-").is_ok());
+        assert!(matches!(
+            parse_record(b"6,,2,-;x"),
+            Err(RecordError::BadHeaderField {
+                field: "sequence",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -17,11 +17,17 @@ pub struct HungHeader {
 pub fn parse_header(message: &str) -> Option<HungHeader> {
     let rest = message.strip_prefix("INFO: task ")?;
     let (at, anchor) = [
-        " blocked for more than ",
-        " blocked in I/O wait for more than ",
+        (
+            anchor_rev!(" blocked for more than "),
+            " blocked for more than ".len(),
+        ),
+        (
+            anchor_rev!(" blocked in I/O wait for more than "),
+            " blocked in I/O wait for more than ".len(),
+        ),
     ]
     .iter()
-    .filter_map(|anchor| rest.rfind(anchor).map(|at| (at, anchor.len())))
+    .filter_map(|(finder, len)| finder.rfind(rest.as_bytes()).map(|at| (at, *len)))
     .max()?;
     let tail = rest[at + anchor..].trim_end();
     let seconds = tail

@@ -368,12 +368,13 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
     const MARKER: &str = "likely on CPU ";
     let at = match text.strip_prefix(MARKER) {
         Some(_) => 0,
-        None => text.rfind(&format!(" {MARKER}"))? + 1,
+        None => anchor_rev!(" likely on CPU ").rfind(text.as_bytes())? + 1,
     };
     let suffix = &text[at + MARKER.len()..];
     let (cpu, topology) = suffix.split_once(' ')?;
     let topology = topology.strip_prefix("(core ")?.strip_suffix(')')?;
-    let (core, socket) = topology.split_once(", socket ")?;
+    let comma = anchor!(", socket ").find(topology.as_bytes())?;
+    let (core, socket) = (&topology[..comma], &topology[comma + ", socket ".len()..]);
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (numeric(core) && numeric(socket)).then_some(())?;
     Some((text[..at].trim_end(), cpu.parse().ok()?))
