@@ -36,7 +36,11 @@ fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
         return Some(None);
     }
     let rest = rest.strip_prefix(' ')?;
-    let (name, after) = rest.split_once(' ').unwrap_or((rest, ""));
+    // Fields are short: a byte loop finds their ends faster than a vectorised search.
+    let (name, after) = match space_at(rest) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, ""),
+    };
     if after.is_empty() && names.iter().any(|n| n.starts_with(name)) {
         return Some(None); // cut inside or right after the name
     }
@@ -46,12 +50,17 @@ fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
     if let Some(after_null) = after.trim_start_matches(' ').strip_prefix("(null)") {
         return Some(Some((0, after_null)));
     }
-    let end = after.find(' ').unwrap_or(after.len());
+    let end = space_at(after).unwrap_or(after.len());
     Some(Some((hex(&after[..end])?, &after[end..])))
 }
 
+/// Where the first space of a short field is.
+fn space_at(text: &str) -> Option<usize> {
+    text.bytes().position(|b| b == b' ')
+}
+
 fn segfault_tail(tail: &str) -> Option<CrashEvent> {
-    let end = tail.find(' ').unwrap_or(tail.len());
+    let end = space_at(tail).unwrap_or(tail.len());
     let mut event = CrashEvent::new(EventKind::Segfault);
     event.fault_address = Some(Address(hex(&tail[..end])?));
     let rest = &tail[end..];
