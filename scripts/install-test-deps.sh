@@ -9,6 +9,8 @@ packages=(
   qemu-utils              # qemu-nbd, for real hung-task tests
   libnbd-bin fuse3        # nbdfuse and fusermount3
   elfutils llvm           # eu-addr2line, llvm-symbolizer: symbolization oracles
+  gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross  # aarch64 test binaries
+  qemu-user               # runs them (qemu-aarch64) for the aarch64 NULL-member test
   libc6-dbg               # libc debug info by build-id
   debuginfod              # a real debuginfod server on loopback
   dwz                     # dwz-compressed debug files with a supplementary file

@@ -562,3 +562,192 @@ fn dwz_debug_files_resolve_through_their_supplementary_file() {
     assert!(!common.exists());
     compare("by build-id");
 }
+
+/// The aarch64 cross tools (Debian's gcc-aarch64-linux-gnu and binutils-aarch64-linux-gnu).
+const AARCH64_TOOLS: [&str; 4] = [
+    "aarch64-linux-gnu-gcc",
+    "aarch64-linux-gnu-objcopy",
+    "aarch64-linux-gnu-strip",
+    "aarch64-linux-gnu-readelf",
+];
+
+/// Compiles test programs for aarch64 with `-O2 -g` and `extra` flags.
+fn compile_aarch64(out: &Path, sources: &[&str], extra: &[&str]) {
+    let programs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let mut args: Vec<String> = ["-O2", "-g", "-pthread"].map(String::from).to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["-o".to_owned(), out.display().to_string()]);
+    args.extend(
+        sources
+            .iter()
+            .map(|s| programs.join(s).display().to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("aarch64-linux-gnu-gcc", &args);
+}
+
+/// Moves an aarch64 binary's debug information into `debug_file` and strips the binary.
+fn split_debug_aarch64(binary: &Path, debug_file: &Path) {
+    let (binary, debug_file) = (binary.to_str().unwrap(), debug_file.to_str().unwrap());
+    run(
+        "aarch64-linux-gnu-objcopy",
+        &["--only-keep-debug", binary, debug_file],
+    );
+    run("aarch64-linux-gnu-strip", &["--strip-all", binary]);
+}
+
+/// The address and size of `.text`, from binutils' readelf.
+fn text_section(binary: &Path) -> (u64, u64) {
+    run(
+        "aarch64-linux-gnu-readelf",
+        &["-SW", binary.to_str().unwrap()],
+    )
+    .lines()
+    .find(|l| l.contains(" .text "))
+    .map(|l| {
+        let f: Vec<&str> = l.split(']').nth(1).unwrap().split_whitespace().collect();
+        let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
+        (hex(f[2]), hex(f[4]))
+    })
+    .expect("a .text section")
+}
+
+/// aarch64 builds of the test programs: PIE and not, compressed DWARF, and stripped with
+/// the DWARF in a separate file found by build-id or by `.gnu_debuglink`.
+fn aarch64_builds(dir: &Path) -> Vec<Build> {
+    let path = |name: &str| dir.join(name);
+    for sub in [
+        "pie",
+        "nopie",
+        "compressed",
+        "buildid",
+        "debuglink",
+        "member",
+    ] {
+        std::fs::create_dir_all(path(sub)).unwrap();
+    }
+    let crashy = ["crashy.c"];
+    compile_aarch64(&path("pie/crashy"), &crashy, &[]);
+    compile_aarch64(&path("nopie/crashy"), &crashy, &["-no-pie"]);
+    compile_aarch64(&path("compressed/crashy"), &crashy, &["-gz=zlib"]);
+    compile_aarch64(&path("buildid/crashy"), &crashy, &[]);
+    split_debug_aarch64(&path("buildid/crashy"), &path("buildid/crashy.debug"));
+    let by_build_id = install_by_build_id(
+        &path("buildid/crashy"),
+        &path("buildid/crashy.debug"),
+        &path("buildid/debug"),
+    );
+    compile_aarch64(&path("debuglink/crashy"), &crashy, &[]);
+    split_debug_aarch64(&path("debuglink/crashy"), &path("debuglink/crashy.debug"));
+    run(
+        "aarch64-linux-gnu-objcopy",
+        &[
+            &format!(
+                "--add-gnu-debuglink={}",
+                path("debuglink/crashy.debug").display()
+            ),
+            path("debuglink/crashy").to_str().unwrap(),
+        ],
+    );
+    // The member test program, as the NULL-member test builds it.
+    compile_aarch64(
+        &path("member/qemu-nbd"),
+        &["nullmember.c", "fault_report.c"],
+        &["-fomit-frame-pointer"],
+    );
+    split_debug_aarch64(&path("member/qemu-nbd"), &path("member/qemu-nbd.debug"));
+    let member_debug = install_by_build_id(
+        &path("member/qemu-nbd"),
+        &path("member/qemu-nbd.debug"),
+        &path("member/debug"),
+    );
+    let plain = |name: &'static str, binary: PathBuf| Build {
+        name,
+        oracle_file: binary.clone(),
+        binary,
+        debug_dir: None,
+    };
+    vec![
+        plain("aarch64 pie", path("pie/crashy")),
+        plain("aarch64 nopie", path("nopie/crashy")),
+        plain("aarch64 compressed", path("compressed/crashy")),
+        Build {
+            name: "aarch64 buildid",
+            binary: path("buildid/crashy"),
+            debug_dir: Some(path("buildid/debug")),
+            oracle_file: by_build_id,
+        },
+        Build {
+            name: "aarch64 debuglink",
+            binary: path("debuglink/crashy"),
+            debug_dir: None,
+            oracle_file: path("debuglink/crashy.debug"),
+        },
+        Build {
+            name: "aarch64 member",
+            binary: path("member/qemu-nbd"),
+            debug_dir: Some(path("member/debug")),
+            oracle_file: member_debug,
+        },
+    ]
+}
+
+#[test]
+fn every_instruction_of_aarch64_builds_symbolizes_like_llvm_symbolizer() {
+    if !require(
+        "needs llvm-symbolizer and the aarch64 cross tools (gcc-aarch64-linux-gnu)",
+        have("llvm-symbolizer") && AARCH64_TOOLS.iter().all(|t| have(t)),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for build in aarch64_builds(dir.path()) {
+        // A64 instructions are 4 bytes: every word of .text is one.
+        let (text, size) = text_section(&build.binary);
+        let addresses: Vec<u64> = (text..text + size).step_by(4).collect();
+        assert!(
+            addresses.len() > 200,
+            "{}: only {} instructions",
+            build.name,
+            addresses.len()
+        );
+        let expected = oracle(&build.oracle_file, &addresses, None);
+        let symbolizer = symbolizer_for(&build.binary, build.debug_dir.iter().cloned().collect());
+        let segments = loads(&build.binary);
+        let module = build.binary.file_name().unwrap().to_str().unwrap();
+        let mut mismatches = Vec::new();
+        let mut known = 0;
+        for (address, expected) in addresses.iter().zip(&expected) {
+            let (offset, vaddr, _) = segments
+                .iter()
+                .copied()
+                .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(address))
+                .unwrap();
+            let actual = ours(&symbolizer, module, address - vaddr + offset);
+            if actual.iter().any(|f| f.2 != 0) {
+                known += 1;
+            }
+            if &actual != expected {
+                mismatches.push(format!(
+                    "{address:#x}: ours {actual:?}\n   llvm-symbolizer {expected:?}"
+                ));
+            }
+        }
+        // Agreement on unknowns alone would prove nothing (the C runtime's start-up code in
+        // .text has no line information).
+        assert!(
+            known * 3 >= addresses.len() * 2,
+            "{}: only {known} of {} addresses have a line",
+            build.name,
+            addresses.len()
+        );
+        assert!(
+            mismatches.is_empty(),
+            "{}: {} of {} addresses differ:\n{}",
+            build.name,
+            mismatches.len(),
+            addresses.len(),
+            mismatches[..mismatches.len().min(10)].join("\n")
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod arm64;
+pub mod arm64_access;
 pub mod disasm;
 
 use std::fmt::Write as _;

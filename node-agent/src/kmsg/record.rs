@@ -89,22 +89,23 @@ pub enum RecordError {
 
 /// Parses one record exactly as one `read(2)` of `/dev/kmsg` returns it.
 pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
-    let separator = bytes
-        .iter()
-        .position(|&b| b == b';')
-        .ok_or(RecordError::MissingSeparator)?;
-    let header = String::from_utf8_lossy(&bytes[..separator]);
-    let mut fields = header.split(',');
-    let priority: u32 = header_number(fields.next(), "priority")?;
-    let seq = header_number(fields.next(), "sequence")?;
-    let timestamp_usec = header_number(fields.next(), "timestamp")?;
-    let continuation = fields.next().is_some_and(|flags| flags.contains('c'));
+    let separator = memchr::memchr(b';', bytes).ok_or(RecordError::MissingSeparator)?;
+    let (priority, seq, timestamp_usec, continuation) = match plain_header(&bytes[..separator]) {
+        Some(header) => header,
+        None => checked_header(&bytes[..separator])?,
+    };
 
     let body = &bytes[separator + 1..];
     let body = body.strip_suffix(b"\n").unwrap_or(body);
-    let mut lines = body.split(|&b| b == b'\n');
-    let message = unescape(lines.next().unwrap_or_default());
-    let dictionary = lines
+    // The message is the first line; dictionary entries (` KEY=value`) follow it.
+    let (first, entries) = match memchr::memchr(b'\n', body) {
+        Some(end) => (&body[..end], Some(&body[end + 1..])),
+        None => (body, None),
+    };
+    let message = unescape(first);
+    let dictionary = entries
+        .into_iter()
+        .flat_map(|entries| entries.split(|&b| b == b'\n'))
         .filter_map(|line| line.strip_prefix(b" "))
         .filter_map(|entry| {
             let entry = unescape(entry);
@@ -124,6 +125,42 @@ pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
     })
 }
 
+/// The header fields `PRIORITY,SEQ,USEC,FLAGS…` when the first three are plain decimal digits
+/// (what the kernel writes), read without building strings; None for anything else, which
+/// [`checked_header`] then reads or rejects with its error.
+fn plain_header(header: &[u8]) -> Option<(u32, u64, u64, bool)> {
+    fn digits(field: &[u8]) -> Option<u64> {
+        // At most 19 digits cannot overflow a u64; longer fields take the checked path.
+        if field.is_empty() || field.len() > 19 {
+            return None;
+        }
+        field.iter().try_fold(0u64, |value, &b| {
+            b.is_ascii_digit().then(|| value * 10 + u64::from(b - b'0'))
+        })
+    }
+    let mut fields = header.split(|&b| b == b',');
+    let priority = u32::try_from(digits(fields.next()?)?).ok()?;
+    let seq = digits(fields.next()?)?;
+    let timestamp_usec = digits(fields.next()?)?;
+    let continuation = fields.next().is_some_and(|flags| flags.contains(&b'c'));
+    // Lossy decoding would change nothing then: the flags are compared as the text is.
+    header
+        .is_ascii()
+        .then_some((priority, seq, timestamp_usec, continuation))
+}
+
+/// The header fields, parsed as text (a `+` sign is accepted, as `str::parse` does), or the
+/// field that is missing or not a number.
+fn checked_header(header: &[u8]) -> Result<(u32, u64, u64, bool), RecordError> {
+    let header = String::from_utf8_lossy(header);
+    let mut fields = header.split(',');
+    let priority: u32 = header_number(fields.next(), "priority")?;
+    let seq = header_number(fields.next(), "sequence")?;
+    let timestamp_usec = header_number(fields.next(), "timestamp")?;
+    let continuation = fields.next().is_some_and(|flags| flags.contains('c'));
+    Ok((priority, seq, timestamp_usec, continuation))
+}
+
 fn header_number<T: std::str::FromStr>(
     field: Option<&str>,
     name: &'static str,
@@ -138,21 +175,23 @@ fn header_number<T: std::str::FromStr>(
 /// Undoes the kernel's `\xNN` escaping; invalid UTF-8 becomes U+FFFD.
 pub fn unescape(escaped: &[u8]) -> String {
     let mut bytes = Vec::with_capacity(escaped.len());
-    let mut i = 0;
-    while i < escaped.len() {
-        if escaped[i] == b'\\' && escaped.get(i + 1) == Some(&b'x') {
-            let hex = escaped
-                .get(i + 2..i + 4)
-                .and_then(|h| std::str::from_utf8(h).ok());
+    let mut rest = escaped;
+    // Runs without a backslash are copied whole.
+    while let Some(at) = memchr::memchr(b'\\', rest) {
+        bytes.extend_from_slice(&rest[..at]);
+        let escape = &rest[at..];
+        if escape.get(1) == Some(&b'x') {
+            let hex = escape.get(2..4).and_then(|h| std::str::from_utf8(h).ok());
             if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 bytes.push(value);
-                i += 4;
+                rest = &escape[4..];
                 continue;
             }
         }
-        bytes.push(escaped[i]);
-        i += 1;
+        bytes.push(b'\\');
+        rest = &escape[1..];
     }
+    bytes.extend_from_slice(rest);
     match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
@@ -162,6 +201,101 @@ pub fn unescape(escaped: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-at-a-time unescaping the run-copying one replaced, as the reference.
+    fn unescape_bytewise(escaped: &[u8]) -> String {
+        let mut bytes = Vec::new();
+        let mut i = 0;
+        while i < escaped.len() {
+            if escaped[i] == b'\\' && escaped.get(i + 1) == Some(&b'x') {
+                let hex = escaped
+                    .get(i + 2..i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    bytes.push(value);
+                    i += 4;
+                    continue;
+                }
+            }
+            bytes.push(escaped[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn plain_headers_read_as_the_checked_parser_reads_them() {
+        let headers: [&[u8]; 12] = [
+            b"6,346,605503265,-",
+            b"4,1494,12345,c",
+            b"6,1,2",
+            b"30,18446744073709551615,0,-,caller=T1",
+            b"4294967295,0,0,-",
+            b"4294967296,0,0,-",
+            b"+6,1,2,-",
+            b"6,,2,-",
+            b"6,1",
+            b"6,1,2,\xc3c",
+            b"06,0001,02,cc",
+            b"",
+        ];
+        for header in headers {
+            // Whenever the plain reading answers, it answers as the checked one.
+            if let Some(plain) = plain_header(header) {
+                assert_eq!(Some(plain), checked_header(header).ok(), "{header:?}");
+            }
+        }
+        assert_eq!(
+            plain_header(b"6,346,605503265,-"),
+            Some((6, 346, 605_503_265, false))
+        );
+        assert_eq!(
+            plain_header(b"4,1494,12345,c"),
+            Some((4, 1494, 12345, true))
+        );
+        // Left to the checked parser: a sign, an empty field, 20 digits, a u32 overflow.
+        for header in [
+            &b"+6,1,2,-"[..],
+            b"6,,2,-",
+            b"30,18446744073709551615,0,-",
+            b"4294967296,0,0,-",
+        ] {
+            assert_eq!(plain_header(header), None, "{header:?}");
+        }
+        assert!(checked_header(b"+6,1,2,-").is_ok());
+        assert!(matches!(
+            parse_record(b"6,,2,-;x"),
+            Err(RecordError::BadHeaderField {
+                field: "sequence",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unescaping_equals_the_bytewise_reference() {
+        // Inputs made of the characters that matter: backslashes, x, hex digits, a sign,
+        // UTF-8 lead and continuation bytes, plain text.
+        const ALPHABET: &[u8] = b"\\x0fA+g \xc3\xa9\xff";
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut compared = 0;
+        for len in 0..40 {
+            for _ in 0..200 {
+                let input: Vec<u8> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        ALPHABET[(state % ALPHABET.len() as u64) as usize]
+                    })
+                    .collect();
+                assert_eq!(unescape(&input), unescape_bytewise(&input), "{input:?}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 8000);
+        assert_eq!(unescape(b"a\\x41\\x+f\\xzz\\"), "aA\u{f}\\xzz\\");
+    }
 
     #[test]
     fn parses_a_real_segfault_record() {

@@ -17,11 +17,17 @@ pub struct HungHeader {
 pub fn parse_header(message: &str) -> Option<HungHeader> {
     let rest = message.strip_prefix("INFO: task ")?;
     let (at, anchor) = [
-        " blocked for more than ",
-        " blocked in I/O wait for more than ",
+        (
+            anchor_rev!(" blocked for more than "),
+            " blocked for more than ".len(),
+        ),
+        (
+            anchor_rev!(" blocked in I/O wait for more than "),
+            " blocked in I/O wait for more than ".len(),
+        ),
     ]
     .iter()
-    .filter_map(|anchor| rest.rfind(anchor).map(|at| (at, anchor.len())))
+    .filter_map(|(finder, len)| finder.rfind(rest.as_bytes()).map(|at| (at, *len)))
     .max()?;
     let tail = rest[at + anchor..].trim_end();
     let seconds = tail
@@ -80,9 +86,10 @@ fn is_stack_words(message: &str) -> bool {
 
 /// `RIP: 0033:0x7fa0e70e42ad`, `RSP: …`, `RAX: …` … `R15: …`.
 fn is_register_line(message: &str) -> bool {
-    let Some((name, _)) = message.split_once(": ") else {
+    let Some(at) = anchor!(": ").find(message.as_bytes()) else {
         return false;
     };
+    let name = &message[..at];
     name.len() == 3 && name.starts_with('R') && name.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
@@ -103,12 +110,12 @@ fn is_old_state_line(message: &str) -> bool {
 pub fn stack_frame(message: &str) -> Option<&str> {
     let frame = message.trim_start();
     let frame = match frame.strip_prefix("[<") {
-        Some(rest) => rest.split_once(">] ")?.1,
+        Some(rest) => &rest[anchor!(">] ").find(rest.as_bytes())? + 3..],
         None => frame,
     };
     let symbol = frame.split_whitespace().next()?;
-    let (_, offsets) = symbol.split_once("+0x")?;
-    (!frame.starts_with('?') && offsets.contains("/0x")).then_some(frame)
+    let offsets = &symbol[anchor!("+0x").find(symbol.as_bytes())? + 3..];
+    (!frame.starts_with('?') && anchor!("/0x").find(offsets.as_bytes()).is_some()).then_some(frame)
 }
 
 /// `Future hung task reports are suppressed, see sysctl kernel.hung_task_warnings`.

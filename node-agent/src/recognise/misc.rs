@@ -288,12 +288,16 @@ pub fn is_oops_end(message: &str) -> bool {
 /// an oops or OOM report.
 pub fn parse_oops_task(message: &str) -> Option<(u32, u32, String)> {
     let rest = message.strip_prefix("CPU: ")?;
-    let (cpu, rest) = rest.split_once(" PID: ")?;
-    let cpu = cpu.split_once(" UID: ").map_or(cpu, |(cpu, _)| cpu);
-    let (pid, rest) = rest.split_once(" Comm: ")?;
-    let comm_end = [" Tainted", " Not tainted"]
+    let at = anchor!(" PID: ").find(rest.as_bytes())?;
+    let (cpu, rest) = (&rest[..at], &rest[at + " PID: ".len()..]);
+    let cpu = anchor!(" UID: ")
+        .find(cpu.as_bytes())
+        .map_or(cpu, |at| &cpu[..at]);
+    let at = anchor!(" Comm: ").find(rest.as_bytes())?;
+    let (pid, rest) = (&rest[..at], &rest[at + " Comm: ".len()..]);
+    let comm_end = [anchor!(" Tainted"), anchor!(" Not tainted")]
         .iter()
-        .filter_map(|t| rest.find(t))
+        .filter_map(|t| t.find(rest.as_bytes()))
         .min()
         .unwrap_or(rest.len());
     Some((

@@ -16,6 +16,15 @@ macro_rules! anchor {
     }};
 }
 
+/// Like [`anchor!`], for the last occurrence (memchr's `FinderRev`).
+macro_rules! anchor_rev {
+    ($needle:literal) => {{
+        static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new($needle));
+        &*FINDER
+    }};
+}
+
 pub mod arch;
 pub mod error_code;
 pub mod hung;

@@ -36,7 +36,11 @@ fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
         return Some(None);
     }
     let rest = rest.strip_prefix(' ')?;
-    let (name, after) = rest.split_once(' ').unwrap_or((rest, ""));
+    // Fields are short: a byte loop finds their ends faster than a vectorised search.
+    let (name, after) = match space_at(rest) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, ""),
+    };
     if after.is_empty() && names.iter().any(|n| n.starts_with(name)) {
         return Some(None); // cut inside or right after the name
     }
@@ -46,12 +50,17 @@ fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
     if let Some(after_null) = after.trim_start_matches(' ').strip_prefix("(null)") {
         return Some(Some((0, after_null)));
     }
-    let end = after.find(' ').unwrap_or(after.len());
+    let end = space_at(after).unwrap_or(after.len());
     Some(Some((hex(&after[..end])?, &after[end..])))
 }
 
+/// Where the first space of a short field is.
+fn space_at(text: &str) -> Option<usize> {
+    text.bytes().position(|b| b == b' ')
+}
+
 fn segfault_tail(tail: &str) -> Option<CrashEvent> {
-    let end = tail.find(' ').unwrap_or(tail.len());
+    let end = space_at(tail).unwrap_or(tail.len());
     let mut event = CrashEvent::new(EventKind::Segfault);
     event.fault_address = Some(Address(hex(&tail[..end])?));
     let rest = &tail[end..];
@@ -250,6 +259,14 @@ pub fn arm64_register(event: &mut CrashEvent, message: &str) -> bool {
     if message.trim().is_empty() || walk || BANNERS.iter().any(|b| message.starts_with(b)) {
         return true;
     }
+    // Since 4.16 the processor state has a line of its own before `pc :`:
+    // `pstate: %08llx (%c%c%c%c %c%c%c%c %cPAN %cUAO …)`.
+    if let Some(rest) = message.strip_prefix("pstate: ") {
+        let (digits, flags) = rest.split_at(rest.len().min(8));
+        return digits.len() == 8
+            && digits.bytes().all(|b| b.is_ascii_hexdigit())
+            && (flags.trim_end().is_empty() || flags.starts_with(" ("));
+    }
     let Some((name, value)) = message.split_once(" : ") else {
         return false;
     };
@@ -360,12 +377,13 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
     const MARKER: &str = "likely on CPU ";
     let at = match text.strip_prefix(MARKER) {
         Some(_) => 0,
-        None => text.rfind(&format!(" {MARKER}"))? + 1,
+        None => anchor_rev!(" likely on CPU ").rfind(text.as_bytes())? + 1,
     };
     let suffix = &text[at + MARKER.len()..];
     let (cpu, topology) = suffix.split_once(' ')?;
     let topology = topology.strip_prefix("(core ")?.strip_suffix(')')?;
-    let (core, socket) = topology.split_once(", socket ")?;
+    let comma = anchor!(", socket ").find(topology.as_bytes())?;
+    let (core, socket) = (&topology[..comma], &topology[comma + ", socket ".len()..]);
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (numeric(core) && numeric(socket)).then_some(())?;
     Some((text[..at].trim_end(), cpu.parse().ok()?))
@@ -537,6 +555,11 @@ mod tests {
             "x29: 0000ffffd8ebd5a0 x28: 0000000000000000"
         ));
         assert!(!arm64_register(&mut with_regs, "Code: bad"));
+        assert!(arm64_register(
+            &mut with_regs,
+            "pstate: 80001000 (Nzcv daif -PAN -UAO -TCO -DIT +SSBS BTYPE=--)"
+        ));
+        assert!(!arm64_register(&mut with_regs, "pstate: on"));
         assert_eq!(with_regs.ip, Some(Address(0xaaaa_b8a3_0714)));
         assert_eq!(with_regs.sp, Some(Address(0xffff_d8eb_d5a0)));
     }

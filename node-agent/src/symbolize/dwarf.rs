@@ -119,22 +119,24 @@ impl DebugInfo {
                         .filter(|n| !n.is_empty())
                         .map(str::to_owned)
                 }
-                SymbolKind::Text if symbol.address() != 0 => {
-                    let Ok(name) = symbol.name() else { continue };
-                    let file = if symbol.is_local() {
-                        current_file.clone()
-                    } else {
-                        None
-                    };
-                    symbols.push(Symbol {
-                        address: symbol.address(),
-                        size: symbol.size(),
-                        name: name.to_owned(),
-                        file,
-                    });
-                }
-                _ => {}
+                SymbolKind::Text if symbol.address() != 0 => {}
+                // Untyped labels in code (assembly, the C runtime's start-up code) name
+                // code as llvm-symbolizer does; not ARM's `$x`/`$d` mapping symbols.
+                SymbolKind::Unknown if is_code_label(&object, &symbol) => {}
+                _ => continue,
             }
+            let Ok(name) = symbol.name() else { continue };
+            let file = if symbol.is_local() {
+                current_file.clone()
+            } else {
+                None
+            };
+            symbols.push(Symbol {
+                address: symbol.address(),
+                size: symbol.size(),
+                name: name.to_owned(),
+                file,
+            });
         }
         symbols.sort_by_key(|s| (s.address, std::cmp::Reverse(s.size)));
         symbols.dedup_by_key(|s| s.address);
@@ -257,6 +259,25 @@ impl DebugInfo {
             )
         })
     }
+}
+
+/// Whether an untyped symbol labels code: defined in an executable section, and not a
+/// mapping symbol (`$x`, `$d.1`: where ARM code or data starts, never a function name).
+fn is_code_label<'data>(
+    object: &object::File<'data, &'data Image>,
+    symbol: &object::Symbol<'data, '_, &'data Image>,
+) -> bool {
+    let in_code = match symbol.section() {
+        object::SymbolSection::Section(index) => object
+            .section_by_index(index)
+            .is_ok_and(|s| s.kind() == object::SectionKind::Text),
+        _ => false,
+    };
+    in_code
+        && symbol.address() != 0
+        && symbol
+            .name()
+            .is_ok_and(|n| !n.is_empty() && !n.starts_with('$'))
 }
 
 /// The address ranges of every compilation unit, with the unit's `.debug_info` offset.

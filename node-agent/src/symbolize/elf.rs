@@ -93,6 +93,8 @@ pub struct ElfFile {
     pub segments: Vec<LoadSegment>,
     /// Whether it carries DWARF line information of its own.
     pub has_dwarf: bool,
+    /// The machine its code is for (`e_machine`): how its instructions are decoded.
+    pub architecture: object::Architecture,
 }
 
 impl std::fmt::Debug for ElfFile {
@@ -149,6 +151,7 @@ impl ElfFile {
             debugaltlink: None,
             segments: Vec::new(),
             has_dwarf: false,
+            architecture: object::Architecture::Unknown,
         };
         let parse = |source| ElfError::Parse {
             path: path.to_owned(),
@@ -156,6 +159,7 @@ impl ElfFile {
         };
         let image = file.image();
         let object = object::File::parse(&image).map_err(parse)?;
+        file.architecture = object.architecture();
         file.build_id = object.build_id().map_err(parse)?.map(<[u8]>::to_vec);
         file.debuglink = object
             .gnu_debuglink()

@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crds::{CrashEvent, Frame};
 use thiserror::Error;
 
-use crate::explain::{access, disasm};
+use crate::explain::{access, arm64, arm64_access, disasm};
 use dwarf::DebugInfo;
 use elf::ElfFile;
 pub use locate::Places;
+use object::Architecture;
 
 /// Why an event could not be symbolized.
 #[derive(Debug, Error)]
@@ -306,7 +307,7 @@ impl Symbolizer {
     }
 }
 
-/// The longest x86-64 instruction.
+/// The longest x86-64 instruction (A64 instructions are 4 bytes).
 const MAX_INSTRUCTION_LENGTH: usize = 15;
 
 /// The largest function whose code the member analysis decodes.
@@ -326,7 +327,55 @@ pub fn trace_access(
     }
     let start = mapping::vaddr_to_file_offset(&binary.segments, function.start)?;
     let code = binary.bytes_at(start, usize::try_from(length).ok()?)?;
-    access::trace_access(&facts, &code, function.start, vaddr)
+    match binary.architecture {
+        Architecture::Aarch64 => arm64_access::trace_access(&facts, &code, function.start, vaddr),
+        _ => access::trace_access(&facts, &code, function.start, vaddr),
+    }
+}
+
+/// The instruction at a faulting address, read from the binary.
+struct Faulting {
+    /// As a disassembler prints it.
+    text: String,
+    /// Whether it touches memory through a traceable operand (known for x86-64 and A64).
+    touches_memory: bool,
+    /// An A64 load's or store's `[xN, #imm]` operand.
+    arm64_operand: Option<arm64_access::MemoryOperand>,
+}
+
+/// The instruction at `file_offset` of `binary`, linked at `vaddr`. Decoded for x86-64 and
+/// AArch64 binaries; None for other machines.
+fn faulting_instruction(binary: &ElfFile, file_offset: u64, vaddr: u64) -> Option<Faulting> {
+    match binary.architecture {
+        Architecture::X86_64 => binary
+            .bytes_at(file_offset, MAX_INSTRUCTION_LENGTH)
+            .and_then(|bytes| disasm::decode_at(&bytes, vaddr))
+            .map(|i| Faulting {
+                touches_memory: i.memory.is_some(),
+                text: i.text,
+                arm64_operand: None,
+            }),
+        Architecture::Aarch64 => {
+            let instruction = arm64_access::decode(&binary.bytes_at(file_offset, 4)?)?;
+            let operand = arm64_access::memory_operand(&instruction);
+            Some(Faulting {
+                text: instruction.to_string(),
+                touches_memory: operand.is_some(),
+                arm64_operand: operand,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether `binary` cannot be the one that faulted because its code is for another machine
+/// than the event's (an arm64 report, known by its ESR, and an x86-64 binary of that name).
+fn for_another_machine(event: &CrashEvent, binary: &ElfFile) -> bool {
+    event.esr.is_some()
+        && !matches!(
+            binary.architecture,
+            Architecture::Aarch64 | Architecture::Unknown
+        )
 }
 
 /// Whether the `Code:` bytes equal the binary's bytes around `file_offset` (None without Code).
@@ -371,7 +420,11 @@ impl Symbolizer {
                     }
                 },
             };
-            let matches = code_matches(event, binary(&loaded), offset);
+            let matches = if for_another_machine(event, binary(&loaded)) {
+                Some(false)
+            } else {
+                code_matches(event, binary(&loaded), offset)
+            };
             let good = matches != Some(false);
             if good || chosen.is_none() {
                 chosen = Some((loaded, offset, matches));
@@ -458,16 +511,21 @@ impl Symbolize for Symbolizer {
         }
         event.frames = frames;
         if matches != Some(false) {
-            let faulting = binary
-                .bytes_at(offset, MAX_INSTRUCTION_LENGTH)
-                .and_then(|bytes| disasm::decode_at(&bytes, vaddr));
+            let faulting = faulting_instruction(binary, offset, vaddr);
             // The member analysis walks the unit's DWARF: skip it for an instruction known
             // to touch no memory (a trap, a divide).
-            if faulting.as_ref().is_none_or(|i| i.memory.is_some()) {
+            if faulting.as_ref().is_none_or(|f| f.touches_memory) {
                 event.access = trace_access(binary, &debug, vaddr);
             }
+            // arm64 `unhandled exception` reports (5.x on) print no fault address: the faulting load's or
+            // store's base register in the register dump, plus its offset, gives it.
+            if let Some(operand) = faulting.as_ref().and_then(|f| f.arm64_operand)
+                && event.fault_address.is_none()
+            {
+                event.fault_address = arm64::fault_address_from_registers(event, &operand);
+            }
             if event.instruction.is_none() {
-                event.instruction = faulting.map(|i| i.text);
+                event.instruction = faulting.map(|f| f.text);
             }
         }
         Ok(())

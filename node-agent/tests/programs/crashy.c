@@ -18,7 +18,11 @@ __attribute__((noinline)) size_t libc_strlen(const char *s) { return strlen(s) +
 __attribute__((noinline)) long gpf(void) { return *(volatile long *)0x8000000000000000UL; }      /* non-canonical */
 __attribute__((noinline)) int divide(int a, int b) { return a / b; }                             /* #DE */
 __attribute__((noinline)) void ud2(void) { __builtin_trap(); }                                   /* #UD */
+#if defined(__aarch64__)
+__attribute__((noinline)) void int3(void) { __asm__ volatile("brk #0"); }                         /* BRK */
+#else
 __attribute__((noinline)) void int3(void) { __asm__ volatile("int3"); }                          /* #BP */
+#endif
 
 static void *worker(void *arg) {
     pthread_setname_np(pthread_self(), "worker-7");
