@@ -166,7 +166,17 @@ fn a_real_crash_becomes_one_crash_report_counted_across_repeats_and_restarts() {
     assert_eq!(
         header,
         [
-            "NAME", "NODE", "PROCESS", "KIND", "LOCATION", "COUNT", "LAST", "SEEN", "AGE"
+            "NAME",
+            "NODE",
+            "NAMESPACE",
+            "POD",
+            "PROCESS",
+            "KIND",
+            "LOCATION",
+            "COUNT",
+            "LAST",
+            "SEEN",
+            "AGE"
         ]
     );
     let row = table.lines().nth(1).unwrap();
