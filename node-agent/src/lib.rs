@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod conditions;
 pub mod daemon;
 pub mod explain;
 pub mod hangwatch;

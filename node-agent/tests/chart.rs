@@ -269,6 +269,8 @@ fn helm_install_creates_least_privilege_objects_and_uninstall_removes_them() {
             "crashreports.crashwatch.dev [get create patch]",
             "crashreports.crashwatch.dev/status [patch]",
             "events.events.k8s.io [create patch]",
+            "nodes [get]",
+            "nodes/status [patch]",
         ])
     );
     assert_eq!(

@@ -12,6 +12,7 @@ use anyhow::Context;
 use crds::CrashEvent;
 use tokio::time::MissedTickBehavior;
 
+use crate::conditions::ConditionFeed;
 use crate::hangwatch::{HangState, HangWatcher, WatchConfig};
 use crate::kmsg::cursor::read_boot_id;
 use crate::kmsg::inflight::InFlightFile;
@@ -54,7 +55,23 @@ pub async fn run<S, P>(
     config: RunConfig,
     metrics: Arc<AgentMetrics>,
     symbolizer: S,
+    publisher: P,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    S: Symbolize,
+    P: Publish,
+{
+    run_with_conditions(config, metrics, symbolizer, publisher, None, shutdown).await
+}
+
+/// As [`run`], also deriving the Node conditions into `conditions` after every `/proc` scan.
+pub async fn run_with_conditions<S, P>(
+    config: RunConfig,
+    metrics: Arc<AgentMetrics>,
+    symbolizer: S,
     mut publisher: P,
+    mut conditions: Option<ConditionFeed>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()>
 where
@@ -92,6 +109,9 @@ where
         ),
     }
 
+    if let Some(feed) = conditions.as_mut() {
+        feed.read_ring(&config.kmsg_path, monotonic_usec());
+    }
     let mut reader = KmsgReader::open(&config.kmsg_path)?;
     metrics.kmsg_reader_up.set(1);
     let clock = Clock::now();
@@ -139,6 +159,9 @@ where
             () = &mut shutdown => break,
             outcome = reader.next() => match outcome.context("reading the kernel log")? {
                 ReadOutcome::Record(bytes) => {
+                    if let Some(feed) = conditions.as_mut() {
+                        feed.on_record(bytes);
+                    }
                     for event in state.handle_record(bytes) {
                         publisher.publish(&event).context("publishing an event")?;
                         published = true;
@@ -158,6 +181,9 @@ where
                 for event in watcher.scan(&mut state.pipeline.episodes, now) {
                     let event = state.finish_event(event, Some(now));
                     publisher.publish(&event).context("publishing an event")?;
+                }
+                if let Some(feed) = conditions.as_mut() {
+                    feed.after_scan(watcher.stuck(), now);
                 }
             },
         }
