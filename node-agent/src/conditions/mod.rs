@@ -81,7 +81,7 @@ impl ConditionFeed {
 }
 
 /// A watched process is stuck in uninterruptible sleep past the threshold.
-pub const PROCESS_HUNG: &str = "ProcessHung";
+pub const PROCESS_HUNG: &str = crds::node::PROCESS_HUNG_CONDITION;
 /// The nbd driver logged errors recently.
 pub const NBD_DEVICE_ERROR: &str = "NbdDeviceError";
 /// Every condition type the agent owns, and the only ones it may write.
@@ -102,7 +102,7 @@ pub const REASON_NO_NBD_ERRORS: &str = "NoNbdErrors";
 
 /// The Node annotation where the agent states its boot id (written with the conditions):
 /// the operator orders reboots for a boot, and a new boot id closes the order.
-pub const BOOT_ID_ANNOTATION: &str = "crashwatch.dev/boot-id";
+pub use crds::node::BOOT_ID_ANNOTATION;
 
 /// At most this many threads are named in a `ProcessHung` message.
 pub const MAX_THREADS_NAMED: usize = 8;

@@ -5,22 +5,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-/// The Node annotation where the operator orders a reboot.
-pub const REBOOT_ORDER_ANNOTATION: &str = "crashwatch.dev/reboot-order";
-
-/// The operator's order to reboot a node, for one boot of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RebootOrder {
-    /// The policy that orders it.
-    pub policy: String,
-    /// The boot the order is for: once the node booted again, the order is done.
-    pub boot_id: String,
-    /// When it was ordered (RFC 3339).
-    pub at: String,
-}
+pub use crds::node::{REBOOT_ORDER_ANNOTATION, RebootOrder};
 
 /// What the agent does with an order it read on its Node.
 #[derive(Debug, Clone, PartialEq, Eq)]
