@@ -134,7 +134,7 @@ fn the_alert_rules_pass_promtool_and_the_chart_renders_them_verbatim() {
             files.join("alerts.yaml").to_str().unwrap(),
         ],
     );
-    assert!(check.contains("SUCCESS: 5 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 10 rules found"), "{check}");
     let tests = ok(
         &cluster,
         "promtool",
