@@ -64,7 +64,7 @@ enum Command {
     /// Explains crashes and hangs in pasted kernel log text (arguments, or stdin).
     Explain(ExplainArgs),
     /// Follows this machine's kernel log and reports every crash and hang.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args)]
@@ -240,7 +240,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format, "info");
     let result = match cli.command {
         Command::Explain(args) => explain_command(args),
-        Command::Run(args) => run_command(args),
+        Command::Run(args) => run_command(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
