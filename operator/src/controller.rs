@@ -368,13 +368,23 @@ fn cached_reports(
 fn slim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
     if let Some(annotations) = node.metadata.annotations.as_mut() {
-        annotations.retain(|key, _| key == LEDGER_ANNOTATION);
+        annotations.retain(|key, _| {
+            key == LEDGER_ANNOTATION
+                || key == crds::node::BOOT_ID_ANNOTATION
+                || key == crds::node::REBOOT_ORDER_ANNOTATION
+        });
     }
     if let Some(status) = node.status.as_mut() {
         status.images = None;
         status.volumes_attached = None;
         status.volumes_in_use = None;
-        status.node_info = None;
+        // Only the boot id: the reboot step reads it.
+        status.node_info = status.node_info.take().map(|info| {
+            k8s_openapi::api::core::v1::NodeSystemInfo {
+                boot_id: info.boot_id,
+                ..Default::default()
+            }
+        });
         status.daemon_endpoints = None;
         status.addresses = None;
         status.capacity = None;
@@ -385,27 +395,41 @@ fn slim_node(node: &mut Node) {
     }
 }
 
-/// What of a Node can change a plan: labels, the ledger, schedulability, taints and
-/// readiness. A heartbeat changes none of these.
+/// What of a Node can change a plan: labels, the ledger, the boot id and reboot order,
+/// schedulability, taints and the conditions' statuses. A heartbeat changes none of these.
 fn node_fingerprint(node: &Node) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     node.metadata.labels.hash(&mut hasher);
-    node.metadata
-        .annotations
+    for key in [
+        LEDGER_ANNOTATION,
+        crds::node::BOOT_ID_ANNOTATION,
+        crds::node::REBOOT_ORDER_ANNOTATION,
+    ] {
+        node.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .hash(&mut hasher);
+    }
+    node.status
         .as_ref()
-        .and_then(|a| a.get(LEDGER_ANNOTATION))
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| &i.boot_id)
         .hash(&mut hasher);
+    for condition in node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        (&condition.type_, &condition.status).hash(&mut hasher);
+    }
     let spec = node.spec.as_ref();
     spec.and_then(|s| s.unschedulable).hash(&mut hasher);
     serde_json::to_string(&spec.and_then(|s| s.taints.as_ref()))
         .unwrap_or_default()
-        .hash(&mut hasher);
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| &c.status)
         .hash(&mut hasher);
     Some(hasher.finish())
 }
