@@ -379,12 +379,14 @@ fn slim_node(node: &mut Node) {
         status.volumes_attached = None;
         status.volumes_in_use = None;
         // Only the boot id: the reboot step reads it.
-        status.node_info = status.node_info.take().map(|info| {
-            k8s_openapi::api::core::v1::NodeSystemInfo {
-                boot_id: info.boot_id,
-                ..Default::default()
-            }
-        });
+        status.node_info =
+            status
+                .node_info
+                .take()
+                .map(|info| k8s_openapi::api::core::v1::NodeSystemInfo {
+                    boot_id: info.boot_id,
+                    ..Default::default()
+                });
         status.daemon_endpoints = None;
         status.addresses = None;
         status.capacity = None;
