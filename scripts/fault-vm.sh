@@ -36,7 +36,7 @@ lock() {
 
 build() {
   local stamp="$CACHE/built-by" want
-  want=$(sha256sum "$0" "$HERE/fault-vm-init.sh" | sha256sum | cut -c1-16)
+  want=$(cat "$HERE/fault-vm.sh" "$HERE/fault-vm-init.sh" | sha256sum | cut -c1-16)
   if [[ -e "$CACHE/vmlinux" && -e "$CACHE/initramfs.cpio.gz" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then
     return 0
   fi

@@ -392,6 +392,10 @@ fn a_stopped_qemu_nbd_hangs_its_reader_the_agent_says_so_and_a_reboot_ordered_by
         "the order is withdrawn once done"
     );
     wait_condition(&cluster, &node, "ProcessHung", "False", 120);
+    eprintln!(
+        "fault VM: ProcessHung while stuck: {message:?}; NbdDeviceError: {:?}; reboot step: {step}",
+        nbd["message"]
+    );
 
     touch("poweroff");
     // SAFETY: kill has no memory-safety preconditions.
