@@ -233,6 +233,25 @@ fn images() -> PathBuf {
     dir
 }
 
+/// Sends SIGCONT to the qemu-nbd serving `stuck`, found by its socket in its command line.
+fn continue_server(stuck: &StuckReader) {
+    let socket = stuck.path("nbd.sock");
+    let socket = socket.to_str().unwrap();
+    let mut found = false;
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-nbd\0") && cmdline.contains(socket) {
+            support::stuck::signal(pid, libc::SIGCONT);
+            found = true;
+        }
+    }
+    assert!(found, "no qemu-nbd serving {socket}");
+}
+
 #[test]
 fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
     let _kernel = support::kernel_lock();
@@ -305,25 +324,25 @@ fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
     let after = node.condition("ProcessHung").unwrap();
     assert_eq!(after["status"], "True", "{after}");
     assert_eq!(after["lastTransitionTime"], since.as_str(), "{after}");
-    drop(stuck);
+    // The server continues: the kernel frees the reader. (The StuckReader itself is dropped
+    // after the chart is gone: the restarted agent container holds a copy of its FUSE mount,
+    // so nbdfuse cannot exit while that container runs.)
+    continue_server(&stuck);
     let cleared = node.wait_condition("ProcessHung", "False");
     assert_eq!(cleared["reason"], "NoProcessHung");
     let ready = node.condition("Ready").unwrap();
     assert_eq!(ready["status"], "True", "the kubelet's Ready is untouched");
 
-    // 2. The escalation up to the order. A pod whose disruption budget never allows its
-    //    eviction makes the drain time out; a second Node (an API object) with a matching
-    //    report is held back by the budget.
+    // 2. The escalation up to the order. A pod held by a finalizer stays after its eviction,
+    //    as a pod stuck in D does: the drain times out. A second Node (an API object) with a
+    //    matching report is held back by the budget.
     let second = format!("{}-second", node.name);
     node.apply(json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop18"}},
         {"apiVersion": "v1", "kind": "Node", "metadata": {"name": second,
             "labels": {"crashwatch.dev/escalation-test": "yes"}}},
-        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-         "metadata": {"name": "keep", "namespace": "shop18"},
-         "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "keep"}}}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "keep", "namespace": "shop18",
-            "labels": {"app": "keep"},
+            "labels": {"app": "keep"}, "finalizers": ["crashwatch.dev/test-hold"],
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "keep",
                                  "uid": "keep-uid", "controller": true}]},
          "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 0,
@@ -401,7 +420,7 @@ fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
             r#"{"spec":{"safety":{"dryRun":true}}}"#,
         ],
     );
-    let stuck = StuckReader::start();
+    let stuck_again = StuckReader::start();
     node.wait_condition("ProcessHung", "True");
     node.wait_entry(policy, &node.name, "WouldAct", "would reboot:");
     assert_eq!(node.order(), None);
@@ -421,11 +440,26 @@ fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(node.order(), None, "no order while paused");
     node.tool("kubectl", &["delete", "remediationpolicy", policy]);
-    drop(stuck);
+    node.tool(
+        "kubectl",
+        &[
+            "patch",
+            "pod",
+            "keep",
+            "-n",
+            "shop18",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+    );
+    continue_server(&stuck_again);
     node.tool(
         "helm",
         &["uninstall", "crashwatch", "-n", NAMESPACE, "--wait"],
     );
+    drop(stuck_again);
+    drop(stuck);
     drop(node);
     if !state_dir_existed {
         let _ = fs::remove_dir_all("/var/lib/crashwatch");

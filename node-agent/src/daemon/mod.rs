@@ -157,6 +157,19 @@ where
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // Before the reader: a storm of kernel records (always ready) must not starve
+            // the /proc scan, and with it the hang watcher and the ProcessHung condition.
+            // The tick is due once an interval, so it never starves the reader.
+            _ = scan.tick() => {
+                let now = monotonic_usec();
+                for event in watcher.scan(&mut state.pipeline.episodes, now) {
+                    let event = state.finish_event(event, Some(now));
+                    publisher.publish(&event).context("publishing an event")?;
+                }
+                if let Some(feed) = conditions.as_mut() {
+                    feed.after_scan(watcher.stuck(), now);
+                }
+            },
             outcome = reader.next() => match outcome.context("reading the kernel log")? {
                 ReadOutcome::Record(bytes) => {
                     if let Some(feed) = conditions.as_mut() {
@@ -175,16 +188,6 @@ where
                         publisher.publish(&event).context("publishing an event")?;
                         published = true;
                     }
-            },
-            _ = scan.tick() => {
-                let now = monotonic_usec();
-                for event in watcher.scan(&mut state.pipeline.episodes, now) {
-                    let event = state.finish_event(event, Some(now));
-                    publisher.publish(&event).context("publishing an event")?;
-                }
-                if let Some(feed) = conditions.as_mut() {
-                    feed.after_scan(watcher.stuck(), now);
-                }
             },
         }
         let done = delivered_through(state.handled_through(), &publisher);
