@@ -156,12 +156,10 @@ impl Node {
             found = match pods["items"].as_array().map(Vec::as_slice) {
                 Some([pod])
                     if pod["metadata"]["deletionTimestamp"].is_null()
-                        && pod["status"]["conditions"]
-                            .as_array()
-                            .is_some_and(|c| {
-                                c.iter()
-                                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                            }) =>
+                        && pod["status"]["conditions"].as_array().is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        }) =>
                 {
                     pod["metadata"]["name"].as_str().map(str::to_owned)
                 }
@@ -211,10 +209,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         let down = script(&["cluster.sh", "down", self.dir.path().to_str().unwrap()]);
         if !down.status.success() {
-            eprintln!(
-                "cluster.sh down: {}",
-                String::from_utf8_lossy(&down.stderr)
-            );
+            eprintln!("cluster.sh down: {}", String::from_utf8_lossy(&down.stderr));
         }
     }
 }
@@ -360,9 +355,11 @@ fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
         ],
     );
     let report = format!("{second}.hungtask.0000000000000001");
-    node.apply(json!({"apiVersion": "crashwatch.dev/v1alpha1", "kind": "CrashReport",
+    node.apply(
+        json!({"apiVersion": "crashwatch.dev/v1alpha1", "kind": "CrashReport",
         "metadata": {"name": report},
-        "spec": {"nodeName": second, "kind": "HungTask", "comm": "qemu-nbd"}}));
+        "spec": {"nodeName": second, "kind": "HungTask", "comm": "qemu-nbd"}}),
+    );
     let now = jiff::Timestamp::now();
     let mut buckets = Vec::new();
     crds::report::add_to_buckets(&mut buckets, now);
@@ -387,7 +384,8 @@ fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
         ],
     );
     let policy = "escalation18";
-    node.apply(json!({"apiVersion": "crashwatch.dev/v1alpha1", "kind": "RemediationPolicy",
+    node.apply(
+        json!({"apiVersion": "crashwatch.dev/v1alpha1", "kind": "RemediationPolicy",
         "metadata": {"name": policy},
         "spec": {
             "match": {"processNames": ["qemu-nbd"], "kinds": ["HungTask"],
@@ -397,7 +395,8 @@ fn conditions_through_a_real_agent_pod_and_the_escalation_up_to_the_order() {
             "drain": {"timeout": "5s"},
             "safety": {"maxUnavailable": 1, "cooldown": "0s"},
             "escalation": {"reboot": {}},
-        }}));
+        }}),
+    );
     // The real node goes first (more occurrences, then by name) and is cordoned: the budget
     // holds the second one back. It is checked at once and then removed: a Node without a
     // kubelet turns NotReady after the node monitor's grace period, and would then cost no
