@@ -309,6 +309,41 @@ fn a_stopped_qemu_nbd_hangs_its_reader_the_agent_says_so_and_a_reboot_ordered_by
         "{nbd}"
     );
 
+    // The agent restarts (SIGKILL) inside the VM: both conditions are derived again, from
+    // /proc and from the kernel ring (its cursor is past the nbd error), neither reset nor
+    // re-dated.
+    let hung_since =
+        condition(&cluster, &node, "ProcessHung").unwrap()["lastTransitionTime"].clone();
+    // The kmsg cursor trails the records handled by at most a second: after two, it is past
+    // the nbd error, and only the reread of the ring can find that error again.
+    std::thread::sleep(Duration::from_secs(2));
+    touch("restart-agent");
+    wait_until("the agent's restart", Duration::from_secs(120), || {
+        ctl.join("agent-restarted").exists()
+    });
+    // Only the new agent writes from now on: a heartbeat after this second is its own.
+    let restarted_at = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    wait_until(
+        "a heartbeat of the restarted agent",
+        Duration::from_secs(300),
+        || {
+            condition(&cluster, &node, "NbdDeviceError").is_some_and(|c| {
+                c["lastHeartbeatTime"].as_str().unwrap_or_default() > restarted_at.as_str()
+            })
+        },
+    );
+    let nbd_after = condition(&cluster, &node, "NbdDeviceError").unwrap();
+    assert_eq!(nbd_after["status"], "True", "{nbd_after}");
+    assert_eq!(
+        nbd_after["lastTransitionTime"], nbd["lastTransitionTime"],
+        "{nbd_after}"
+    );
+    let hung_after = condition(&cluster, &node, "ProcessHung").unwrap();
+    assert_eq!(hung_after["status"], "True", "{hung_after}");
+    assert_eq!(hung_after["lastTransitionTime"], hung_since, "{hung_after}");
+
     // The operator: drain, the drain times out with the hang still there, reboot.
     let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
     let mut operator = Command::new(release_binary("crashwatch-operator"))

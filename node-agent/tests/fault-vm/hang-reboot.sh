@@ -11,6 +11,7 @@ agent() {
     --metrics-addr 127.0.0.1:9477 --watch-process dd --hang-threshold 3 \
     --condition-heartbeat 1 --publish-interval 1 --allow-reboot --sysrq-settle 1 \
     > $C/agent-$1.log 2>&1 &
+  echo $! > /run/agent.pid
 }
 if [ "$(wc -l < $C/boots)" -gt 1 ]; then
   echo "SCENARIO: booted again"
@@ -44,4 +45,11 @@ kill -CONT "$(cat /run/server.pid)"
 wait_for stop2
 kill -STOP "$(cat /run/server.pid)"
 reader reader2 5000
+# An agent restart (SIGKILL) while both conditions are True: its cursor is past the nbd
+# error, so only the reread of the kernel ring can find it again.
+wait_for restart-agent
+kill -9 "$(cat /run/agent.pid)"
+sleep 1
+agent restarted
+touch $C/agent-restarted
 wait_for poweroff
