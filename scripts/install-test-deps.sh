@@ -17,7 +17,8 @@ packages=(
   hyperfine               # the symbolization benchmark
   curl openssl            # the control plane script: readiness probes, the service-account key
   containerd runc containernetworking-plugins iptables conntrack  # the real node (scripts/cluster.sh)
-  busybox-static          # the real node's test images
+  busybox-static          # the real node's test images, and the fault VM's initramfs
+  qemu-system-x86 python3 xz-utils file  # the fault VM (scripts/fault-vm.sh): TCG guest, vmlinux extraction
 )
 
 missing=()

@@ -9,6 +9,7 @@
 pub mod bounds;
 pub mod event;
 pub mod limits;
+pub mod node;
 pub mod policy;
 pub mod report;
 

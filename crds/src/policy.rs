@@ -50,6 +50,52 @@ pub struct RemediationPolicySpec {
     /// When the operator undoes its own action.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<Recovery>,
+    /// The next rungs of the ladder after `action` (which must be `Drain`: cordon, then
+    /// evict), for a node the drain cannot free: its stuck pods never terminate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<Escalation>,
+}
+
+/// The rungs after the drain: `Cordon`, then `Drain`, then `Reboot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Escalation {
+    /// Reboot a node whose drain timed out while the hang is still present.
+    pub reboot: RebootEscalation,
+}
+
+/// When and how a node is rebooted: the operator orders it on the Node
+/// (`crashwatch.dev/reboot-order`), the node's own agent carries it out through sysrq
+/// (it must run with `agent.allowReboot`), and a new boot id closes the step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootEscalation {
+    /// The node condition that must still be `True` when the reboot is ordered (the hang
+    /// is still present); the agent's `ProcessHung` by default.
+    #[serde(default = "default_hang_condition")]
+    #[schemars(length(min = 1, max = 316))]
+    pub hang_condition: String,
+    /// How many of this policy's nodes may be rebooting at once.
+    #[serde(default = "default_max_concurrent_reboots")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrent: u32,
+    /// How long the node has to come back with a new boot id before the step is reported
+    /// failed, for example `15m`.
+    #[serde(default = "default_reboot_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub timeout: String,
+}
+
+fn default_hang_condition() -> String {
+    crate::node::PROCESS_HUNG_CONDITION.into()
+}
+
+fn default_max_concurrent_reboots() -> u32 {
+    1
+}
+
+fn default_reboot_timeout() -> String {
+    "15m".into()
 }
 
 /// Which reports match a policy. Empty lists match everything. The identity lists
@@ -286,4 +332,8 @@ pub enum RemediationState {
     Blocked,
     /// A dry run: what would have been done.
     WouldAct,
+    /// A reboot is ordered; the node has not come back with a new boot id yet.
+    Rebooting,
+    /// The node came back with a new boot id after the ordered reboot.
+    Rebooted,
 }

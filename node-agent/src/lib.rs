@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod conditions;
 pub mod coredump;
 pub mod daemon;
 pub mod explain;

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use node_agent::conditions::ConditionFeed;
+use node_agent::conditions::writer::{self, ConditionMetrics, WriterConfig};
 use node_agent::daemon::{self, RunConfig};
 use node_agent::explain;
 use node_agent::hangwatch::WatchConfig;
@@ -232,7 +234,33 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
     runtime_state_dir: PathBuf,
     #[command(flatten)]
+    conditions: ConditionArgs,
+    #[command(flatten)]
     symbols: SymbolArgs,
+}
+
+/// The Node conditions the agent writes, and reboots the operator orders.
+#[derive(Args)]
+struct ConditionArgs {
+    /// Do not write the ProcessHung and NbdDeviceError conditions on this node's status.
+    #[arg(long)]
+    no_node_conditions: bool,
+    /// Most seconds between two writes of the conditions (each moves lastHeartbeatTime).
+    #[arg(long, default_value_t = 30.0)]
+    condition_heartbeat: f64,
+    /// Seconds an nbd error keeps NbdDeviceError True.
+    #[arg(long, default_value_t = 600.0)]
+    nbd_error_window: f64,
+    /// Carry out a reboot the operator orders for this node (sysrq: sync, remount
+    /// read-only, reset). Without it, orders are logged and counted, never followed.
+    #[arg(long)]
+    allow_reboot: bool,
+    /// The sysrq trigger (default: PROC/sysrq-trigger).
+    #[arg(long)]
+    sysrq_trigger: Option<PathBuf>,
+    /// Seconds to wait after the emergency sync and after the read-only remount.
+    #[arg(long, default_value_t = 2.0)]
+    sysrq_settle: f64,
 }
 
 fn main() -> ExitCode {
@@ -375,6 +403,16 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     };
     let standalone = args.standalone;
     let outbox_limit = args.outbox_limit;
+    let condition_heartbeat = positive("condition-heartbeat", args.conditions.condition_heartbeat)?;
+    let nbd_error_window = positive("nbd-error-window", args.conditions.nbd_error_window)?;
+    let sysrq_settle = Duration::from_secs_f64(args.conditions.sysrq_settle.clamp(0.0, 60.0));
+    let sysrq_trigger = args
+        .conditions
+        .sysrq_trigger
+        .clone()
+        .unwrap_or_else(|| args.proc.join("sysrq-trigger"));
+    let write_conditions = !standalone && !args.conditions.no_node_conditions;
+    let allow_reboot = args.conditions.allow_reboot;
     let publish_interval = positive("publish-interval", args.publish_interval)?;
     let debuginfod_cache = args
         .state_dir
@@ -438,6 +476,25 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("no Kubernetes client configuration (in-cluster or KUBECONFIG); use --standalone to run without a cluster")?;
         let boot_id = read_boot_id(&config.watch.proc_root).context("cannot read the boot id")?;
+        let feed = write_conditions.then(|| {
+            let (sender, receiver) = tokio::sync::watch::channel(None);
+            let writer = WriterConfig {
+                node: config.node_name.clone(),
+                boot_id: boot_id.clone(),
+                heartbeat: condition_heartbeat,
+                allow_reboot,
+                sysrq_trigger,
+                sysrq_settle,
+            };
+            let condition_metrics = ConditionMetrics::new(&config.node_name, metrics.registry());
+            tokio::spawn(writer::write_loop(
+                client.clone(),
+                writer,
+                receiver,
+                condition_metrics,
+            ));
+            ConditionFeed::new(sender, nbd_error_window)
+        });
         let outbox = Arc::new(Mutex::new(Outbox::new(&config.node_name, outbox_limit)));
         let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(kubernetes::write_loop(
@@ -450,6 +507,6 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             metrics.clone(),
         ));
         let publisher = KubePublisher::new(outbox, wake, metrics.clone());
-        daemon::run(config, metrics, symbolizer, publisher, shutdown).await
+        daemon::run_with_conditions(config, metrics, symbolizer, publisher, feed, shutdown).await
     })
 }

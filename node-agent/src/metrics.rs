@@ -197,6 +197,11 @@ impl AgentMetrics {
         self.hung_tasks.with_label_values(&[process]).inc();
     }
 
+    /// The registry, for metrics kept elsewhere (the Node condition writer's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The text exposition format of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();

@@ -134,7 +134,7 @@ fn the_alert_rules_pass_promtool_and_the_chart_renders_them_verbatim() {
             files.join("alerts.yaml").to_str().unwrap(),
         ],
     );
-    assert!(check.contains("SUCCESS: 5 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 10 rules found"), "{check}");
     let tests = ok(
         &cluster,
         "promtool",
@@ -269,6 +269,8 @@ fn helm_install_creates_least_privilege_objects_and_uninstall_removes_them() {
             "crashreports.crashwatch.dev [get create patch]",
             "crashreports.crashwatch.dev/status [patch]",
             "events.events.k8s.io [create patch]",
+            "nodes [get]",
+            "nodes/status [patch]",
         ])
     );
     assert_eq!(

@@ -368,13 +368,25 @@ fn cached_reports(
 fn slim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
     if let Some(annotations) = node.metadata.annotations.as_mut() {
-        annotations.retain(|key, _| key == LEDGER_ANNOTATION);
+        annotations.retain(|key, _| {
+            key == LEDGER_ANNOTATION
+                || key == crds::node::BOOT_ID_ANNOTATION
+                || key == crds::node::REBOOT_ORDER_ANNOTATION
+        });
     }
     if let Some(status) = node.status.as_mut() {
         status.images = None;
         status.volumes_attached = None;
         status.volumes_in_use = None;
-        status.node_info = None;
+        // Only the boot id: the reboot step reads it.
+        status.node_info =
+            status
+                .node_info
+                .take()
+                .map(|info| k8s_openapi::api::core::v1::NodeSystemInfo {
+                    boot_id: info.boot_id,
+                    ..Default::default()
+                });
         status.daemon_endpoints = None;
         status.addresses = None;
         status.capacity = None;
@@ -385,27 +397,41 @@ fn slim_node(node: &mut Node) {
     }
 }
 
-/// What of a Node can change a plan: labels, the ledger, schedulability, taints and
-/// readiness. A heartbeat changes none of these.
+/// What of a Node can change a plan: labels, the ledger, the boot id and reboot order,
+/// schedulability, taints and the conditions' statuses. A heartbeat changes none of these.
 fn node_fingerprint(node: &Node) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     node.metadata.labels.hash(&mut hasher);
-    node.metadata
-        .annotations
+    for key in [
+        LEDGER_ANNOTATION,
+        crds::node::BOOT_ID_ANNOTATION,
+        crds::node::REBOOT_ORDER_ANNOTATION,
+    ] {
+        node.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .hash(&mut hasher);
+    }
+    node.status
         .as_ref()
-        .and_then(|a| a.get(LEDGER_ANNOTATION))
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| &i.boot_id)
         .hash(&mut hasher);
+    for condition in node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        (&condition.type_, &condition.status).hash(&mut hasher);
+    }
     let spec = node.spec.as_ref();
     spec.and_then(|s| s.unschedulable).hash(&mut hasher);
     serde_json::to_string(&spec.and_then(|s| s.taints.as_ref()))
         .unwrap_or_default()
-        .hash(&mut hasher);
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| &c.status)
         .hash(&mut hasher);
     Some(hasher.finish())
 }
@@ -603,6 +629,10 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             now,
         );
     }
+    ctx.metrics
+        .hung_after_drain
+        .with_label_values(&[&name])
+        .set(plan.hung_after_drain as i64);
     let draining: Vec<&str> = plan.drains.iter().map(|d| d.node.as_str()).collect();
     ctx.keep_drains(&name, &draining);
     let mut latest: HashMap<String, Node> = nodes
@@ -650,8 +680,15 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
             now,
         )
         .await?;
+        if change.kind == ChangeKind::Rebooted
+            && let Some(seconds) = reboot_step(change, &name).and_then(|s| s.seconds)
+        {
+            ctx.metrics.reboot_seconds.observe(seconds);
+        }
         let severity = match change.kind {
-            ChangeKind::DrainTimedOut => EventType::Warning,
+            ChangeKind::DrainTimedOut | ChangeKind::RebootOrdered | ChangeKind::RebootTimedOut => {
+                EventType::Warning
+            }
             _ => EventType::Normal,
         };
         if matches!(
@@ -776,9 +813,14 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
     for entry in news(&previous, &entries) {
         let reason = entry.reason.clone().unwrap_or_default();
         if entry.state == RemediationState::WouldAct {
+            let action = if reason.starts_with("would reboot") {
+                change_label(ChangeKind::RebootOrdered)
+            } else {
+                action_label(&rules)
+            };
             ctx.metrics
                 .remediations
-                .with_label_values(&[action_label(&rules), "dry_run"])
+                .with_label_values(&[action, "dry_run"])
                 .inc();
             publish(
                 &ctx,
@@ -818,6 +860,13 @@ async fn reconcile(policy: Arc<RemediationPolicy>, ctx: Arc<Context>) -> Result<
     Ok(Action::requeue(requeue))
 }
 
+fn reboot_step<'a>(
+    change: &'a Change,
+    policy: &str,
+) -> Option<&'a crate::policy::ledger::RebootStep> {
+    change.ledger.get(policy)?.reboot.as_ref()
+}
+
 fn action_label(rules: &Rules) -> &'static str {
     change_label(ChangeKind::Remediate(rules.action))
 }
@@ -830,6 +879,10 @@ fn change_label(kind: ChangeKind) -> &'static str {
         ChangeKind::Release(ReleasedBy::Recovery) => "Recover",
         ChangeKind::Release(ReleasedBy::Human) => "ReleaseByUser",
         ChangeKind::DrainTimedOut => "DrainTimeout",
+        ChangeKind::RebootOrdered => "Reboot",
+        ChangeKind::Rebooted => "RebootComplete",
+        ChangeKind::RebootTimedOut => "RebootTimeout",
+        ChangeKind::RebootCancelled => "RebootCancel",
     }
 }
 
@@ -860,6 +913,33 @@ fn change_message(rules: &Rules, plan: &Plan, change: &Change) -> String {
         ChangeKind::DrainTimedOut => format!(
             "policy {policy}: the drain of {} did not finish within {:?}; evictions stopped, the node stays cordoned",
             change.node, rules.drain_timeout
+        ),
+        ChangeKind::RebootOrdered => format!(
+            "policy {policy}: ordered a reboot of {} (boot {}): its drain timed out and {} is still True; its crashwatch-agent reboots it through sysrq",
+            change.node,
+            reboot_step(change, policy).map_or("?", |s| s.boot_id.as_str()),
+            rules
+                .reboot
+                .as_ref()
+                .map_or("ProcessHung", |r| r.hang_condition.as_str()),
+        ),
+        ChangeKind::Rebooted => {
+            let step = reboot_step(change, policy);
+            format!(
+                "policy {policy}: {} came back with boot id {} {:.0}s after the reboot order",
+                change.node,
+                step.and_then(|s| s.new_boot_id.as_deref()).unwrap_or("?"),
+                step.and_then(|s| s.seconds).unwrap_or_default(),
+            )
+        }
+        ChangeKind::RebootTimedOut => format!(
+            "policy {policy}: {} did not come back with a new boot id within {:?} of the reboot order; the order is withdrawn",
+            change.node,
+            rules.reboot.as_ref().map(|r| r.timeout).unwrap_or_default()
+        ),
+        ChangeKind::RebootCancelled => format!(
+            "policy {policy}: the reboot order for {} is withdrawn: the hang cleared, the node was uncordoned, or the policy is paused or in dry run",
+            change.node
         ),
     }
 }

@@ -2,15 +2,16 @@
 //! dashboard).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the operator exports.
 pub struct OperatorMetrics {
     registry: Registry,
-    /// Node writes by action (`Cordon`, `Taint`, `Drain`, `Release`, `DrainTimedOut`) and
-    /// result (`success`, `error`, `dry_run`).
+    /// Node writes by action (`Cordon`, `Taint`, `Drain`, `Recover`, `ReleaseByUser`,
+    /// `DrainTimeout`, `DrainComplete`, and the escalation's `Reboot`, `RebootComplete`,
+    /// `RebootTimeout`, `RebootCancel`) and result (`success`, `error`, `dry_run`).
     pub remediations: IntCounterVec,
     /// Remediations held back, by reason (`budget`, `cooldown`, `paused`, `pdb`, `timeout`).
     pub remediations_blocked: IntCounterVec,
@@ -26,6 +27,10 @@ pub struct OperatorMetrics {
     pub reports_deleted: IntCounterVec,
     /// Pod watches open for draining nodes.
     pub drain_pod_watches: IntGauge,
+    /// From a reboot order to the node's new boot id.
+    pub reboot_seconds: Histogram,
+    /// Nodes whose drain timed out while the hang is still present, by policy.
+    pub hung_after_drain: IntGaugeVec,
 }
 
 impl OperatorMetrics {
@@ -104,7 +109,29 @@ impl OperatorMetrics {
         registry
             .register(Box::new(reports_deleted.clone()))
             .unwrap();
+        let reboot_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "crashwatch_reboot_seconds",
+                "From a reboot order to the node's new boot id",
+            )
+            .buckets(vec![10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]),
+        )
+        .unwrap();
+        let hung_after_drain = IntGaugeVec::new(
+            Opts::new(
+                "crashwatch_nodes_hung_after_drain",
+                "Nodes whose drain timed out while the hang condition is still True (not rebooted since), by policy",
+            ),
+            &["policy"],
+        )
+        .unwrap();
+        registry.register(Box::new(reboot_seconds.clone())).unwrap();
+        registry
+            .register(Box::new(hung_after_drain.clone()))
+            .unwrap();
         OperatorMetrics {
+            reboot_seconds,
+            hung_after_drain,
             registry,
             remediations,
             remediations_blocked,

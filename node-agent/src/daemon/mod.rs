@@ -12,6 +12,7 @@ use anyhow::Context;
 use crds::CrashEvent;
 use tokio::time::MissedTickBehavior;
 
+use crate::conditions::ConditionFeed;
 use crate::coredump::{CoreHandler, CoreMerge, InstallConfig, Merged, Spool};
 use crate::hangwatch::{HangState, HangWatcher, WatchConfig};
 use crate::kmsg::cursor::read_boot_id;
@@ -63,7 +64,23 @@ pub async fn run<S, P>(
     config: RunConfig,
     metrics: Arc<AgentMetrics>,
     symbolizer: S,
+    publisher: P,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    S: Symbolize,
+    P: Publish,
+{
+    run_with_conditions(config, metrics, symbolizer, publisher, None, shutdown).await
+}
+
+/// As [`run`], also deriving the Node conditions into `conditions` after every `/proc` scan.
+pub async fn run_with_conditions<S, P>(
+    config: RunConfig,
+    metrics: Arc<AgentMetrics>,
+    symbolizer: S,
     mut publisher: P,
+    mut conditions: Option<ConditionFeed>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()>
 where
@@ -118,6 +135,9 @@ where
         ),
     }
 
+    if let Some(feed) = conditions.as_mut() {
+        feed.read_ring(&config.kmsg_path, monotonic_usec());
+    }
     let mut reader = KmsgReader::open(&config.kmsg_path)?;
     metrics.kmsg_reader_up.set(1);
     let clock = Clock::now();
@@ -171,8 +191,31 @@ where
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // Before the reader: a storm of kernel records (always ready) must not starve
+            // the /proc scan, and with it the hang watcher and the ProcessHung condition.
+            // The tick is due once an interval, so it never starves the reader.
+            _ = scan.tick() => {
+                let now = monotonic_usec();
+                for event in watcher.scan(&mut state.pipeline.episodes, now) {
+                    let event = state.finish_event(event, Some(now));
+                    publisher.publish(&event).context("publishing an event")?;
+                }
+                if let Some(feed) = conditions.as_mut() {
+                    feed.after_scan(watcher.stuck(), now);
+                }
+            },
+            // Before the reader too: a storm must not hold crash lines waiting for dumps.
+            _ = spool_tick.tick(), if state.core.is_some() => {
+                for event in state.read_spool() {
+                    publisher.publish(&event).context("publishing an event")?;
+                    published = true;
+                }
+            },
             outcome = reader.next() => match outcome.context("reading the kernel log")? {
                 ReadOutcome::Record(bytes) => {
+                    if let Some(feed) = conditions.as_mut() {
+                        feed.on_record(bytes);
+                    }
                     for event in state.handle_record(bytes) {
                         publisher.publish(&event).context("publishing an event")?;
                         published = true;
@@ -186,19 +229,6 @@ where
                         publisher.publish(&event).context("publishing an event")?;
                         published = true;
                     }
-            },
-            _ = scan.tick() => {
-                let now = monotonic_usec();
-                for event in watcher.scan(&mut state.pipeline.episodes, now) {
-                    let event = state.finish_event(event, Some(now));
-                    publisher.publish(&event).context("publishing an event")?;
-                }
-            },
-            _ = spool_tick.tick(), if state.core.is_some() => {
-                for event in state.read_spool() {
-                    publisher.publish(&event).context("publishing an event")?;
-                    published = true;
-                }
             },
         }
         state.remove_published_spool_files();

@@ -36,6 +36,7 @@ pub struct WatchConfig {
 /// A watched thread found in uninterruptible sleep.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Sighting {
+    pid: u32,
     tid: u32,
     comm: String,
     switches: Option<u64>,
@@ -77,6 +78,8 @@ pub struct HangWatcher {
     /// Per thread: the context-switch count and when the scan first saw it blocked with it,
     /// the fallback when `se.exec_start` is not available.
     first_seen: HashMap<u32, (Option<u64>, u64)>,
+    /// The watched threads stuck past the threshold at the last scan.
+    stuck: Vec<crate::conditions::HungThread>,
 }
 
 impl HangWatcher {
@@ -85,6 +88,7 @@ impl HangWatcher {
         HangWatcher {
             config,
             first_seen: HashMap::new(),
+            stuck: Vec::new(),
         }
     }
 
@@ -118,9 +122,16 @@ impl HangWatcher {
             .any(|name| truncate_comm(name) == comm)
     }
 
+    /// The watched threads stuck past the threshold at the last scan (the `ProcessHung`
+    /// condition's input).
+    pub fn stuck(&self) -> &[crate::conditions::HungThread] {
+        &self.stuck
+    }
+
     /// Scans once at `now_usec` (monotonic clock) and returns the episodes to report.
     pub fn scan(&mut self, episodes: &mut HangEpisodes, now_usec: u64) -> Vec<CrashEvent> {
         let sightings = self.blocked_threads();
+        self.stuck.clear();
         let mut lags = HashMap::new();
         self.first_seen
             .retain(|tid, _| sightings.iter().any(|s| s.tid == *tid));
@@ -148,6 +159,9 @@ impl HangWatcher {
             let blocked_since = last_ran.unwrap_or(first.1).min(now_usec);
             let blocked_for = now_usec - blocked_since;
             let due = blocked_for >= threshold;
+            if due {
+                self.stuck.push(self.hung_thread(&sighting, blocked_for));
+            }
             if episodes.observe(sighting.tid, &sighting.comm, blocked_since, now_usec, due)
                 == Some(EpisodeVerdict::Report)
             {
@@ -181,6 +195,11 @@ impl HangWatcher {
                     continue;
                 }
                 found.push(Sighting {
+                    pid: process
+                        .file_name()
+                        .to_str()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(tid),
                     tid,
                     comm: stat.comm,
                     switches: read(&dir, "status")
@@ -194,6 +213,29 @@ impl HangWatcher {
             }
         }
         found
+    }
+
+    fn hung_thread(
+        &self,
+        sighting: &Sighting,
+        blocked_for_usec: u64,
+    ) -> crate::conditions::HungThread {
+        let task_dir = self
+            .config
+            .proc_root
+            .join(sighting.pid.to_string())
+            .join("task")
+            .join(sighting.tid.to_string());
+        crate::conditions::HungThread {
+            pid: sighting.pid,
+            tid: sighting.tid,
+            comm: sighting.comm.clone(),
+            blocked_seconds: blocked_for_usec / 1_000_000,
+            wchan: read(&task_dir, "wchan")
+                .map(|w| w.trim().to_owned())
+                .filter(|w| !w.is_empty() && w != "0"),
+            nbd_devices: nbd_devices_open(&self.config.proc_root.join(sighting.pid.to_string())),
+        }
     }
 
     fn event(&self, sighting: &Sighting, blocked_for_usec: u64) -> CrashEvent {
@@ -230,6 +272,26 @@ fn truncate_comm(name: &str) -> &str {
         end -= 1;
     }
     &name[..end]
+}
+
+/// The nbd devices (`nbd0`) among the open files of the process at `process_dir`.
+fn nbd_devices_open(process_dir: &Path) -> Vec<String> {
+    let Ok(fds) = fs::read_dir(process_dir.join("fd")) else {
+        return Vec::new();
+    };
+    let mut devices: Vec<String> = fds
+        .flatten()
+        .take(4096)
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let name = target.to_str()?.strip_prefix("/dev/")?.to_owned();
+            let number = name.strip_prefix("nbd")?;
+            (!number.is_empty() && number.bytes().all(|b| b.is_ascii_digit())).then_some(name)
+        })
+        .collect();
+    devices.sort();
+    devices.dedup();
+    devices
 }
 
 fn is_number(name: &std::ffi::OsStr) -> bool {

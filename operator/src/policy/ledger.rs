@@ -40,9 +40,47 @@ pub struct Record {
     /// How the drain stands, for `Drain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainPhase>,
+    /// The reboot the escalation ordered, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootStep>,
     /// When and why the remediation ended. Occurrences up to then never count again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Release>,
+}
+
+/// The reboot rung of the ladder on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootStep {
+    /// When the reboot was ordered.
+    pub ordered_at: Timestamp,
+    /// The node's boot id then.
+    pub boot_id: String,
+    /// Where it stands.
+    pub phase: RebootPhase,
+    /// The boot id the node came back with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_boot_id: Option<String>,
+    /// When the step ended (new boot id seen, timed out or cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    /// From the order to the new boot id, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}
+
+/// Where a reboot stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RebootPhase {
+    /// Ordered; the node has not come back with a new boot id.
+    Ordered,
+    /// The node came back with a new boot id: success.
+    Rebooted,
+    /// The node did not come back in time.
+    TimedOut,
+    /// Withdrawn before it happened: the hang cleared, the policy was paused or put in dry
+    /// run, or a human uncordoned the node.
+    Cancelled,
 }
 
 impl Record {
@@ -115,6 +153,7 @@ mod tests {
                 cordoned: true,
                 taint: None,
                 drain: Some(DrainPhase::Draining),
+                reboot: None,
                 released: None,
             },
         )]);

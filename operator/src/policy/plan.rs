@@ -1,7 +1,7 @@
 //! The decision: given one policy, the nodes it selects with their reports and ledgers, and
 //! the time, what to change on which node and what the policy's status says. Pure, so that
 //! every rail (threshold, budget, cooldown, dry run, pause, human uncordon, recovery) is
-//! tested on values.
+//! tested on values, on every rung of the ladder (cordon, drain, reboot).
 
 use std::time::Duration;
 
@@ -11,7 +11,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::activity::ReportTimes;
 use super::duration::{InvalidDuration, parse_duration};
-use super::ledger::{AddedTaint, DrainPhase, Ledger, Record, Release, ReleasedBy};
+use super::ledger::{
+    AddedTaint, DrainPhase, Ledger, RebootPhase, RebootStep, Record, Release, ReleasedBy,
+};
 
 /// A policy's spec, checked and with its durations parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,19 @@ pub struct Rules {
     pub drain_timeout: Duration,
     /// The quiet time after which the operator undoes its own action, if any.
     pub uncordon_after: Option<Duration>,
+    /// The reboot rung, when the policy escalates to it.
+    pub reboot: Option<RebootRules>,
+}
+
+/// `escalation.reboot`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebootRules {
+    /// The node condition that must still be True.
+    pub hang_condition: String,
+    /// How many of the policy's nodes may be rebooting at once.
+    pub max_concurrent: u64,
+    /// How long the node has to come back with a new boot id.
+    pub timeout: Duration,
 }
 
 /// `safety.maxUnavailable`, resolved against the number of selected nodes when planning.
@@ -73,6 +88,9 @@ pub enum InvalidPolicy {
     /// `maxUnavailable` is neither a non-negative integer nor a percentage.
     #[error("safety.maxUnavailable: {0:?} is neither a node count nor a percentage such as 20%")]
     MaxUnavailable(String),
+    /// An escalation after an action other than `Drain`.
+    #[error("escalation: the reboot rung follows a drain that timed out; action must be Drain")]
+    EscalationNeedsDrain,
 }
 
 impl Rules {
@@ -114,6 +132,17 @@ impl Rules {
                 .as_ref()
                 .map(|r| duration("recovery.uncordonAfter", &r.uncordon_after))
                 .transpose()?,
+            reboot: match &spec.escalation {
+                None => None,
+                Some(_) if spec.action != Action::Drain => {
+                    return Err(InvalidPolicy::EscalationNeedsDrain);
+                }
+                Some(escalation) => Some(RebootRules {
+                    hang_condition: escalation.reboot.hang_condition.clone(),
+                    max_concurrent: u64::from(escalation.reboot.max_concurrent.max(1)),
+                    timeout: duration("escalation.reboot.timeout", &escalation.reboot.timeout)?,
+                }),
+            },
         })
     }
 }
@@ -133,6 +162,12 @@ pub struct NodeView {
     pub ledger: Ledger,
     /// The reports on this node that match the policy.
     pub reports: Vec<ReportTimes>,
+    /// The node's boot id (the agent's `crashwatch.dev/boot-id`, else the kubelet's).
+    pub boot_id: Option<String>,
+    /// The types of the node's conditions that are True.
+    pub true_conditions: Vec<String>,
+    /// The reboot order on the node (`crashwatch.dev/reboot-order`), when there is one.
+    pub reboot_order: Option<String>,
 }
 
 impl NodeView {
@@ -145,6 +180,15 @@ impl NodeView {
 
     fn latest_occurrence(&self) -> Option<Timestamp> {
         self.reports.iter().filter_map(ReportTimes::latest).max()
+    }
+
+    fn is_true(&self, condition: &str) -> bool {
+        self.true_conditions.iter().any(|c| c == condition)
+    }
+
+    /// The change to the reboot order that withdraws it, if there is one.
+    fn withdraw_order(&self) -> Option<Option<String>> {
+        self.reboot_order.is_some().then_some(None)
     }
 
     fn has_taint(&self, taint: &AddedTaint) -> bool {
@@ -169,6 +213,8 @@ pub struct Change {
     pub add_taint: Option<AddedTaint>,
     /// A taint to remove.
     pub remove_taint: Option<AddedTaint>,
+    /// The reboot order annotation: `Some(Some(order))` writes it, `Some(None)` removes it.
+    pub reboot_order: Option<Option<String>>,
 }
 
 /// What a [`Change`] does.
@@ -180,6 +226,14 @@ pub enum ChangeKind {
     Release(ReleasedBy),
     /// A drain ran out of time.
     DrainTimedOut,
+    /// A reboot is ordered: the drain timed out and the hang is still present.
+    RebootOrdered,
+    /// The node came back with a new boot id.
+    Rebooted,
+    /// The node did not come back with a new boot id in time.
+    RebootTimedOut,
+    /// The order is withdrawn: the hang cleared, or the policy was paused or put in dry run.
+    RebootCancelled,
 }
 
 /// A node whose pods are to be evicted in this reconcile.
@@ -216,6 +270,8 @@ pub struct Plan {
     pub budget: Budget,
     /// When something will be due without any new input (cooldown end, recovery, timeout).
     pub wake_at: Option<Timestamp>,
+    /// Nodes whose drain timed out while the hang is still present (and not rebooted since).
+    pub hung_after_drain: u64,
 }
 
 /// Why a node is held back. Status reasons begin with the label, so that a restarted
@@ -235,6 +291,10 @@ pub enum BlockReason {
     /// A pod needs a drain opt-in the policy does not give (`force`,
     /// `deleteEmptyDirData`), as `kubectl drain` would refuse it.
     Unevictable,
+    /// `escalation.reboot.maxConcurrent` nodes of the policy are rebooting.
+    RebootLimit,
+    /// The node states no boot id, so a reboot could not be told apart from none.
+    NoBootId,
 }
 
 impl BlockReason {
@@ -247,6 +307,8 @@ impl BlockReason {
             BlockReason::Pdb => "pdb",
             BlockReason::Timeout => "timeout",
             BlockReason::Unevictable => "unevictable",
+            BlockReason::RebootLimit => "reboot-limit",
+            BlockReason::NoBootId => "no-boot-id",
         }
     }
 
@@ -260,6 +322,8 @@ impl BlockReason {
             BlockReason::Pdb,
             BlockReason::Timeout,
             BlockReason::Unevictable,
+            BlockReason::RebootLimit,
+            BlockReason::NoBootId,
         ]
         .into_iter()
         .find(|r| r.label() == label)
@@ -290,6 +354,21 @@ fn minus(t: Timestamp, d: Duration) -> Timestamp {
 }
 
 fn state_of(record: &Record) -> (RemediationState, Option<String>) {
+    if let Some(step) = &record.reboot {
+        match step.phase {
+            RebootPhase::Ordered => return (RemediationState::Rebooting, None),
+            RebootPhase::Rebooted => return (RemediationState::Rebooted, None),
+            RebootPhase::TimedOut => {
+                return (
+                    RemediationState::Blocked,
+                    Some(BlockReason::Timeout.because(
+                        "the node did not come back with a new boot id after the ordered reboot",
+                    )),
+                );
+            }
+            RebootPhase::Cancelled => {}
+        }
+    }
     match (record.action, record.drain) {
         (Action::Cordon, _) => (RemediationState::Cordoned, None),
         (Action::Taint, _) => (RemediationState::Tainted, None),
@@ -338,7 +417,18 @@ pub fn plan(rules: &Rules, nodes: &[NodeView], now: Timestamp) -> Plan {
             max_unavailable: rules.max_unavailable.of(nodes.len()),
         },
         wake_at: None,
+        hung_after_drain: 0,
     };
+    let hang_condition = rules
+        .reboot
+        .as_ref()
+        .map_or(crds::node::PROCESS_HUNG_CONDITION, |r| {
+            r.hang_condition.as_str()
+        });
+    // Nodes of this policy with a reboot ordered and not over, and nodes whose timed-out
+    // drain left the hang in place: (index, occurrences in the window, record).
+    let mut rebooting: u64 = 0;
+    let mut reboot_candidates: Vec<(usize, u64, Record)> = Vec::new();
     let wake = |at: Timestamp, wake_at: &mut Option<Timestamp>| {
         *wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
     };
@@ -375,6 +465,7 @@ pub fn plan(rules: &Rules, nodes: &[NodeView], now: Timestamp) -> Plan {
                         unschedulable: None,
                         add_taint: None,
                         remove_taint: None,
+                        reboot_order: node.withdraw_order(),
                     });
                 } else if let Some(due) = recovery_due.filter(|_| touch) {
                     if due <= now {
@@ -402,7 +493,10 @@ pub fn plan(rules: &Rules, nodes: &[NodeView], now: Timestamp) -> Plan {
                                 unschedulable: None,
                                 add_taint: None,
                                 remove_taint: None,
+                                reboot_order: None,
                             });
+                            // The next rung is decided on the written ledger, at once.
+                            wake(now, &mut plan.wake_at);
                         } else {
                             plan.drains.push(DrainOrder {
                                 node: node.name.clone(),
@@ -410,6 +504,75 @@ pub fn plan(rules: &Rules, nodes: &[NodeView], now: Timestamp) -> Plan {
                             });
                             wake(drain_deadline, &mut plan.wake_at);
                         }
+                    }
+                    let hang_left = record.drain == Some(DrainPhase::TimedOut)
+                        && node.is_true(hang_condition)
+                        && record.reboot.as_ref().map(|s| s.phase) != Some(RebootPhase::Rebooted);
+                    if hang_left {
+                        plan.hung_after_drain += 1;
+                    }
+                    let phase = record.reboot.as_ref().map(|s| s.phase);
+                    match (&rules.reboot, &record.reboot) {
+                        (Some(reboot), Some(step)) if step.phase == RebootPhase::Ordered => {
+                            last_action = Some(later(last_action, step.ordered_at));
+                            let came_back = node
+                                .boot_id
+                                .as_deref()
+                                .is_some_and(|b| !b.is_empty() && b != step.boot_id);
+                            let deadline = plus(step.ordered_at, reboot.timeout);
+                            let ended = if came_back {
+                                Some((ChangeKind::Rebooted, RebootPhase::Rebooted))
+                            } else if !touch
+                                || !node.unschedulable
+                                || !node.is_true(&reboot.hang_condition)
+                            {
+                                Some((ChangeKind::RebootCancelled, RebootPhase::Cancelled))
+                            } else if deadline <= now {
+                                Some((ChangeKind::RebootTimedOut, RebootPhase::TimedOut))
+                            } else {
+                                None
+                            };
+                            match ended {
+                                Some((kind, phase)) => {
+                                    let mut step = step.clone();
+                                    step.phase = phase;
+                                    step.ended_at = Some(now);
+                                    if came_back {
+                                        step.new_boot_id = node.boot_id.clone();
+                                        step.seconds =
+                                            Some(now.duration_since(step.ordered_at).as_secs_f64());
+                                    }
+                                    let mut closed = record.clone();
+                                    closed.reboot = Some(step);
+                                    state = state_of(&closed);
+                                    ledger.insert(rules.policy.clone(), closed);
+                                    plan.changes.push(Change {
+                                        node: node.name.clone(),
+                                        kind,
+                                        ledger: ledger.clone(),
+                                        unschedulable: None,
+                                        add_taint: None,
+                                        remove_taint: None,
+                                        reboot_order: node.withdraw_order(),
+                                    });
+                                }
+                                None => {
+                                    rebooting += 1;
+                                    wake(deadline, &mut plan.wake_at);
+                                }
+                            }
+                        }
+                        (Some(reboot), _)
+                            if hang_left
+                                && node.unschedulable
+                                && matches!(phase, None | Some(RebootPhase::Cancelled))
+                                && node.is_true(&reboot.hang_condition) =>
+                        {
+                            reboot_candidates.push((after.len(), in_window, record.clone()));
+                            after.push((ledger, unschedulable));
+                            continue;
+                        }
+                        _ => {}
                     }
                     plan.nodes.push(entry(&node.name, state, in_window));
                 }
@@ -432,6 +595,87 @@ pub fn plan(rules: &Rules, nodes: &[NodeView], now: Timestamp) -> Plan {
         .zip(&after)
         .filter(|(node, (ledger, unschedulable))| unavailable(node, ledger, *unschedulable))
         .count() as u64;
+    reboot_candidates.sort_by(|a, b| nodes[a.0].name.cmp(&nodes[b.0].name));
+    for (index, occurrences, record) in reboot_candidates {
+        let node = &nodes[index];
+        let Some(reboot) = &rules.reboot else {
+            continue;
+        };
+        let cooldown_end = last_action.map(|t| plus(t, rules.cooldown));
+        let blocked = if rules.paused {
+            Some(BlockReason::Paused.because(""))
+        } else if node.boot_id.as_deref().is_none_or(str::is_empty) {
+            Some(BlockReason::NoBootId.because(
+                "the node states no boot id (crashwatch.dev/boot-id or status.nodeInfo.bootID), so a reboot could not be confirmed",
+            ))
+        } else if unavailable_now > plan.budget.max_unavailable {
+            Some(BlockReason::Budget.because(&format!(
+                "maxUnavailable {} exceeded: {} of {} selected nodes are unavailable",
+                plan.budget.max_unavailable, unavailable_now, plan.budget.selected
+            )))
+        } else if rebooting >= reboot.max_concurrent {
+            Some(BlockReason::RebootLimit.because(&format!(
+                "{rebooting} nodes of this policy are rebooting, maxConcurrent {}",
+                reboot.max_concurrent
+            )))
+        } else if let Some(end) = cooldown_end.filter(|&end| end > now) {
+            wake(end, &mut plan.wake_at);
+            Some(BlockReason::Cooldown.because(&format!("the next action is allowed at {end}")))
+        } else {
+            None
+        };
+        if let Some(reason) = blocked {
+            let state = (RemediationState::Blocked, Some(reason));
+            plan.nodes.push(entry(&node.name, state, occurrences));
+            continue;
+        }
+        last_action = Some(now);
+        rebooting += 1;
+        let why = format!(
+            "the drain timed out at {} and {} is still True",
+            plus(record.at, rules.drain_timeout),
+            reboot.hang_condition
+        );
+        if rules.dry_run {
+            let state = (
+                RemediationState::WouldAct,
+                Some(format!("would reboot: {why}")),
+            );
+            plan.nodes.push(entry(&node.name, state, occurrences));
+            continue;
+        }
+        let boot_id = node.boot_id.clone().unwrap_or_default();
+        let order = crds::node::RebootOrder {
+            policy: rules.policy.clone(),
+            boot_id: boot_id.clone(),
+            at: now.to_string(),
+        };
+        let mut ordered = record.clone();
+        ordered.reboot = Some(RebootStep {
+            ordered_at: now,
+            boot_id,
+            phase: RebootPhase::Ordered,
+            new_boot_id: None,
+            ended_at: None,
+            seconds: None,
+        });
+        let mut ledger = after[index].0.clone();
+        ledger.insert(rules.policy.clone(), ordered.clone());
+        wake(plus(now, reboot.timeout), &mut plan.wake_at);
+        plan.nodes
+            .push(entry(&node.name, state_of(&ordered), occurrences));
+        plan.changes.push(Change {
+            node: node.name.clone(),
+            kind: ChangeKind::RebootOrdered,
+            ledger,
+            unschedulable: None,
+            add_taint: None,
+            remove_taint: None,
+            reboot_order: Some(Some(
+                serde_json::to_string(&order).expect("an order serializes"),
+            )),
+        });
+    }
     candidates.sort_by(|a, b| b.1.cmp(&a.1).then(nodes[a.0].name.cmp(&nodes[b.0].name)));
     for (index, occurrences) in candidates {
         let node = &nodes[index];
@@ -512,6 +756,12 @@ fn humantime(d: Duration) -> String {
 
 fn released(record: &Record, now: Timestamp, by: ReleasedBy) -> Record {
     let mut released = record.clone();
+    if let Some(step) = released.reboot.as_mut()
+        && step.phase == RebootPhase::Ordered
+    {
+        step.phase = RebootPhase::Cancelled;
+        step.ended_at = Some(now);
+    }
     released.released = Some(Release { at: now, by });
     released
 }
@@ -552,6 +802,7 @@ fn recover(
         unschedulable: uncordon,
         add_taint: None,
         remove_taint: record.taint.clone().filter(|t| node.has_taint(t)),
+        reboot_order: node.withdraw_order(),
     }
 }
 
@@ -574,6 +825,7 @@ fn remediate(
             cordoned: cordon,
             taint: taint.clone(),
             drain: (rules.action == Action::Drain).then_some(DrainPhase::Draining),
+            reboot: None,
             released: None,
         },
     );
@@ -584,6 +836,7 @@ fn remediate(
         unschedulable: cordon.then_some(true),
         add_taint: taint,
         remove_taint: None,
+        reboot_order: None,
     }
 }
 
@@ -617,6 +870,7 @@ mod tests {
                 ..Safety::default()
             },
             recovery: None,
+            escalation: None,
         };
         edit(&mut spec);
         Rules::new(POLICY, &spec).unwrap()
@@ -648,6 +902,7 @@ mod tests {
                 cordoned: node.unschedulable,
                 taint: None,
                 drain: (action == Action::Drain).then_some(DrainPhase::Draining),
+                reboot: None,
                 released: None,
             },
         );
@@ -920,5 +1175,413 @@ mod tests {
             plan.drains[0].deadline,
             now() + SignedDuration::from_mins(10)
         );
+    }
+
+    fn escalating(edit: impl FnOnce(&mut RemediationPolicySpec)) -> Rules {
+        rules(Action::Drain, |s| {
+            s.drain = Some(crds::policy::DrainSpec {
+                timeout: "2m".into(),
+                grace_period_seconds: None,
+                force: false,
+                delete_empty_dir_data: false,
+            });
+            s.escalation = Some(crds::policy::Escalation {
+                reboot: crds::policy::RebootEscalation {
+                    hang_condition: "ProcessHung".into(),
+                    max_concurrent: 1,
+                    timeout: "15m".into(),
+                },
+            });
+            s.safety.max_unavailable = IntOrString::Int(5);
+            edit(s);
+        })
+    }
+
+    /// A node whose drain (started 700 s ago, 2 m timeout) timed out with ProcessHung True.
+    fn hung_after_drain(name: &str, boot: &str) -> NodeView {
+        let mut node = node(name, &[900, 800]);
+        acted(&mut node, Action::Drain, 700);
+        node.ledger.get_mut(POLICY).unwrap().drain = Some(DrainPhase::TimedOut);
+        node.boot_id = Some(boot.into());
+        node.true_conditions = vec!["Ready".into(), "ProcessHung".into()];
+        node
+    }
+
+    /// `node` after `change` was written.
+    fn written(node: &NodeView, change: &Change) -> NodeView {
+        let mut node = node.clone();
+        node.ledger = change.ledger.clone();
+        if let Some(order) = &change.reboot_order {
+            node.reboot_order = order.clone();
+        }
+        node
+    }
+
+    fn step(plan: &Plan, node: &str) -> RebootStep {
+        let change = plan.changes.iter().find(|c| c.node == node).unwrap();
+        change.ledger[POLICY].reboot.clone().unwrap()
+    }
+
+    #[test]
+    fn a_drain_that_timed_out_with_the_hang_present_orders_a_reboot_of_that_boot() {
+        let rules = escalating(|_| {});
+        let plan = plan(&rules, &[hung_after_drain("a", "boot-1")], now());
+        assert_eq!(plan.changes.len(), 1, "{plan:?}");
+        let change = &plan.changes[0];
+        assert_eq!(change.kind, ChangeKind::RebootOrdered);
+        let order: crds::node::RebootOrder =
+            serde_json::from_str(change.reboot_order.clone().unwrap().unwrap().as_str()).unwrap();
+        assert_eq!(
+            order,
+            crds::node::RebootOrder {
+                policy: POLICY.into(),
+                boot_id: "boot-1".into(),
+                at: "2026-11-24T12:00:00Z".into()
+            }
+        );
+        let step = step(&plan, "a");
+        assert_eq!((step.phase, step.ordered_at), (RebootPhase::Ordered, now()));
+        assert_eq!(states(&plan), [("a", RemediationState::Rebooting, None)]);
+        assert_eq!(plan.hung_after_drain, 1);
+        assert_eq!(plan.wake_at, Some(now() + SignedDuration::from_mins(15)));
+    }
+
+    #[test]
+    fn the_drain_timing_out_is_written_before_the_reboot_is_decided() {
+        let rules = escalating(|_| {});
+        let mut a = hung_after_drain("a", "boot-1");
+        a.ledger.get_mut(POLICY).unwrap().drain = Some(DrainPhase::Draining);
+        let plan = plan(&rules, &[a], now());
+        assert_eq!(plan.changes.len(), 1);
+        assert_eq!(plan.changes[0].kind, ChangeKind::DrainTimedOut);
+        assert_eq!(plan.changes[0].reboot_order, None);
+        assert_eq!(plan.wake_at, Some(now()), "the next rung right after");
+    }
+
+    #[test]
+    fn a_node_whose_hang_cleared_is_never_rebooted() {
+        let rules = escalating(|_| {});
+        let mut a = hung_after_drain("a", "boot-1");
+        a.true_conditions = vec!["Ready".into()];
+        let plan = plan(&rules, &[a.clone()], now());
+        assert!(plan.changes.is_empty(), "{plan:?}");
+        assert_eq!(
+            states(&plan),
+            [("a", RemediationState::Blocked, Some(BlockReason::Timeout))]
+        );
+        assert_eq!(plan.hung_after_drain, 0);
+
+        // Ordered, then the hang clears before the agent acts: the order is withdrawn.
+        let ordered = super::plan(&rules, &[hung_after_drain("a", "boot-1")], now());
+        let mut cleared = written(&hung_after_drain("a", "boot-1"), &ordered.changes[0]);
+        cleared.true_conditions.clear();
+        let later = super::plan(&rules, &[cleared], now() + SignedDuration::from_secs(30));
+        assert_eq!(later.changes[0].kind, ChangeKind::RebootCancelled);
+        assert_eq!(later.changes[0].reboot_order, Some(None));
+        assert_eq!(step(&later, "a").phase, RebootPhase::Cancelled);
+    }
+
+    #[test]
+    fn a_node_a_human_uncordoned_is_never_rebooted_and_its_order_is_withdrawn() {
+        let rules = escalating(|_| {});
+        let mut a = hung_after_drain("a", "boot-1");
+        a.unschedulable = false;
+        let plan = plan(&rules, &[a], now());
+        assert_eq!(plan.changes.len(), 1);
+        assert_eq!(plan.changes[0].kind, ChangeKind::Release(ReleasedBy::Human));
+        assert_eq!(plan.changes[0].reboot_order, None, "no order to withdraw");
+
+        let ordered = super::plan(&rules, &[hung_after_drain("a", "boot-1")], now());
+        let mut uncordoned = written(&hung_after_drain("a", "boot-1"), &ordered.changes[0]);
+        uncordoned.unschedulable = false;
+        let later = super::plan(&rules, &[uncordoned], now() + SignedDuration::from_secs(30));
+        assert_eq!(later.changes.len(), 1);
+        assert_eq!(
+            later.changes[0].kind,
+            ChangeKind::Release(ReleasedBy::Human)
+        );
+        assert_eq!(later.changes[0].reboot_order, Some(None));
+        assert_eq!(step(&later, "a").phase, RebootPhase::Cancelled);
+
+        // In dry run a human's uncordon is not written, and still nothing would reboot.
+        let mut dry_uncordoned = hung_after_drain("a", "boot-1");
+        dry_uncordoned.unschedulable = false;
+        let dry = super::plan(
+            &escalating(|s| s.safety.dry_run = true),
+            &[dry_uncordoned],
+            now(),
+        );
+        assert!(dry.changes.is_empty());
+        assert!(
+            dry.nodes
+                .iter()
+                .all(|n| n.state != RemediationState::WouldAct)
+        );
+    }
+
+    #[test]
+    fn a_new_boot_id_closes_the_step_with_success_and_its_duration() {
+        let rules = escalating(|_| {});
+        let ordered = plan(&rules, &[hung_after_drain("a", "boot-1")], now());
+        let mut back = written(&hung_after_drain("a", "boot-1"), &ordered.changes[0]);
+        back.boot_id = Some("boot-2".into());
+        // After the reboot the agent finds no hung process.
+        back.true_conditions = vec!["Ready".into()];
+        let at = now() + SignedDuration::from_secs(95);
+        let done = plan(&rules, std::slice::from_ref(&back), at);
+        assert_eq!(done.changes.len(), 1, "{done:?}");
+        assert_eq!(done.changes[0].kind, ChangeKind::Rebooted);
+        assert_eq!(done.changes[0].reboot_order, Some(None), "order withdrawn");
+        let step = step(&done, "a");
+        assert_eq!(step.phase, RebootPhase::Rebooted);
+        assert_eq!(step.new_boot_id.as_deref(), Some("boot-2"));
+        assert_eq!(step.seconds, Some(95.0));
+        assert_eq!(step.ended_at, Some(at));
+        assert_eq!(states(&done), [("a", RemediationState::Rebooted, None)]);
+
+        // Hung again after the reboot: this remediation does not reboot twice.
+        let mut again = written(&back, &done.changes[0]);
+        again.true_conditions = vec!["ProcessHung".into()];
+        let later = plan(&rules, &[again], at + SignedDuration::from_mins(30));
+        assert!(later.changes.is_empty(), "{later:?}");
+    }
+
+    #[test]
+    fn a_node_that_does_not_come_back_in_time_fails_the_step() {
+        let rules = escalating(|_| {});
+        let ordered = plan(&rules, &[hung_after_drain("a", "boot-1")], now());
+        let stuck = written(&hung_after_drain("a", "boot-1"), &ordered.changes[0]);
+        let waiting = plan(
+            &rules,
+            std::slice::from_ref(&stuck),
+            now() + SignedDuration::from_mins(14),
+        );
+        assert!(waiting.changes.is_empty());
+        assert_eq!(states(&waiting), [("a", RemediationState::Rebooting, None)]);
+        let late = plan(&rules, &[stuck], now() + SignedDuration::from_mins(15));
+        assert_eq!(late.changes[0].kind, ChangeKind::RebootTimedOut);
+        assert_eq!(late.changes[0].reboot_order, Some(None));
+        assert_eq!(
+            states(&late),
+            [("a", RemediationState::Blocked, Some(BlockReason::Timeout))]
+        );
+    }
+
+    #[test]
+    fn at_most_max_concurrent_nodes_of_a_policy_reboot_at_once() {
+        let rules = escalating(|_| {});
+        let nodes = [
+            hung_after_drain("a", "boot-a"),
+            hung_after_drain("b", "boot-b"),
+        ];
+        let first = plan(&rules, &nodes, now());
+        assert_eq!(first.changes.len(), 1);
+        assert_eq!(
+            states(&first),
+            [
+                ("a", RemediationState::Rebooting, None),
+                (
+                    "b",
+                    RemediationState::Blocked,
+                    Some(BlockReason::RebootLimit)
+                ),
+            ]
+        );
+        // While a reboots, b waits; once a is back, b goes.
+        let a = written(&nodes[0], &first.changes[0]);
+        let still = plan(
+            &rules,
+            &[a.clone(), nodes[1].clone()],
+            now() + SignedDuration::from_secs(30),
+        );
+        assert!(still.changes.is_empty());
+        let mut a_back = a;
+        a_back.boot_id = Some("boot-a2".into());
+        let next = plan(
+            &rules,
+            &[a_back, nodes[1].clone()],
+            now() + SignedDuration::from_secs(60),
+        );
+        let kinds: Vec<_> = next
+            .changes
+            .iter()
+            .map(|c| (c.node.as_str(), c.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("a", ChangeKind::Rebooted),
+                ("b", ChangeKind::RebootOrdered)
+            ]
+        );
+        // Two at once when the policy says so.
+        let two = plan(
+            &escalating(|s| s.escalation.as_mut().unwrap().reboot.max_concurrent = 2),
+            &nodes,
+            now(),
+        );
+        assert_eq!(two.changes.len(), 2);
+    }
+
+    #[test]
+    fn a_node_without_a_boot_id_is_not_rebooted() {
+        let mut a = hung_after_drain("a", "");
+        a.boot_id = None;
+        let plan = plan(&escalating(|_| {}), &[a], now());
+        assert!(plan.changes.is_empty());
+        assert_eq!(
+            states(&plan),
+            [("a", RemediationState::Blocked, Some(BlockReason::NoBootId))]
+        );
+    }
+
+    #[test]
+    fn escalation_follows_only_a_drain() {
+        let mut spec = serde_json::from_value::<RemediationPolicySpec>(serde_json::json!({
+            "threshold": {"count": 1, "window": "1m"}, "action": "Cordon",
+            "escalation": {"reboot": {}}
+        }))
+        .unwrap();
+        assert_eq!(
+            Rules::new(POLICY, &spec),
+            Err(InvalidPolicy::EscalationNeedsDrain)
+        );
+        spec.action = Action::Drain;
+        let rules = Rules::new(POLICY, &spec).unwrap();
+        let reboot = rules.reboot.unwrap();
+        assert_eq!(
+            (
+                reboot.hang_condition.as_str(),
+                reboot.max_concurrent,
+                reboot.timeout
+            ),
+            ("ProcessHung", 1, Duration::from_secs(900)),
+            "the documented defaults"
+        );
+    }
+
+    /// Every rail on every rung: the cordon (action Cordon), the drain (action Drain) and
+    /// the reboot (a timed-out drain with the hang present). Paused and dry run change
+    /// nothing, the budget and the cooldown hold each rung back, and the same node with no
+    /// rail in the way acts.
+    #[test]
+    fn every_rail_holds_on_every_rung() {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Rung {
+            Cordon,
+            Drain,
+            Reboot,
+        }
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Rail {
+            None,
+            Paused,
+            DryRun,
+            Budget,
+            Cooldown,
+        }
+        for rung in [Rung::Cordon, Rung::Drain, Rung::Reboot] {
+            for rail in [
+                Rail::None,
+                Rail::Paused,
+                Rail::DryRun,
+                Rail::Budget,
+                Rail::Cooldown,
+            ] {
+                let edit = |s: &mut RemediationPolicySpec| {
+                    s.safety.max_unavailable = IntOrString::Int(1);
+                    match rail {
+                        Rail::Paused => s.safety.paused = true,
+                        Rail::DryRun => s.safety.dry_run = true,
+                        Rail::Cooldown => s.safety.cooldown = "1h".into(),
+                        Rail::None | Rail::Budget => {}
+                    }
+                };
+                let rules = match rung {
+                    Rung::Cordon => rules(Action::Cordon, edit),
+                    Rung::Drain => rules(Action::Drain, edit),
+                    Rung::Reboot => escalating(edit),
+                };
+                let mut nodes = vec![match rung {
+                    Rung::Reboot => hung_after_drain("a", "boot-1"),
+                    _ => node("a", &[60, 30]),
+                }];
+                if rail == Rail::Budget {
+                    // Someone else's cordon: one more unavailable node than the budget
+                    // allows, counting a itself once it is (or is going to be) cordoned.
+                    let mut other = node("other", &[]);
+                    other.unschedulable = true;
+                    nodes.push(other);
+                }
+                if rail == Rail::Cooldown {
+                    // This policy acted on another node 10 minutes ago.
+                    let mut other = node("other", &[]);
+                    other.ledger.insert(
+                        POLICY.into(),
+                        Record {
+                            action: Action::Taint,
+                            at: ago(600),
+                            cordoned: false,
+                            taint: None,
+                            drain: None,
+                            reboot: None,
+                            released: None,
+                        },
+                    );
+                    nodes.push(other);
+                }
+                let plan = plan(&rules, &nodes, now());
+                let a = plan.nodes.iter().find(|n| n.name == "a").cloned();
+                let acted = plan.changes.iter().any(|c| c.node == "a");
+                let reason = a
+                    .as_ref()
+                    .and_then(|a| a.reason.as_deref())
+                    .and_then(BlockReason::of_status);
+                let what = format!("{rung:?} with {rail:?}: {plan:?}");
+                match rail {
+                    Rail::None => assert!(acted, "{what}"),
+                    Rail::Paused => {
+                        assert!(!acted, "{what}");
+                        assert_eq!(reason, Some(BlockReason::Paused), "{what}");
+                    }
+                    Rail::DryRun => {
+                        assert!(!acted && plan.drains.is_empty(), "{what}");
+                        assert_eq!(a.unwrap().state, RemediationState::WouldAct, "{what}");
+                    }
+                    Rail::Budget => {
+                        assert!(!acted, "{what}");
+                        assert_eq!(reason, Some(BlockReason::Budget), "{what}");
+                    }
+                    Rail::Cooldown => {
+                        assert!(!acted, "{what}");
+                        assert_eq!(reason, Some(BlockReason::Cooldown), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pausing_or_a_dry_run_withdraws_an_outstanding_order() {
+        let ordered = plan(
+            &escalating(|_| {}),
+            &[hung_after_drain("a", "boot-1")],
+            now(),
+        );
+        let a = written(&hung_after_drain("a", "boot-1"), &ordered.changes[0]);
+        for edit in [
+            (|s: &mut RemediationPolicySpec| s.safety.paused = true)
+                as fn(&mut RemediationPolicySpec),
+            |s: &mut RemediationPolicySpec| s.safety.dry_run = true,
+        ] {
+            let later = plan(
+                &escalating(edit),
+                std::slice::from_ref(&a),
+                now() + SignedDuration::from_secs(10),
+            );
+            assert_eq!(later.changes.len(), 1, "{later:?}");
+            assert_eq!(later.changes[0].kind, ChangeKind::RebootCancelled);
+            assert_eq!(later.changes[0].reboot_order, Some(None));
+        }
     }
 }

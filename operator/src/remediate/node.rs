@@ -8,6 +8,8 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
+use crds::node::{BOOT_ID_ANNOTATION, REBOOT_ORDER_ANNOTATION};
+
 use crate::policy::ledger::{AddedTaint, LEDGER_ANNOTATION, Ledger};
 use crate::policy::plan::{Change, ChangeKind, NodeView};
 
@@ -78,8 +80,43 @@ pub fn view(node: &Node) -> NodeView {
             .collect(),
         ledger,
         reports: Vec::new(),
+        boot_id: boot_id_of(node),
+        true_conditions: node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|c| c.status == "True")
+            .map(|c| c.type_.clone())
+            .collect(),
+        reboot_order: node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REBOOT_ORDER_ANNOTATION))
+            .cloned(),
         name,
     }
+}
+
+/// The node's boot id: what its agent states (`crashwatch.dev/boot-id`), else the
+/// kubelet's `status.nodeInfo.bootID`.
+pub fn boot_id_of(node: &Node) -> Option<String> {
+    let stated = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(BOOT_ID_ANNOTATION))
+        .filter(|b| !b.is_empty())
+        .cloned();
+    stated.or_else(|| {
+        node.status
+            .as_ref()
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| i.boot_id.clone())
+            .filter(|b| !b.is_empty())
+    })
 }
 
 /// The merge patch for a change, against the node the decision was made on: it fails with
@@ -93,6 +130,9 @@ pub fn patch_for(node: &Node, change: &Change) -> Value {
     });
     if let Some(unschedulable) = change.unschedulable {
         patch["spec"]["unschedulable"] = json!(unschedulable);
+    }
+    if let Some(order) = &change.reboot_order {
+        patch["metadata"]["annotations"][REBOOT_ORDER_ANNOTATION] = json!(order);
     }
     if change.add_taint.is_some() || change.remove_taint.is_some() {
         let mut taints: Vec<Taint> = node
@@ -128,6 +168,10 @@ pub fn condition_for(kind: ChangeKind) -> (&'static str, &'static str) {
         ChangeKind::Remediate(Action::Taint) => ("True", "Tainted"),
         ChangeKind::Remediate(Action::Drain) => ("True", "Draining"),
         ChangeKind::DrainTimedOut => ("True", "DrainTimedOut"),
+        ChangeKind::RebootOrdered => ("True", "RebootOrdered"),
+        ChangeKind::Rebooted => ("True", "Rebooted"),
+        ChangeKind::RebootTimedOut => ("True", "RebootTimedOut"),
+        ChangeKind::RebootCancelled => ("True", "RebootCancelled"),
         ChangeKind::Release(crate::policy::ledger::ReleasedBy::Recovery) => ("False", "Recovered"),
         ChangeKind::Release(crate::policy::ledger::ReleasedBy::Human) => {
             ("False", "ReleasedByUser")
@@ -208,12 +252,14 @@ mod tests {
                     cordoned: false,
                     taint: add.clone(),
                     drain: None,
+                    reboot: None,
                     released: None,
                 },
             )]),
             unschedulable: None,
             add_taint: add,
             remove_taint: remove,
+            reboot_order: None,
         }
     }
 
