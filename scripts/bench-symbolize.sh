@@ -29,22 +29,22 @@ cargo build -q --release -p node-agent --bin crashwatch-agent
 # A copy, so that a rebuild during the run does not change what is measured.
 cp target/release/crashwatch-agent "$work/crashwatch"
 agent=$work/crashwatch
-subjects=("$w/crashwatch-agent")
-cp target/debug/crashwatch-agent "$w/crashwatch-agent"
+subjects=("$work/crashwatch-agent")
+cp target/debug/crashwatch-agent "$work/crashwatch-agent"
 if ((BIG_MIB > 0)); then
   subjects+=("$(scripts/dwarf-subject.sh "$BIG_MIB")")
 fi
 
 bench() {
 subject=$1
-w=$w/$(basename "$subject")
+w=$work/$(basename "$subject").d
 mkdir -p "$w"
 # objdump disassembles one function at a time from a copy without symbols or DWARF,
 # which it would otherwise load for every call.
 strip -o "$w/stripped" "$subject"
 
 python3 - "$subject" "$ADDRESSES" "$w" <<'EOF'
-import subprocess, sys
+import os, subprocess, sys
 subject, count, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 loads = []
 for line in subprocess.run(["readelf", "-lW", subject], capture_output=True, text=True, check=True).stdout.splitlines():
@@ -89,6 +89,7 @@ with open(f"{work}/starts", "w") as out:
     out.writelines(f"{s:#x}\n" for _, s, _ in chosen)
 with open(f"{work}/memory", "w") as out:
     out.write(f"{sum(m for _, _, m in chosen)}\n")
+module = os.path.basename(subject)
 with open(f"{work}/lines", "w") as out:
     for a, _, _ in chosen:
         offset, vaddr, size, _ = next(l for l in loads if l[1] <= a < l[1] + l[2])
@@ -96,7 +97,7 @@ with open(f"{work}/lines", "w") as out:
         start = base + (text[0] & ~0xfff)
         ip = start + file_offset - (text[0] & ~0xfff)
         out.write(f"subject[4242]: segfault at 0 ip {ip:016x} sp 00007ffc00000000 error 4 "
-                  f"in subject[{file_offset:x},{start:x}+{text[2]:x}]\n")
+                  f"in {module}[{file_offset:x},{start:x}+{text[2]:x}]\n")
 head = lambda name: open(f"{work}/{name}").readline()
 open(f"{work}/address1", "w").write(head("addresses"))
 open(f"{work}/line1", "w").write(head("lines"))

@@ -72,10 +72,11 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// A budget of about `bytes` in all: a quarter for pages, the rest for parsed units.
+    /// A budget of about `bytes` in all: a sixteenth for pages (at most 8 MiB), half for
+    /// parsed units.
     pub fn of(bytes: usize) -> Budget {
         Budget {
-            pages: (bytes / 4).clamp(MIN_PAGE_BYTES, MAX_PAGE_BYTES),
+            pages: (bytes / 16).clamp(MIN_PAGE_BYTES, MAX_PAGE_BYTES),
             parsed: (bytes / 2).max(MIN_PAGE_BYTES),
         }
     }
@@ -95,7 +96,7 @@ impl Default for Budget {
 /// Page caches of a few MiB serve a lookup: one unit, its line program, abbreviations
 /// and strings.
 const MIN_PAGE_BYTES: usize = 1 << 20;
-const MAX_PAGE_BYTES: usize = 16 << 20;
+const MAX_PAGE_BYTES: usize = 8 << 20;
 
 /// Parsed units cost about this many times their DWARF bytes (entries and line rows
 /// turned into addr2line's structures), as measured on gcc and rustc output.
@@ -111,7 +112,7 @@ pub struct DebugInfo {
     /// The DWARF the context reads, to check units before addr2line walks them.
     dwarf: Option<Arc<gimli::Dwarf<Reader>>>,
     /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once.
-    unit_ranges: OnceCell<Vec<(u64, u64, usize)>>,
+    unit_ranges: OnceCell<UnitRanges>,
     /// Units already checked for their nesting depth: whether they may be walked.
     walkable: RefCell<HashMap<usize, bool>>,
     /// The DWARF bytes of the units looked at since the context was made.
@@ -225,11 +226,8 @@ impl DebugInfo {
         let Some(dwarf) = &self.dwarf else {
             return true;
         };
-        let ranges = self.unit_ranges.get_or_init(|| unit_ranges(dwarf));
-        for &(_, _, offset) in ranges
-            .iter()
-            .filter(|(begin, end, _)| (*begin..*end).contains(&vaddr))
-        {
+        let ranges = self.unit_ranges.get_or_init(|| UnitRanges::of(dwarf));
+        for offset in ranges.covering(vaddr) {
             let walkable = *self.walkable.borrow_mut().entry(offset).or_insert_with(|| {
                 let header = dwarf
                     .debug_info
@@ -254,6 +252,21 @@ impl DebugInfo {
             }
         }
         true
+    }
+
+    /// The subprogram entry (in the unit [`DebugInfo::unit_at`] gives) of the outermost
+    /// function at `vaddr`, as addr2line found it for the frames.
+    pub fn function_at(&self, vaddr: u64) -> Option<gimli::UnitOffset> {
+        let context = self.context.as_ref()?;
+        if !self.walkable_at(vaddr) {
+            return None;
+        }
+        let mut frames = context.find_frames(vaddr).skip_all_loads().ok()?;
+        let mut outermost = None;
+        while let Ok(Some(frame)) = frames.next() {
+            outermost = frame.dw_die_offset;
+        }
+        outermost
     }
 
     /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none
@@ -295,23 +308,75 @@ impl DebugInfo {
     }
 }
 
-/// The address ranges of every compilation unit, with the unit's `.debug_info` offset.
-fn unit_ranges(dwarf: &gimli::Dwarf<Reader>) -> Vec<(u64, u64, usize)> {
-    let mut ranges = Vec::new();
-    let mut headers = dwarf.units();
-    while let Ok(Some(header)) = headers.next() {
-        let offset = header.offset().0;
-        let Ok(unit) = dwarf.unit(header) else {
-            continue;
-        };
-        let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
-            continue;
-        };
-        while let Ok(Some(range)) = iter.next() {
-            ranges.push((range.begin, range.end, offset));
+/// The address ranges of the compilation units, sorted by their start, to find the units
+/// covering an address without looking at every one.
+struct UnitRanges {
+    /// `(begin, end, .debug_info offset)`, by `begin`.
+    ranges: Vec<(u64, u64, usize)>,
+    /// The largest `end` among `ranges[..=i]`.
+    max_end: Vec<u64>,
+}
+
+impl UnitRanges {
+    /// The ranges of every unit: from `.debug_aranges` for the units it lists, which costs
+    /// one read of a small section, and from the unit's own entry for the others.
+    fn of(dwarf: &gimli::Dwarf<Reader>) -> UnitRanges {
+        let mut ranges = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut headers = dwarf.debug_aranges.headers();
+        while let Ok(Some(header)) = headers.next() {
+            let offset = header.debug_info_offset().0;
+            let mut entries = header.entries();
+            let mut any = false;
+            while let Ok(Some(entry)) = entries.next() {
+                if entry.length() != 0 {
+                    let range = entry.range();
+                    ranges.push((range.begin, range.end, offset));
+                    any = true;
+                }
+            }
+            if any {
+                listed.insert(offset);
+            }
         }
+        let mut headers = dwarf.units();
+        while let Ok(Some(header)) = headers.next() {
+            let Some(offset) = header.debug_info_offset().map(|o| o.0) else {
+                continue;
+            };
+            if listed.contains(&offset) {
+                continue;
+            }
+            let Ok(unit) = dwarf.unit(header) else {
+                continue;
+            };
+            let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
+                continue;
+            };
+            while let Ok(Some(range)) = iter.next() {
+                ranges.push((range.begin, range.end, offset));
+            }
+        }
+        ranges.sort_unstable();
+        let max_end = ranges
+            .iter()
+            .scan(0, |max, &(_, end, _)| {
+                *max = end.max(*max);
+                Some(*max)
+            })
+            .collect();
+        UnitRanges { ranges, max_end }
     }
-    ranges
+
+    /// The `.debug_info` offsets of the units whose ranges hold `vaddr`.
+    fn covering(&self, vaddr: u64) -> impl Iterator<Item = usize> + '_ {
+        let after = self.ranges.partition_point(|(begin, _, _)| *begin <= vaddr);
+        (0..after)
+            .rev()
+            .take_while(move |&i| self.max_end[i] > vaddr)
+            .filter(move |&i| vaddr < self.ranges[i].1)
+            .map(move |i| self.ranges[i].2)
+    }
 }
 
 /// Whether no entry of `unit` lies deeper than `limit` (read flat, without recursion).
@@ -357,7 +422,7 @@ fn load_dwarf<'a>(
             Some((backing, offset, size)) => {
                 let size = usize::try_from(size)
                     .map_err(|_| DebugInfoError::SectionOutsideFile(name.to_owned()))?;
-                LazyReader::new(Section::new(backing, offset, size, pages.clone()), endian)
+                LazyReader::new(Section::new(backing, offset, size, pages.clone(), endian))
             }
             None => LazyReader::empty_section(endian),
         })

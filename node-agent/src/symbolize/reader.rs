@@ -4,9 +4,9 @@
 //! the one unit and line program that cover an address, the strings and abbreviations they
 //! name), never whole sections, whatever the file's size.
 //!
-//! Readers split off another (names, expressions, a unit's entries) start without a page,
-//! so that what a parser keeps for long (a unit's line program header, a function's name)
-//! does not pin cache pages: only the reader being read holds the page it reads.
+//! Readers split off or copied from another (names, expressions, a unit's entries) start
+//! without a page, so that what a parser keeps for long (a unit's line program header, a
+//! function's name) pins no more than the one page it last read.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -57,7 +57,7 @@ pub struct PageCache {
 
 #[derive(Default)]
 struct Pages {
-    map: HashMap<(u32, usize), Arc<[u8]>>,
+    map: HashMap<(u32, usize), Arc<Page>>,
     order: VecDeque<(u32, usize)>,
     bytes: usize,
     /// Bytes read from disk so far (for tests and benchmarks).
@@ -92,7 +92,7 @@ impl PageCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn page(&self, section: &Section, index: usize) -> gimli::Result<Arc<[u8]>> {
+    fn page(&self, section: &Section, index: usize) -> gimli::Result<Arc<Page>> {
         let key = (section.id, index);
         let mut pages = self.pages();
         if let Some(page) = pages.map.get(&key) {
@@ -105,7 +105,10 @@ impl PageCache {
             .backing
             .read_at(section.base + start as u64, &mut bytes)
             .map_err(|_| gimli::Error::Io)?;
-        let page: Arc<[u8]> = Arc::from(bytes);
+        let page = Arc::new(Page {
+            start,
+            bytes: bytes.into_boxed_slice(),
+        });
         pages.read += len as u64;
         pages.bytes += len;
         pages.map.insert(key, page.clone());
@@ -115,16 +118,23 @@ impl PageCache {
                 break;
             };
             if let Some(evicted) = pages.map.remove(&oldest) {
-                pages.bytes -= evicted.len();
+                pages.bytes -= evicted.bytes.len();
             }
         }
         Ok(page)
     }
 }
 
+/// Bytes of a section read at once, and where they start in it.
+struct Page {
+    start: usize,
+    bytes: Box<[u8]>,
+}
+
 /// One section of a file: where its bytes are, and the cache its pages go through.
 pub struct Section {
     id: u32,
+    endian: RunTimeEndian,
     backing: Arc<dyn ReadAt>,
     base: u64,
     size: usize,
@@ -133,10 +143,17 @@ pub struct Section {
 
 impl Section {
     /// The section of `size` bytes at `base` in `backing`, read through `cache`.
-    pub fn new(backing: Arc<dyn ReadAt>, base: u64, size: usize, cache: Arc<PageCache>) -> Section {
+    pub fn new(
+        backing: Arc<dyn ReadAt>,
+        base: u64,
+        size: usize,
+        cache: Arc<PageCache>,
+        endian: RunTimeEndian,
+    ) -> Section {
         static NEXT_ID: AtomicU32 = AtomicU32::new(0);
         Section {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            endian,
             backing,
             base,
             size,
@@ -145,16 +162,28 @@ impl Section {
     }
 }
 
-/// A gimli reader of a part of a [`Section`], reading pages on demand.
-#[derive(Clone)]
+/// A gimli reader of a part of a [`Section`], reading pages on demand. Small (four
+/// words): parsed units keep many of them.
 pub struct LazyReader {
     section: Arc<Section>,
-    endian: RunTimeEndian,
     /// The next byte to read and the end, as offsets in the section.
     start: usize,
     end: usize,
-    /// The page last read: `(its offset in the section, its bytes)`.
-    page: Option<(usize, Arc<[u8]>)>,
+    /// The page last read.
+    page: Option<Arc<Page>>,
+}
+
+/// A copy starts without the page: parsers keep copies (a unit's entries, a line program)
+/// after reading from them, and those must not pin pages the cache has evicted.
+impl Clone for LazyReader {
+    fn clone(&self) -> LazyReader {
+        LazyReader {
+            section: self.section.clone(),
+            start: self.start,
+            end: self.end,
+            page: None,
+        }
+    }
 }
 
 impl fmt::Debug for LazyReader {
@@ -169,11 +198,10 @@ impl fmt::Debug for LazyReader {
 
 impl LazyReader {
     /// A reader of the whole section.
-    pub fn new(section: Section, endian: RunTimeEndian) -> LazyReader {
+    pub fn new(section: Section) -> LazyReader {
         let end = section.size;
         LazyReader {
             section: Arc::new(section),
-            endian,
             start: 0,
             end,
             page: None,
@@ -182,10 +210,13 @@ impl LazyReader {
 
     /// A reader of nothing.
     pub fn empty_section(endian: RunTimeEndian) -> LazyReader {
-        LazyReader::new(
-            Section::new(Arc::new(Vec::new()), 0, 0, PageCache::new(0)),
+        LazyReader::new(Section::new(
+            Arc::new(Vec::new()),
+            0,
+            0,
+            PageCache::new(0),
             endian,
-        )
+        ))
     }
 
     fn eof(&self) -> gimli::Error {
@@ -195,21 +226,20 @@ impl LazyReader {
     /// The bytes at `at` in the current page, if it holds at least `len` of them.
     #[inline]
     fn in_page(&self, at: usize, len: usize) -> Option<&[u8]> {
-        let (page_start, page) = self.page.as_ref()?;
-        let from = at.checked_sub(*page_start)?;
-        page.get(from..from.checked_add(len)?)
+        let page = self.page.as_deref()?;
+        let from = at.checked_sub(page.start)?;
+        page.bytes.get(from..from.checked_add(len)?)
     }
 
     /// Makes the page holding `at` current, and returns its bytes from `at` on.
     fn load_page(&mut self, at: usize) -> gimli::Result<&[u8]> {
         let index = at / PAGE_SIZE;
         let page_start = index * PAGE_SIZE;
-        if self.page.as_ref().is_none_or(|(s, _)| *s != page_start) {
-            let page = self.section.cache.page(&self.section, index)?;
-            self.page = Some((page_start, page));
+        if self.page.as_ref().is_none_or(|p| p.start != page_start) {
+            self.page = Some(self.section.cache.page(&self.section, index)?);
         }
-        let (_, page) = self.page.as_ref().expect("just set");
-        Ok(&page[at - page_start..])
+        let page = self.page.as_deref().expect("just set");
+        Ok(&page.bytes[at - page_start..])
     }
 
     /// Copies `buf.len()` bytes from `at` (known to lie within the reader) into `buf`.
@@ -241,7 +271,7 @@ impl gimli::Reader for LazyReader {
     type Offset = usize;
 
     fn endian(&self) -> RunTimeEndian {
-        self.endian
+        self.section.endian
     }
 
     fn len(&self) -> usize {
@@ -276,12 +306,12 @@ impl gimli::Reader for LazyReader {
     }
 
     fn find(&self, byte: u8) -> gimli::Result<usize> {
-        if let Some((page_start, page)) = &self.page
-            && let Some(from) = self.start.checked_sub(*page_start)
-            && from < page.len()
+        if let Some(page) = self.page.as_deref()
+            && let Some(from) = self.start.checked_sub(page.start)
+            && from < page.bytes.len()
         {
-            let within = (page.len() - from).min(self.end - self.start);
-            if let Some(found) = memchr::memchr(byte, &page[from..from + within]) {
+            let within = (page.bytes.len() - from).min(self.end - self.start);
+            if let Some(found) = memchr::memchr(byte, &page.bytes[from..from + within]) {
                 return Ok(found);
             }
         }
@@ -313,7 +343,6 @@ impl gimli::Reader for LazyReader {
         }
         let head = LazyReader {
             section: self.section.clone(),
-            endian: self.endian,
             start: self.start,
             end: self.start + len,
             // Kept readers must not pin pages; it loads its own when read.
@@ -368,8 +397,14 @@ mod tests {
     fn reader(bytes: Vec<u8>, cache: usize) -> (LazyReader, Arc<PageCache>) {
         let cache = PageCache::new(cache);
         let size = bytes.len();
-        let section = Section::new(Arc::new(bytes), 0, size, cache.clone());
-        (LazyReader::new(section, RunTimeEndian::Little), cache)
+        let section = Section::new(
+            Arc::new(bytes),
+            0,
+            size,
+            cache.clone(),
+            RunTimeEndian::Little,
+        );
+        (LazyReader::new(section), cache)
     }
 
     #[test]
