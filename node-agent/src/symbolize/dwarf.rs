@@ -192,13 +192,19 @@ impl DebugInfo {
         if estimate <= self.budget.parsed {
             return;
         }
-        if let Some(dwarf) = &self.dwarf
-            && let Ok(context) = addr2line::Context::from_arc_dwarf(dwarf.clone())
-        {
-            tracing::debug!(estimate, "parsed units over budget: context rebuilt");
-            self.context = Some(context);
-            self.touched_bytes.set(0);
-            self.walkable.get_mut().clear();
+        let Some(dwarf) = &self.dwarf else {
+            return;
+        };
+        // The old context goes first, so that two never coexist.
+        self.context = None;
+        self.touched_bytes.set(0);
+        self.walkable.get_mut().clear();
+        match addr2line::Context::from_arc_dwarf(dwarf.clone()) {
+            Ok(context) => {
+                tracing::debug!(estimate, "parsed units over budget: context rebuilt");
+                self.context = Some(context);
+            }
+            Err(err) => tracing::warn!(%err, "DWARF no longer parses; symbols only"),
         }
     }
 
