@@ -123,6 +123,145 @@ fn a_binary_padded_with_600_mib_is_symbolized_inside_a_128_mib_cgroup() {
     agent.stop();
 }
 
+/// The bytes of DWARF in `binary`: the sizes of its `.debug_*` sections.
+fn dwarf_bytes(binary: &Path) -> u64 {
+    use object::{Object, ObjectSection};
+    let data = std::fs::read(binary).unwrap();
+    let object = object::File::parse(&*data).unwrap();
+    object
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".debug_")))
+        .map(|s| s.size())
+        .sum()
+}
+
+/// `command` with its process moved into `cgroup` before it runs the program.
+fn in_cgroup(mut command: std::process::Command, cgroup: &MemoryCgroup) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(
+        cgroup
+            .path
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
+    // (open, write, close) on memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+#[test]
+fn a_binary_with_more_than_500_mib_of_dwarf_is_symbolized_cold_inside_a_64_mib_cgroup() {
+    if !require(
+        "needs gcc, g++, python3, readelf and GNU time",
+        ["gcc", "g++", "python3", "readelf"].iter().all(|t| have(t))
+            && Path::new("/usr/bin/time").exists(),
+    ) || !require_memory_cgroup()
+    {
+        return;
+    }
+    let Some(test) = KernelTest::begin() else {
+        return;
+    };
+    // Built once and cached outside the repository (scripts/dwarf-subject.sh).
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dwarf-subject.sh");
+    let subject = PathBuf::from(run(script.to_str().unwrap(), &["520"]).trim());
+    let dwarf = dwarf_bytes(&subject);
+    assert!(dwarf > 500 * MIB, "{dwarf} bytes of DWARF");
+    let binary = subject;
+
+    // The agent, inside 64 MiB, symbolizes a real crash of it.
+    let cgroup = MemoryCgroup::create("bigdwarf", 64 * MIB);
+    start_at_the_end_of_the_log(test.state.path());
+    let mut agent = Agent::start_in_cgroup(
+        test.state.path(),
+        &["--binary", binary.to_str().unwrap()],
+        &cgroup,
+    );
+    let pid = crash_null(&binary);
+    let event = agent.wait_for("the crash of the big binary", WAIT, by_pid(pid));
+    assert_eq!(
+        event.frames.first().and_then(|f| f.function.as_deref()),
+        Some("read_null_offset"),
+        "symbolized: {event:?}"
+    );
+    assert_eq!(event.instruction.as_deref(), Some("mov rax, [rdi+0x100]"));
+    assert!(agent.is_running(), "agent exited:\n{}", agent.log());
+    agent.stop();
+    assert_eq!(
+        cgroup.oom_kills(),
+        0,
+        "nothing was OOM-killed in the cgroup"
+    );
+
+    // A cold `explain` of that crash's kernel line, in the same cgroup: one process that
+    // starts, finds the unit, symbolizes, runs the member analysis and exits.
+    let line = event.raw.first().expect("the kernel's line").clone();
+    let mut command = std::process::Command::new("/usr/bin/time");
+    command.args([
+        "-f",
+        "maxrss_kib=%M",
+        env!("CARGO_BIN_EXE_crashwatch-agent"),
+    ]);
+    command.args([
+        "explain",
+        "--json",
+        "--binary",
+        binary.to_str().unwrap(),
+        &line,
+    ]);
+    let output = in_cgroup(command, &cgroup).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "explain failed: {stderr}");
+    let explained: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        explained["frames"][0]["function"], "read_null_offset",
+        "{explained}"
+    );
+    assert!(
+        explained["frames"][0]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("crashy.c")),
+        "{explained}"
+    );
+    assert_eq!(explained["access"]["member"], "next", "{explained}");
+    let max_rss: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("maxrss_kib="))
+        .expect("GNU time's figure")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(max_rss * 1024 <= 64 * MIB, "peak RSS {max_rss} KiB");
+    assert_eq!(
+        cgroup.oom_kills(),
+        0,
+        "nothing was OOM-killed in the cgroup"
+    );
+    eprintln!(
+        "{} MiB of DWARF in a {} MiB binary: cold explain peak RSS {} MiB, cgroup peak {} MiB",
+        dwarf / MIB,
+        std::fs::metadata(&binary).unwrap().len() / MIB,
+        max_rss / 1024,
+        cgroup.max_usage() / MIB
+    );
+}
+
 #[test]
 fn an_agent_killed_while_symbolizing_publishes_that_crash_unsymbolized_after_its_restart() {
     if !needs_tools() || !require_memory_cgroup() {
@@ -134,34 +273,44 @@ fn an_agent_killed_while_symbolizing_publishes_that_crash_unsymbolized_after_its
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("plain");
     compile_crashy(&plain, &[]);
-    // A binary whose DWARF string table is 256 MiB: symbolizing it needs that section in
-    // memory, which a 64 MiB cgroup does not allow, so the kernel OOM-kills the agent in
-    // the middle of symbolizing, every time it tries.
-    let strings = dir.path().join("debug_str");
+    // A binary whose one compilation unit has a line program of 4 million rows: the lookup
+    // parses the line program of the unit covering the address, which here takes over
+    // 100 MiB, more than the 64 MiB cgroup allows, so the kernel OOM-kills the agent in the
+    // middle of symbolizing, every time it tries. (Sections are read a page at a time, so
+    // a large file or a large string table no longer does this; one unit's parsed lines
+    // and functions must still fit in memory.)
+    let source = dir.path().join("hog.s");
     run(
-        "objcopy",
+        "gcc",
         &[
-            &format!("--dump-section=.debug_str={}", strings.display()),
-            plain.to_str().unwrap(),
+            "-O2",
+            "-g",
+            "-S",
+            "-o",
+            source.to_str().unwrap(),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/programs/crashy.c")
+                .to_str()
+                .unwrap(),
         ],
     );
-    let grown = std::fs::metadata(&strings).unwrap().len() + 256 * MIB;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&strings)
-        .unwrap()
-        .set_len(grown)
-        .unwrap();
+    let mut assembly = std::fs::read_to_string(&source).unwrap();
+    assembly.push_str(
+        "\t.text\n\t.globl hog_rows\n\t.type hog_rows, @function\nhog_rows:\n\
+         \t.rept 2000000\n\t.loc 1 7 1\n\tnop\n\t.loc 1 8 1\n\tnop\n\t.endr\n\
+         \tret\n\t.size hog_rows, .-hog_rows\n",
+    );
+    std::fs::write(&source, assembly).unwrap();
     let hog = dir.path().join("dwarfhog");
     run(
-        "objcopy",
+        "gcc",
         &[
-            &format!("--update-section=.debug_str={}", strings.display()),
-            plain.to_str().unwrap(),
+            "-pthread",
+            "-o",
             hog.to_str().unwrap(),
+            source.to_str().unwrap(),
         ],
     );
-    std::fs::remove_file(&strings).unwrap();
     // A second, ordinary binary: the agent must go on symbolizing after the bad record.
     let other = dir.path().join("crashy");
     compile_crashy(&other, &[]);

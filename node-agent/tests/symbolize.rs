@@ -751,3 +751,84 @@ fn every_instruction_of_aarch64_builds_symbolizes_like_llvm_symbolizer() {
         );
     }
 }
+
+/// The file offset of the symbol `name` in `binary`, from object's own parser.
+fn file_offset_of(binary: &Path, name: &str) -> u64 {
+    use object::{Object, ObjectSegment, ObjectSymbol};
+    let data = std::fs::read(binary).unwrap();
+    let object = object::File::parse(&*data).unwrap();
+    let address = object
+        .symbols()
+        .find(|s| s.name() == Ok(name))
+        .unwrap_or_else(|| panic!("{name} in {}", binary.display()))
+        .address();
+    let segment = object
+        .segments()
+        .find(|s| (s.address()..s.address() + s.size()).contains(&address))
+        .unwrap();
+    address - segment.address() + segment.file_range().0
+}
+
+#[test]
+fn compressed_sections_too_large_for_memory_are_read_from_a_scratch_file() {
+    use object::{Object, ObjectSection};
+    if !require("needs gcc and objcopy", have("gcc") && have("objcopy")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    compile_crashy(&path("plain"), &[]);
+    // .debug_str grown by 4 MiB of pseudo-random bytes (zeros would compress more than the
+    // 1000:1 a section may claim): decompressed, it exceeds the 1 MiB kept in memory, so it
+    // goes to an unlinked scratch file and is read by the page from there.
+    run(
+        "objcopy",
+        &[
+            &format!("--dump-section=.debug_str={}", path("str").display()),
+            path("plain").to_str().unwrap(),
+        ],
+    );
+    let mut strings = std::fs::read(path("str")).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    strings.extend((0..4 << 20).map(|_| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 59) as u8 + b'a'
+    }));
+    std::fs::write(path("str"), strings).unwrap();
+    run(
+        "objcopy",
+        &[
+            &format!("--update-section=.debug_str={}", path("str").display()),
+            path("plain").to_str().unwrap(),
+            path("grown").to_str().unwrap(),
+        ],
+    );
+    let offset = file_offset_of(&path("plain"), "read_null_offset");
+    let expected = ours(&symbolizer_for(&path("grown"), Vec::new()), "grown", offset);
+    assert_eq!(expected[0].0, "read_null_offset", "{expected:?}");
+    assert!(expected[0].1.ends_with("crashy.c"), "{expected:?}");
+    for format in ["zlib", "zstd"] {
+        let name = format!("crashy-{format}");
+        run(
+            "objcopy",
+            &[
+                &format!("--compress-debug-sections={format}"),
+                path("grown").to_str().unwrap(),
+                path(&name).to_str().unwrap(),
+            ],
+        );
+        let data = std::fs::read(path(&name)).unwrap();
+        let object = object::File::parse(&*data).unwrap();
+        let strings = object
+            .section_by_name(".debug_str")
+            .unwrap()
+            .compressed_file_range()
+            .unwrap();
+        assert_ne!(strings.format, object::CompressionFormat::None, "{format}");
+        assert!(strings.uncompressed_size > 1 << 20, "{format}");
+        let actual = ours(&symbolizer_for(&path(&name), Vec::new()), &name, offset);
+        assert_eq!(actual, expected, "{format}");
+    }
+}

@@ -1,19 +1,23 @@
 //! Source frames from DWARF (through addr2line), and from the symbol table when there is none.
 
 use std::borrow::Cow;
-use std::cell::{OnceCell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use crds::Frame;
-use gimli::{EndianArcSlice, RunTimeEndian};
-use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+use gimli::RunTimeEndian;
+use object::{Object, ObjectSection};
 use thiserror::Error;
 
 use super::elf::{ElfFile, Image, MAX_FILE_SIZE};
+use super::reader::{LazyReader, PageCache, ReadAt, Section};
+use super::symbols::Symbols;
 
-/// The reader type: sections share the file's bytes, or own their decompressed copy.
-pub type Reader = EndianArcSlice<RunTimeEndian>;
+/// The reader type: sections stay on disk, read a page at a time as parsers need them.
+pub type Reader = LazyReader;
 
 /// A compressed section may claim at most this many times its compressed size.
 const MAX_COMPRESSION_RATIO: u64 = 1000;
@@ -30,6 +34,14 @@ pub enum DebugInfoError {
     /// A section header points outside the file.
     #[error("section {0} lies outside the file")]
     SectionOutsideFile(String),
+    /// A compressed section could not be decompressed.
+    #[error("cannot decompress section {name}: {err}")]
+    Decompress {
+        /// The section.
+        name: String,
+        /// Why.
+        err: std::io::Error,
+    },
     /// A compressed section declares an implausible size.
     #[error(
         "section {name} claims {claimed} bytes uncompressed from {compressed} compressed bytes"
@@ -44,18 +56,55 @@ pub enum DebugInfoError {
     },
 }
 
-#[derive(Debug, Clone)]
-struct Symbol {
-    address: u64,
-    size: u64,
-    name: String,
-    file: Option<String>,
-}
-
 /// How deep DWARF entries may nest in a unit that is walked. addr2line parses a function's
 /// inlined subroutines recursively, and a stack overflow aborts the agent whatever
 /// `catch_unwind` does; compilers nest far less (a few dozen levels).
 const MAX_ENTRY_DEPTH: isize = 512;
+
+/// The memory one file's debug information may hold, and how it is split.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Bytes of section pages kept in the page cache.
+    pub pages: usize,
+    /// Roughly how many bytes of parsed units (lines, functions) addr2line may keep before
+    /// its context is rebuilt empty.
+    pub parsed: usize,
+}
+
+impl Budget {
+    /// A budget of about `bytes` in all: a sixteenth for pages (at most 8 MiB), half for
+    /// parsed units.
+    pub fn of(bytes: usize) -> Budget {
+        Budget {
+            pages: (bytes / 16).clamp(MIN_PAGE_BYTES, MAX_PAGE_BYTES),
+            parsed: (bytes / 2).max(MIN_PAGE_BYTES),
+        }
+    }
+
+    /// The whole of it.
+    pub fn bytes(&self) -> usize {
+        self.pages + self.parsed
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget::of(64 << 20)
+    }
+}
+
+/// Page caches of a few MiB serve a lookup: one unit, its line program, abbreviations
+/// and strings.
+const MIN_PAGE_BYTES: usize = 1 << 20;
+const MAX_PAGE_BYTES: usize = 8 << 20;
+
+/// Parsed units cost about this many times their DWARF bytes (entries and line rows
+/// turned into addr2line's structures), as measured on gcc and rustc output.
+const PARSED_PER_DWARF_BYTE: usize = 4;
+
+/// Compressed sections up to this size are decompressed into memory; larger ones into an
+/// unlinked scratch file, read through the page cache like any other section.
+const MAX_DECOMPRESSED_IN_MEMORY: u64 = 1 << 20;
 
 /// Parsed debug information of one file.
 pub struct DebugInfo {
@@ -63,33 +112,47 @@ pub struct DebugInfo {
     /// The DWARF the context reads, to check units before addr2line walks them.
     dwarf: Option<Arc<gimli::Dwarf<Reader>>>,
     /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once.
-    unit_ranges: OnceCell<Vec<(u64, u64, usize)>>,
+    unit_ranges: OnceCell<UnitRanges>,
     /// Units already checked for their nesting depth: whether they may be walked.
     walkable: RefCell<HashMap<usize, bool>>,
-    symbols: Vec<Symbol>,
-    /// Roughly how many bytes this holds: the sections read, decompressed, and the symbols.
+    /// The DWARF bytes of the units looked at since the context was made.
+    touched_bytes: Cell<usize>,
+    pages: Arc<PageCache>,
+    symbols: Symbols,
+    budget: Budget,
+    /// At most how many bytes this holds: its budget, and the symbol index.
     pub bytes: usize,
 }
 
 impl DebugInfo {
-    /// Loads DWARF (if the file has line information) and the symbol tables of `file`.
-    /// `supplementary` is the dwz file its `.gnu_debugaltlink` names, when found.
-    ///
-    /// Only the DWARF sections addr2line and the member analysis use are read, and the
-    /// symbol and string tables while the symbols are collected; nothing else of the file.
+    /// Loads DWARF (if the file has line information) and the symbol tables of `file`, with
+    /// the default budget. `supplementary` is the dwz file its `.gnu_debugaltlink` names.
     pub fn load(
         file: &ElfFile,
         supplementary: Option<&ElfFile>,
     ) -> Result<DebugInfo, DebugInfoError> {
+        DebugInfo::load_within(file, supplementary, Budget::default())
+    }
+
+    /// Loads as [`DebugInfo::load`] does, holding at most `budget`.
+    ///
+    /// Nothing of the DWARF is read yet but the section headers: its sections are read a
+    /// page at a time as lookups need them (see [`super::reader`]). The symbol tables are
+    /// indexed by address with their names left on disk.
+    pub fn load_within(
+        file: &ElfFile,
+        supplementary: Option<&ElfFile>,
+        budget: Budget,
+    ) -> Result<DebugInfo, DebugInfoError> {
         let image = file.image();
         let object = object::File::parse(&image)?;
-        let mut held = 0usize;
+        let pages = PageCache::new(budget.pages);
         let (context, dwarf) = if file.has_dwarf {
-            let mut dwarf = load_dwarf(file, &object, &mut held)?;
+            let mut dwarf = load_dwarf(file, &object, &pages)?;
             if let Some(sup) = supplementary {
                 let sup_image = sup.image();
                 let sup_object = object::File::parse(&sup_image)?;
-                dwarf.set_sup(load_dwarf(sup, &sup_object, &mut held)?);
+                dwarf.set_sup(load_dwarf(sup, &sup_object, &pages)?);
             }
             let dwarf = Arc::new(dwarf);
             (
@@ -99,64 +162,50 @@ impl DebugInfo {
         } else {
             (None, None)
         };
-        // The string tables are read whole, once, rather than a string at a time.
-        for name in [".strtab", ".dynstr"] {
-            if let Some((offset, size)) = object.section_by_name(name).and_then(|s| s.file_range())
-            {
-                image.preload(offset..offset.saturating_add(size));
-            }
-        }
-        // Local symbols follow the STT_FILE symbol of their source file, which names the
-        // file when there is no DWARF (llvm-symbolizer reports it too).
-        let mut symbols = Vec::new();
-        let mut current_file: Option<String> = None;
-        for symbol in object.symbols().chain(object.dynamic_symbols()) {
-            match symbol.kind() {
-                SymbolKind::File => {
-                    current_file = symbol
-                        .name()
-                        .ok()
-                        .filter(|n| !n.is_empty())
-                        .map(str::to_owned)
-                }
-                SymbolKind::Text if symbol.address() != 0 => {}
-                // Untyped labels in code (assembly, the C runtime's start-up code) name
-                // code as llvm-symbolizer does; not ARM's `$x`/`$d` mapping symbols.
-                SymbolKind::Unknown if is_code_label(&object, &symbol) => {}
-                _ => continue,
-            }
-            let Ok(name) = symbol.name() else { continue };
-            let file = if symbol.is_local() {
-                current_file.clone()
-            } else {
-                None
-            };
-            symbols.push(Symbol {
-                address: symbol.address(),
-                size: symbol.size(),
-                name: name.to_owned(),
-                file,
-            });
-        }
-        symbols.sort_by_key(|s| (s.address, std::cmp::Reverse(s.size)));
-        symbols.dedup_by_key(|s| s.address);
-        symbols.shrink_to_fit();
-        let symbol_bytes: usize = symbols
-            .iter()
-            .map(|s| {
-                std::mem::size_of::<Symbol>()
-                    + s.name.len()
-                    + s.file.as_ref().map_or(0, String::len)
-            })
-            .sum();
+        let symbols = Symbols::index(file, &object);
+        let bytes = budget.bytes() + symbols.bytes();
         Ok(DebugInfo {
             context,
             dwarf,
             unit_ranges: OnceCell::new(),
             walkable: RefCell::default(),
+            touched_bytes: Cell::new(0),
+            pages,
             symbols,
-            bytes: held + symbol_bytes,
+            budget,
+            bytes,
         })
+    }
+
+    /// Bytes of section pages held now, and read from disk since loading.
+    pub fn page_use(&self) -> (usize, u64) {
+        (self.pages.bytes(), self.pages.bytes_read())
+    }
+
+    /// Keeps the parsed units within the budget: when the units looked at since the
+    /// context was made may hold more, addr2line's context is made anew, empty.
+    pub fn trim(&mut self) {
+        let estimate = self
+            .touched_bytes
+            .get()
+            .saturating_mul(PARSED_PER_DWARF_BYTE);
+        if estimate <= self.budget.parsed {
+            return;
+        }
+        let Some(dwarf) = &self.dwarf else {
+            return;
+        };
+        // The old context goes first, so that two never coexist.
+        self.context = None;
+        self.touched_bytes.set(0);
+        self.walkable.get_mut().clear();
+        match addr2line::Context::from_arc_dwarf(dwarf.clone()) {
+            Ok(context) => {
+                tracing::debug!(estimate, "parsed units over budget: context rebuilt");
+                self.context = Some(context);
+            }
+            Err(err) => tracing::warn!(%err, "DWARF no longer parses; symbols only"),
+        }
     }
 
     /// Whether DWARF was loaded.
@@ -183,15 +232,17 @@ impl DebugInfo {
         let Some(dwarf) = &self.dwarf else {
             return true;
         };
-        let ranges = self.unit_ranges.get_or_init(|| unit_ranges(dwarf));
-        for &(_, _, offset) in ranges
-            .iter()
-            .filter(|(begin, end, _)| (*begin..*end).contains(&vaddr))
-        {
+        let ranges = self.unit_ranges.get_or_init(|| UnitRanges::of(dwarf));
+        for offset in ranges.covering(vaddr) {
             let walkable = *self.walkable.borrow_mut().entry(offset).or_insert_with(|| {
-                let within = dwarf
+                let header = dwarf
                     .debug_info
-                    .header_from_offset(gimli::DebugInfoOffset(offset))
+                    .header_from_offset(gimli::DebugInfoOffset(offset));
+                if let Ok(header) = &header {
+                    self.touched_bytes
+                        .set(self.touched_bytes.get() + header.length_including_self());
+                }
+                let within = header
                     .and_then(|header| dwarf.unit(header))
                     .is_ok_and(|unit| nesting_within(&unit, MAX_ENTRY_DEPTH));
                 if !within {
@@ -207,6 +258,21 @@ impl DebugInfo {
             }
         }
         true
+    }
+
+    /// The subprogram entry (in the unit [`DebugInfo::unit_at`] gives) of the outermost
+    /// function at `vaddr`, as addr2line found it for the frames.
+    pub fn function_at(&self, vaddr: u64) -> Option<gimli::UnitOffset> {
+        let context = self.context.as_ref()?;
+        if !self.walkable_at(vaddr) {
+            return None;
+        }
+        let mut frames = context.find_frames(vaddr).skip_all_loads().ok()?;
+        let mut outermost = None;
+        while let Ok(Some(frame)) = frames.next() {
+            outermost = frame.dw_die_offset;
+        }
+        outermost
     }
 
     /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none
@@ -245,58 +311,79 @@ impl DebugInfo {
     /// The symbol containing `vaddr`, the offset into it, and its source file when the
     /// symbol table names one, from `.symtab`/`.dynsym`.
     pub fn symbol(&self, vaddr: u64) -> Option<(String, u64, Option<String>)> {
-        let index = self
-            .symbols
-            .partition_point(|s| s.address <= vaddr)
-            .checked_sub(1)?;
-        let symbol = &self.symbols[index];
-        let inside = symbol.size == 0 || vaddr < symbol.address.saturating_add(symbol.size);
-        inside.then(|| {
-            (
-                addr2line::demangle_auto(Cow::Borrowed(&symbol.name), None).into_owned(),
-                vaddr - symbol.address,
-                symbol.file.clone(),
-            )
-        })
+        self.symbols.at(vaddr)
     }
 }
 
-/// Whether an untyped symbol labels code: defined in an executable section, and not a
-/// mapping symbol (`$x`, `$d.1`: where ARM code or data starts, never a function name).
-fn is_code_label<'data>(
-    object: &object::File<'data, &'data Image>,
-    symbol: &object::Symbol<'data, '_, &'data Image>,
-) -> bool {
-    let in_code = match symbol.section() {
-        object::SymbolSection::Section(index) => object
-            .section_by_index(index)
-            .is_ok_and(|s| s.kind() == object::SectionKind::Text),
-        _ => false,
-    };
-    in_code
-        && symbol.address() != 0
-        && symbol
-            .name()
-            .is_ok_and(|n| !n.is_empty() && !n.starts_with('$'))
+/// The address ranges of the compilation units, sorted by their start, to find the units
+/// covering an address without looking at every one.
+struct UnitRanges {
+    /// `(begin, end, .debug_info offset)`, by `begin`.
+    ranges: Vec<(u64, u64, usize)>,
+    /// The largest `end` among `ranges[..=i]`.
+    max_end: Vec<u64>,
 }
 
-/// The address ranges of every compilation unit, with the unit's `.debug_info` offset.
-fn unit_ranges(dwarf: &gimli::Dwarf<Reader>) -> Vec<(u64, u64, usize)> {
-    let mut ranges = Vec::new();
-    let mut headers = dwarf.units();
-    while let Ok(Some(header)) = headers.next() {
-        let offset = header.offset().0;
-        let Ok(unit) = dwarf.unit(header) else {
-            continue;
-        };
-        let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
-            continue;
-        };
-        while let Ok(Some(range)) = iter.next() {
-            ranges.push((range.begin, range.end, offset));
+impl UnitRanges {
+    /// The ranges of every unit: from `.debug_aranges` for the units it lists, which costs
+    /// one read of a small section, and from the unit's own entry for the others.
+    fn of(dwarf: &gimli::Dwarf<Reader>) -> UnitRanges {
+        let mut ranges = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut headers = dwarf.debug_aranges.headers();
+        while let Ok(Some(header)) = headers.next() {
+            let offset = header.debug_info_offset().0;
+            let mut entries = header.entries();
+            let mut any = false;
+            while let Ok(Some(entry)) = entries.next() {
+                if entry.length() != 0 {
+                    let range = entry.range();
+                    ranges.push((range.begin, range.end, offset));
+                    any = true;
+                }
+            }
+            if any {
+                listed.insert(offset);
+            }
         }
+        let mut headers = dwarf.units();
+        while let Ok(Some(header)) = headers.next() {
+            let Some(offset) = header.debug_info_offset().map(|o| o.0) else {
+                continue;
+            };
+            if listed.contains(&offset) {
+                continue;
+            }
+            let Ok(unit) = dwarf.unit(header) else {
+                continue;
+            };
+            let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
+                continue;
+            };
+            while let Ok(Some(range)) = iter.next() {
+                ranges.push((range.begin, range.end, offset));
+            }
+        }
+        ranges.sort_unstable();
+        let max_end = ranges
+            .iter()
+            .scan(0, |max, &(_, end, _)| {
+                *max = end.max(*max);
+                Some(*max)
+            })
+            .collect();
+        UnitRanges { ranges, max_end }
     }
-    ranges
+
+    /// The `.debug_info` offsets of the units whose ranges hold `vaddr`.
+    fn covering(&self, vaddr: u64) -> impl Iterator<Item = usize> + '_ {
+        let after = self.ranges.partition_point(|(begin, _, _)| *begin <= vaddr);
+        (0..after)
+            .rev()
+            .take_while(move |&i| self.max_end[i] > vaddr)
+            .filter(move |&i| vaddr < self.ranges[i].1)
+            .map(move |i| self.ranges[i].2)
+    }
 }
 
 /// Whether no entry of `unit` lies deeper than `limit` (read flat, without recursion).
@@ -321,11 +408,11 @@ fn nesting_within(unit: &gimli::Unit<Reader>, limit: isize) -> bool {
     true
 }
 
-/// The DWARF sections of `file`; adds the bytes read or decompressed to `held`.
+/// The DWARF sections of `file`, each read on demand through `pages`.
 fn load_dwarf<'a>(
     file: &ElfFile,
     object: &object::File<'a, &'a Image>,
-    held: &mut usize,
+    pages: &Arc<PageCache>,
 ) -> Result<gimli::Dwarf<Reader>, DebugInfoError> {
     let endian = if object.is_little_endian() {
         RunTimeEndian::Little
@@ -336,54 +423,125 @@ fn load_dwarf<'a>(
         let name = id.name();
         // Macro information is never used, and with -g3 it is the largest section.
         if matches!(name, ".debug_macinfo" | ".debug_macro") {
-            return Ok(EndianArcSlice::new(Arc::from(&[][..]), endian));
+            return Ok(LazyReader::empty_section(endian));
         }
-        let (bytes, range) = load_section(object, file, name)?;
-        // A buffer of its own (read or decompressed), not a slice of a file in memory.
-        if Arc::strong_count(&bytes) == 1 {
-            *held += bytes.len();
-        }
-        Ok(EndianArcSlice::new(bytes, endian).range(range))
+        Ok(match section_bytes(object, file, name)? {
+            Some((backing, offset, size)) => {
+                let size = usize::try_from(size)
+                    .map_err(|_| DebugInfoError::SectionOutsideFile(name.to_owned()))?;
+                LazyReader::new(Section::new(backing, offset, size, pages.clone(), endian))
+            }
+            None => LazyReader::empty_section(endian),
+        })
     })
 }
 
-/// A section's bytes: read from the file (or sliced from it when it is in memory), or
-/// decompressed.
-fn load_section<'a>(
+/// A section's bytes: where they are, at which offset, and how many.
+type SectionPlace = (Arc<dyn ReadAt>, u64, u64);
+
+/// Where a section's bytes are: in the file, at an offset, with a size; or, for a
+/// compressed section, decompressed into memory (when small) or a scratch file.
+fn section_bytes<'a>(
     object: &object::File<'a, &'a Image>,
     file: &ElfFile,
     name: &str,
-) -> Result<(Arc<[u8]>, std::ops::Range<usize>), DebugInfoError> {
+) -> Result<Option<SectionPlace>, DebugInfoError> {
     let Some(section) = object.section_by_name(name) else {
-        return Ok((Arc::from(&[][..]), 0..0));
+        return Ok(None);
     };
-    let outside = || DebugInfoError::SectionOutsideFile(name.to_owned());
     let compressed = section.compressed_file_range()?;
-    if compressed.format != object::CompressionFormat::None {
-        let limit = compressed
-            .compressed_size
-            .saturating_mul(MAX_COMPRESSION_RATIO)
-            .min(MAX_FILE_SIZE);
-        if compressed.uncompressed_size > limit {
-            return Err(DebugInfoError::CompressedSizeLie {
-                name: name.to_owned(),
-                claimed: compressed.uncompressed_size,
-                compressed: compressed.compressed_size,
-            });
-        }
-        let (buffer, range) = file
-            .shared_range(compressed.offset, compressed.compressed_size)
-            .map_err(|_| outside())?;
-        let data = object::CompressedData {
-            format: compressed.format,
-            data: &buffer[range],
-            uncompressed_size: compressed.uncompressed_size,
+    if compressed.format == object::CompressionFormat::None {
+        // None: SHT_NOBITS, stripped into a .debug file.
+        return match section.file_range() {
+            Some((offset, size)) if offset.checked_add(size).is_some_and(|e| e <= file.size) => {
+                Ok(Some((Arc::new(file.clone()), offset, size)))
+            }
+            Some(_) => Err(DebugInfoError::SectionOutsideFile(name.to_owned())),
+            None => Ok(None),
         };
-        let bytes = data.decompress()?;
-        return Ok((Arc::from(&*bytes), 0..bytes.len()));
     }
-    match section.file_range() {
-        Some((offset, size)) => Ok(file.shared_range(offset, size).map_err(|_| outside())?),
-        None => Ok((Arc::from(&[][..]), 0..0)), // SHT_NOBITS: stripped into a .debug file
+    let limit = compressed
+        .compressed_size
+        .saturating_mul(MAX_COMPRESSION_RATIO)
+        .min(MAX_FILE_SIZE);
+    if compressed.uncompressed_size > limit {
+        return Err(DebugInfoError::CompressedSizeLie {
+            name: name.to_owned(),
+            claimed: compressed.uncompressed_size,
+            compressed: compressed.compressed_size,
+        });
+    }
+    if compressed
+        .offset
+        .checked_add(compressed.compressed_size)
+        .is_none_or(|end| end > file.size)
+    {
+        return Err(DebugInfoError::SectionOutsideFile(name.to_owned()));
+    }
+    let failed = |err: io::Error| DebugInfoError::Decompress {
+        name: name.to_owned(),
+        err,
+    };
+    let input = io::BufReader::with_capacity(
+        64 << 10,
+        FileRange {
+            file,
+            at: compressed.offset,
+            end: compressed.offset + compressed.compressed_size,
+        },
+    );
+    let mut decoder: Box<dyn Read> = match compressed.format {
+        object::CompressionFormat::Zlib => Box::new(flate2::read::ZlibDecoder::new(input)),
+        object::CompressionFormat::Zstandard => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(input)
+                .map_err(|err| failed(io::Error::other(err.to_string())))?,
+        ),
+        _ => {
+            return Err(failed(io::Error::other("unknown compression format")));
+        }
+    };
+    let size = compressed.uncompressed_size;
+    let mut limited = (&mut decoder).take(size);
+    let backing: Arc<dyn ReadAt> = if size <= MAX_DECOMPRESSED_IN_MEMORY {
+        let mut bytes = Vec::with_capacity(size as usize);
+        limited.read_to_end(&mut bytes).map_err(failed)?;
+        if bytes.len() as u64 != size {
+            return Err(failed(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Arc::new(bytes)
+    } else {
+        // An unlinked file: gone when the last reader of it is dropped.
+        let scratch = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(std::env::temp_dir())
+            .map_err(failed)?;
+        let mut out = io::BufWriter::with_capacity(64 << 10, &scratch);
+        let written = io::copy(&mut limited, &mut out).map_err(failed)?;
+        out.flush().map_err(failed)?;
+        drop(out);
+        if written != size {
+            return Err(failed(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Arc::new(scratch)
+    };
+    Ok(Some((backing, 0, size)))
+}
+
+/// A range of an [`ElfFile`], read in order with positional reads.
+struct FileRange<'a> {
+    file: &'a ElfFile,
+    at: u64,
+    end: u64,
+}
+
+impl Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.end - self.at) as usize;
+        self.file.read_at(self.at, &mut buf[..n])?;
+        self.at += n as u64;
+        Ok(n)
     }
 }

@@ -279,6 +279,12 @@ impl ElfFile {
     }
 }
 
+impl super::reader::ReadAt for ElfFile {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        ElfFile::read_at(self, offset, buf)
+    }
+}
+
 /// The parts of an [`ElfFile`] that object's parsers asked for, read on demand and kept
 /// until the image is dropped. Implements [`ReadRef`].
 pub struct Image {

@@ -10,6 +10,8 @@ pub mod dwarf;
 pub mod elf;
 pub mod locate;
 pub mod mapping;
+pub mod reader;
+pub mod symbols;
 pub mod variables;
 
 use std::os::unix::fs::MetadataExt;
@@ -173,6 +175,9 @@ struct CacheEntry {
 /// The most binaries kept open and parsed at once.
 const MAX_CACHED_FILES: usize = 64;
 
+/// How many files' budgets the cache holds (each file gets this fraction of it).
+const FILES_PER_CACHE: usize = 4;
+
 /// What a cached binary costs beyond its debug information: its headers' facts and an
 /// open file.
 const LOADED_OVERHEAD: usize = 4096;
@@ -254,13 +259,13 @@ impl Symbolizer {
         let debug = self.places.debug_file(&binary).and_then(|(file, how)| {
             tracing::debug!(binary = %path.display(), debug = %file.path.display(), how, "debug information found");
             let supplementary = self.places.supplementary_file(&file, path);
-            DebugInfo::load(&file, supplementary.as_ref()).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
+            DebugInfo::load_within(&file, supplementary.as_ref(), self.file_budget()).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
         });
         let found_dwarf = debug.is_some();
         let debug = match debug {
             Some(debug) => Some(debug),
             // Symbols only: the binary's own .symtab/.dynsym.
-            None => DebugInfo::load(&binary, None).ok(),
+            None => DebugInfo::load_within(&binary, None, self.file_budget()).ok(),
         };
         // The binary itself holds only its headers' facts and an open file.
         let bytes = LOADED_OVERHEAD + debug.as_ref().map_or(0, |d| d.bytes);
@@ -285,6 +290,12 @@ impl Symbolizer {
             self.cache().insert(path.to_owned(), stamp, loaded.clone());
         }
         Ok(loaded)
+    }
+
+    /// What one file's debug information may hold: a quarter of the cache, so that a few
+    /// binaries stay loaded at once.
+    fn file_budget(&self) -> dwarf::Budget {
+        dwarf::Budget::of(self.cache().limit_bytes / FILES_PER_CACHE)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -484,7 +495,7 @@ impl Symbolize for Symbolizer {
                 }
             }
         };
-        let debug = loaded
+        let mut debug = loaded
             .debug
             .as_ref()
             .ok_or_else(no_debug_info)?
@@ -528,6 +539,7 @@ impl Symbolize for Symbolizer {
                 event.instruction = faulting.map(|f| f.text);
             }
         }
+        debug.trim();
         Ok(())
     }
 }

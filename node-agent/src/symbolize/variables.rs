@@ -29,6 +29,9 @@ const MAX_BLOCK_DEPTH: usize = 64;
 pub struct UnitFacts<'a> {
     unit: UnitRef<'a, Reader>,
     debug: &'a DebugInfo,
+    /// The subprogram holding the address, when addr2line found it: variables are looked
+    /// for below it rather than from the unit's top level.
+    function: Option<UnitOffset>,
 }
 
 impl<'a> UnitFacts<'a> {
@@ -36,7 +39,21 @@ impl<'a> UnitFacts<'a> {
     /// part (`DW_AT_ranges` entry) that contains it.
     pub fn at(debug: &'a DebugInfo, pc: u64) -> Option<(UnitFacts<'a>, Range<u64>)> {
         let unit = debug.unit_at(pc)?;
-        let facts = UnitFacts { unit, debug };
+        let mut facts = UnitFacts {
+            unit,
+            debug,
+            function: None,
+        };
+        // The subprogram addr2line found for the frames: read directly, without walking
+        // the unit's top level.
+        if let Some(offset) = debug.function_at(pc)
+            && let Ok(entry) = facts.unit.entry(offset)
+            && entry.tag() == gimli::DW_TAG_subprogram
+            && let Ok(Some(range)) = facts.range_containing(&entry, pc)
+        {
+            facts.function = Some(offset);
+            return Some((facts, range));
+        }
         let range = facts.function_range(pc).ok()??;
         Some((facts, range))
     }
@@ -389,10 +406,13 @@ impl DebugFacts for UnitFacts<'_> {
     type Type = UnitOffset;
 
     fn variable_in_register(&self, pc: u64, dwarf_register: u16) -> Option<Typed<UnitOffset>> {
-        let mut tree = self.unit.entries_tree(None).ok()?;
+        let mut tree = self.unit.entries_tree(self.function).ok()?;
         let root = tree.root().ok()?;
         let mut best = None;
-        self.find_variable(root, pc, dwarf_register, (0, 0), &mut best)
+        // Below the subprogram, its own variables are one block deep, as when the walk
+        // starts at the unit and enters it.
+        let depth = usize::from(self.function.is_some());
+        self.find_variable(root, pc, dwarf_register, (depth, 0), &mut best)
             .ok()?;
         best.and_then(|(_, found)| found)
     }
