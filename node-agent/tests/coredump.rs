@@ -16,52 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crds::{CrashEvent, EventKind};
-use support::{Agent, KernelTest, Sysctl, have, require};
-
-/// The test's own previous handler: a script keeping each dump as `cores/core.PID`.
-struct PreviousHandler {
-    pattern: String,
-    cores: PathBuf,
-    _pattern: Sysctl,
-}
-
-impl PreviousHandler {
-    fn install(dir: &Path) -> PreviousHandler {
-        let cores = dir.join("cores");
-        fs::create_dir_all(&cores).unwrap();
-        let script = dir.join("previous-handler");
-        fs::write(
-            &script,
-            format!("#!/bin/sh\ncat > {}/core.$1\n", cores.display()),
-        )
-        .unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-        let pattern = format!("|{} %P", script.display());
-        PreviousHandler {
-            _pattern: Sysctl::set("kernel/core_pattern", &pattern),
-            pattern,
-            cores,
-        }
-    }
-
-    /// The dump kept for `pid`, once complete (a valid ELF core).
-    fn wait_core(&self, pid: u32) -> PathBuf {
-        let path = self.cores.join(format!("core.{pid}"));
-        support::wait_until(
-            "the previous handler's dump",
-            Duration::from_secs(20),
-            || fs::read(&path).is_ok_and(|b| b.len() > 64 && &b[..4] == b"\x7fELF" && b[16] == 4),
-        );
-        path
-    }
-}
-
-fn core_pattern() -> String {
-    fs::read_to_string("/proc/sys/kernel/core_pattern")
-        .unwrap()
-        .trim_end()
-        .to_owned()
-}
+use support::{Agent, KernelTest, PreviousHandler, Sysctl, core_pattern, have, require};
 
 /// Root, the kernel, gcc and gdb.
 fn setup() -> Option<KernelTest> {
@@ -121,44 +76,15 @@ fn line_of(source: &str, marker: &str) -> u64 {
         + 1
 }
 
-/// gdb's `bt` of `core`: (function, line, whether the frame is outside the test's program);
-/// the line is 0 outside it.
-fn gdb_backtrace(binary: &Path, core: &Path) -> Vec<(String, u64, bool)> {
-    let output = support::run(
-        "gdb",
-        &[
-            "-batch",
-            "-nx",
-            "-ex",
-            "bt",
-            binary.to_str().unwrap(),
-            core.to_str().unwrap(),
-        ],
-    );
-    // gdb prints frame #0 once as it loads the core, then the whole `bt`.
-    let bt = output
-        .rfind("\n#0 ")
-        .map_or(output.as_str(), |at| &output[at + 1..]);
-    bt.lines()
-        .filter(|l| l.starts_with('#'))
-        .map(|l| {
-            let rest = l.split_once("  ").map_or(l, |(_, r)| r);
-            let rest = match rest.split_once(" in ") {
-                Some((address, r)) if address.starts_with("0x") => r,
-                _ => rest,
-            };
-            let function = rest.split(" (").next().unwrap().to_owned();
+/// gdb's frames as (function, line, whether outside the test's program); the line is 0
+/// outside it, where only the count is compared.
+fn gdb_frames(binary: &Path, core: &Path) -> Vec<(String, u64, bool)> {
+    support::gdb_backtrace(binary, core)
+        .into_iter()
+        .map(|f| {
             // Frames in the test's program name its source; the C library's do not.
-            let in_library = !rest.contains("tests/programs/");
-            let line = if in_library {
-                0
-            } else {
-                rest.rsplit(':')
-                    .next()
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0)
-            };
-            (function, line, in_library)
+            let in_library = !f.file.contains("tests/programs/");
+            (f.function, if in_library { 0 } else { f.line }, in_library)
         })
         .collect()
 }
@@ -228,8 +154,8 @@ fn a_crash_through_libc_is_unwound_by_cfi_like_gdb_and_the_previous_handler_gets
     // gdb on the dump the previous handler kept: the same frames in the program, and both
     // reach main through the C library. (Inside libc the tools differ: gdb also shows
     // `qsort`, which tail-calls `__qsort_r` with a `jmp` and so has no frame of its own.)
-    let core = previous.wait_core(pid);
-    let gdb = gdb_backtrace(&binary, &core);
+    let core = previous.wait_core(u64::from(pid));
+    let gdb = gdb_frames(&binary, &core);
     let program = |frames: &[(String, u64, bool)]| -> Vec<(String, u64, bool)> {
         frames.iter().filter(|f| !f.2).cloned().collect()
     };
@@ -302,7 +228,7 @@ fn a_killed_agent_leaves_a_handler_that_still_chains_and_a_restart_keeps_the_pre
     assert_eq!(core_pattern(), ours, "a SIGKILL cannot restore anything");
     // Without the agent: the crash neither hangs nor loses the previous handler's dump.
     let pid = crash(&binary);
-    previous.wait_core(pid);
+    previous.wait_core(u64::from(pid));
     // The handler spooled it; a restarted agent reports it, and still knows the pattern
     // it replaced first (not its own).
     let mut agent = Agent::start(test.state.path(), &["--core-handler"]);

@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Value, json};
 use support::stuck::{StuckReader, require_nbd_lab};
-use support::{Sysctl, compile_crashy, have, printed, require, run_to_crash, wait_until};
+use support::{
+    PreviousHandler, Sysctl, compile_crashy, core_pattern, have, printed, require, run_to_crash,
+    wait_until,
+};
 
 const NAMESPACE: &str = "crashwatch";
 const RELEASE: &str = "crashwatch";
@@ -406,50 +409,6 @@ fn unique_name(prefix: &str) -> String {
         .unwrap()
         .subsec_nanos();
     format!("{prefix}{:06x}", (nanos ^ std::process::id()) & 0xff_ffff)
-}
-
-/// A core_pattern handler of the test's own, as systemd-coredump would be on a node: a script
-/// that keeps every dump it receives in `cores/core.PID`. Set before the chart is installed,
-/// so the agent must chain to it; the old pattern comes back when this drops.
-struct PreviousHandler {
-    pattern: String,
-    cores: PathBuf,
-    _pattern: Sysctl,
-    _pipe_limit: Sysctl,
-}
-
-impl PreviousHandler {
-    fn install(dir: &Path) -> PreviousHandler {
-        let cores = dir.join("cores");
-        fs::create_dir_all(&cores).unwrap();
-        let script = dir.join("previous-handler");
-        fs::write(
-            &script,
-            format!("#!/bin/sh\ncat > {}/core.$1\n", cores.display()),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-        let pattern = format!("|{} %P", script.display());
-        PreviousHandler {
-            _pipe_limit: Sysctl::set("kernel/core_pipe_limit", "0"),
-            _pattern: Sysctl::set("kernel/core_pattern", &pattern),
-            pattern,
-            cores,
-        }
-    }
-
-    /// The dump the handler kept for process `pid`.
-    fn core_of(&self, pid: u64) -> PathBuf {
-        self.cores.join(format!("core.{pid}"))
-    }
-}
-
-fn core_pattern() -> String {
-    fs::read_to_string("/proc/sys/kernel/core_pattern")
-        .unwrap()
-        .trim_end()
-        .to_owned()
 }
 
 fn install(c: &Cluster) {
@@ -1041,46 +1000,6 @@ fn pod_events(c: &Cluster, reason: &str) -> Vec<Value> {
         .collect()
 }
 
-/// gdb's `bt` of `core` with `binary`: (function, line) per frame, innermost first, to main.
-fn gdb_backtrace(binary: &Path, core: &Path) -> Vec<(String, u64)> {
-    let output = support::run(
-        "gdb",
-        &[
-            "-batch",
-            "-nx",
-            "-ex",
-            "bt",
-            binary.to_str().unwrap(),
-            core.to_str().unwrap(),
-        ],
-    );
-    // gdb prints frame #0 once as it loads the core, then the whole `bt`.
-    let bt = output
-        .rfind("\n#0 ")
-        .map_or(output.as_str(), |at| &output[at + 1..]);
-    bt.lines()
-        .filter(|l| l.starts_with('#'))
-        .map(|l| {
-            // "#1  0x000055d0c0c4a196 in charge (order=...) at /path/checkout.c:26"
-            let rest = l.split_once("  ").map_or(l, |(_, r)| r);
-            let rest =
-                rest.split_once(" in ").map_or(
-                    rest,
-                    |(addr, r)| {
-                        if addr.starts_with("0x") { r } else { rest }
-                    },
-                );
-            let function = rest.split(" (").next().unwrap().to_owned();
-            let line = rest
-                .rsplit(':')
-                .next()
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or(0);
-            (function, line)
-        })
-        .collect()
-}
-
 fn pod_crash(c: &Cluster) {
     let (archive, full) = checkout_image(c.dir.path());
     let loaded = script(&[
@@ -1150,13 +1069,12 @@ fn pod_crash(c: &Cluster) {
         .previous_handler
         .as_ref()
         .expect("the install trial ran");
-    let core = previous.core_of(spec["pid"].as_u64().unwrap());
-    wait_until(
-        "the previous handler's dump",
-        Duration::from_secs(10),
-        || fs::read(&core).is_ok_and(|b| b.len() > 64 && &b[..4] == b"\x7fELF" && b[16] == 4),
-    );
-    assert_eq!(gdb_backtrace(&full, &core), ours, "gdb bt differs");
+    let core = previous.wait_core(spec["pid"].as_u64().unwrap());
+    let gdb: Vec<(String, u64)> = support::gdb_backtrace(&full, &core)
+        .into_iter()
+        .map(|f| (f.function, f.line))
+        .collect();
+    assert_eq!(gdb, ours, "gdb bt differs");
     drop(shared);
     // The pod tells why its container died.
     wait_until("the Pod's Warning Event", Duration::from_secs(30), || {

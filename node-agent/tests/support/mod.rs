@@ -791,3 +791,109 @@ impl Drop for MemoryCgroup {
         }
     }
 }
+
+/// A core_pattern handler of the test's own, as systemd-coredump or apport would be on a
+/// node: a script that keeps every dump it receives as `cores/core.PID`. The old
+/// `core_pattern` and `core_pipe_limit` come back when this drops.
+pub struct PreviousHandler {
+    /// The pattern it set.
+    pub pattern: String,
+    cores: PathBuf,
+    _pattern: Sysctl,
+    _pipe_limit: Sysctl,
+}
+
+impl PreviousHandler {
+    /// Writes the script into `dir` and points `core_pattern` at it.
+    pub fn install(dir: &Path) -> PreviousHandler {
+        use std::os::unix::fs::PermissionsExt;
+        let cores = dir.join("cores");
+        fs::create_dir_all(&cores).unwrap();
+        let script = dir.join("previous-handler");
+        fs::write(
+            &script,
+            format!("#!/bin/sh\ncat > {}/core.$1\n", cores.display()),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let pattern = format!("|{} %P", script.display());
+        PreviousHandler {
+            _pipe_limit: Sysctl::set("kernel/core_pipe_limit", "0"),
+            _pattern: Sysctl::set("kernel/core_pattern", &pattern),
+            pattern,
+            cores,
+        }
+    }
+
+    /// The dump kept for process `pid`, once complete (a valid ELF core).
+    pub fn wait_core(&self, pid: u64) -> PathBuf {
+        let path = self.cores.join(format!("core.{pid}"));
+        wait_until(
+            "the previous handler's dump",
+            Duration::from_secs(20),
+            || fs::read(&path).is_ok_and(|b| b.len() > 64 && &b[..4] == b"\x7fELF" && b[16] == 4),
+        );
+        path
+    }
+}
+
+/// The kernel's `core_pattern` now.
+pub fn core_pattern() -> String {
+    fs::read_to_string("/proc/sys/kernel/core_pattern")
+        .unwrap()
+        .trim_end()
+        .to_owned()
+}
+
+/// One frame of gdb's `bt`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GdbFrame {
+    /// The function gdb names.
+    pub function: String,
+    /// The source file after ` at `, empty without one.
+    pub file: String,
+    /// The source line, 0 without one.
+    pub line: u64,
+}
+
+/// gdb's `bt` of `core` with `binary`, innermost first (to main, as gdb stops there).
+pub fn gdb_backtrace(binary: &Path, core: &Path) -> Vec<GdbFrame> {
+    let output = run(
+        "gdb",
+        &[
+            "-batch",
+            "-nx",
+            "-ex",
+            "bt",
+            binary.to_str().unwrap(),
+            core.to_str().unwrap(),
+        ],
+    );
+    // gdb prints frame #0 once as it loads the core, then the whole `bt`.
+    let bt = output
+        .rfind("\n#0 ")
+        .map_or(output.as_str(), |at| &output[at + 1..]);
+    bt.lines()
+        .filter(|l| l.starts_with('#'))
+        .map(|l| {
+            // "#1  0x000055d0c0c4a196 in charge (order=...) at /path/checkout.c:26"
+            let rest = l.split_once("  ").map_or(l, |(_, r)| r);
+            let rest = match rest.split_once(" in ") {
+                Some((address, r)) if address.starts_with("0x") => r,
+                _ => rest,
+            };
+            let function = rest.split(" (").next().unwrap().to_owned();
+            let (file, line) = rest
+                .rsplit_once(" at ")
+                .and_then(|(_, at)| at.rsplit_once(':'))
+                .map_or((String::new(), 0), |(file, line)| {
+                    (file.to_owned(), line.trim().parse().unwrap_or(0))
+                });
+            GdbFrame {
+                function,
+                file,
+                line,
+            }
+        })
+        .collect()
+}
