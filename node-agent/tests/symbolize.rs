@@ -886,3 +886,119 @@ fn compressed_sections_too_large_for_memory_are_read_from_a_scratch_file() {
         assert_eq!(actual, expected, "{format}");
     }
 }
+
+/// Every address of `binary`'s code, symbolized by `symbolizer`.
+fn all_frames(symbolizer: &Symbolizer, binary: &Path) -> Vec<Vec<(String, String, u32, u32)>> {
+    let segments = loads(binary);
+    let module = binary.file_name().unwrap().to_str().unwrap();
+    instruction_addresses(binary)
+        .iter()
+        .map(|address| {
+            let (offset, vaddr, _) = segments
+                .iter()
+                .copied()
+                .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(address))
+                .unwrap();
+            ours(symbolizer, module, address - vaddr + offset)
+        })
+        .collect()
+}
+
+/// The file offset of `main`'s first instruction.
+fn first_line_offset(binary: &Path) -> u64 {
+    let symbols = run("nm", &[binary.to_str().unwrap()]);
+    let main = symbols
+        .lines()
+        .find_map(|l| l.strip_suffix(" T main"))
+        .map(|a| u64::from_str_radix(a, 16).unwrap())
+        .unwrap();
+    let (offset, vaddr, _) = loads(binary)
+        .into_iter()
+        .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(&main))
+        .unwrap();
+    main - vaddr + offset
+}
+
+#[test]
+fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
+    if !require(
+        "needs gcc, nm, readelf and objdump",
+        ["gcc", "nm", "readelf", "objdump"].iter().all(|t| have(t)),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (binary, other) = (dir.path().join("crashy"), dir.path().join("other/crashy"));
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    compile_crashy(&binary, &[]);
+    compile_crashy(&other, &["-O1"]);
+    let plain = all_frames(&symbolizer_for(&binary, Vec::new()), &binary);
+    let named = plain
+        .iter()
+        .filter(|f| f[0].0 != "??" && f[0].2 > 0)
+        .count();
+    assert!(
+        named > 50,
+        "{named} of {} addresses have a line",
+        plain.len()
+    );
+    let indexes = dir.path().join("indexes");
+    let indexed = || symbolizer_for(&binary, Vec::new()).with_index_dir(indexes.clone());
+    let first = indexed();
+    all_frames(&first, &binary);
+    first.wait_for_indexes();
+    let index_of = |b: &Path| {
+        let id = run("readelf", &["-n", b.to_str().unwrap()]);
+        let id = id
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .unwrap()
+            .to_owned();
+        indexes.join(format!("{id}.index"))
+    };
+    let index = index_of(&binary);
+    let good = std::fs::read(&index).expect("the index was built");
+
+    // The other build's index under this build's name: a foreign file.
+    let foreign = {
+        let other_symbolizer = symbolizer_for(&other, Vec::new()).with_index_dir(indexes.clone());
+        all_frames(&other_symbolizer, &other);
+        other_symbolizer.wait_for_indexes();
+        std::fs::read(index_of(&other)).unwrap()
+    };
+    let mut flipped = good.clone();
+    let last = flipped.len() - 20;
+    flipped[last] ^= 0x40;
+    let damaged: [(&str, Vec<u8>); 5] = [
+        ("one byte flipped in an entry", flipped),
+        ("cut short", good[..good.len() - 24].to_vec()),
+        ("only a header", good[..136].to_vec()),
+        ("empty", Vec::new()),
+        ("another build's index", foreign),
+    ];
+    for (what, bytes) in damaged {
+        std::fs::write(&index, &bytes).unwrap();
+        let symbolizer = indexed();
+        let before = dwarf::index_lookups();
+        let main_offset = first_line_offset(&binary);
+        let frames = ours(&symbolizer, "crashy", main_offset);
+        assert_eq!(
+            dwarf::index_lookups().0,
+            before.0,
+            "{what}: the index was not used"
+        );
+        assert!(frames[0].2 > 0, "{what}: {frames:?}");
+        symbolizer.wait_for_indexes();
+        assert_eq!(std::fs::read(&index).unwrap(), good, "{what}: built again");
+        // Once built again, the index is used, with the same answers.
+        assert_eq!(
+            all_frames(&symbolizer, &binary),
+            plain,
+            "{what}: same answers"
+        );
+        assert!(
+            dwarf::index_lookups().0 > before.0,
+            "{what}: the new index is used"
+        );
+    }
+}
