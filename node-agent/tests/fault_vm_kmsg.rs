@@ -371,7 +371,7 @@ fn the_agent_recognises_real_crashes_hangs_and_nbd_failures_on_debians_6_1_kerne
         let event = the_event(&events, kind, run.pid);
         assert_eq!(event.comm.as_deref(), Some("crashy"));
         assert_eq!(event.kmsg_seq, Some(kmsg[at].seq));
-        assert_eq!(event.raw, [line.clone()], "no Code: record follows a trap");
+        assert_eq!(event.raw, [line.as_str()], "no Code: record follows a trap");
         let ip = field(line, " ip:");
         assert_eq!(event.ip, Some(Address(ip)), "{line}");
         assert_eq!(event.sp, Some(Address(field(line, " sp:"))), "{line}");
@@ -486,7 +486,7 @@ fn the_agent_recognises_real_crashes_hangs_and_nbd_failures_on_debians_6_1_kerne
     let (dead_at, dead) = the_record(&kmsg, "block nbd2: Receive control failed (result ");
     let dead_event = nbd[&dead.seq];
     assert_eq!(dead_event.device.as_deref(), Some("nbd2"));
-    assert_eq!(dead_event.raw, [dead.message.clone()]);
+    assert_eq!(dead_event.raw, [dead.message.as_str()]);
     let (disconnect, _) = the_record(&kmsg, "block nbd2: NBD_DISCONNECT");
     let (shutdown, _) = the_record(&kmsg, "block nbd2: shutting down sockets");
     assert!(dead_at < disconnect && disconnect < shutdown);
