@@ -718,13 +718,8 @@ pub fn build_index(file: &ElfFile, dir: &Path, identity: &Identity) -> Result<()
     let pages = PageCache::new(MIN_PAGE_BYTES);
     let dwarf = load_dwarf(file, &object, &pages)
         .map_err(|e| IndexError::Io(io::Error::other(e.to_string())))?;
-    let contents = index::scan(&dwarf)?;
     std::fs::create_dir_all(dir)?;
-    index::write(
-        &index::path_in(dir, &identity.build_id),
-        identity,
-        &contents,
-    )?;
+    index::build(&dwarf, &index::path_in(dir, &identity.build_id), identity)?;
     index::evict(dir, super::INDEX_DIR_LIMIT)?;
     Ok(())
 }

@@ -150,19 +150,6 @@ impl Checkpoint {
     }
 }
 
-/// What a pass over the DWARF found, before it is written.
-#[derive(Debug, Default)]
-pub struct Contents {
-    /// The `.debug_info` offset of each unit, in order.
-    pub units: Vec<u64>,
-    /// Subprogram ranges, by `begin`.
-    pub functions: Vec<Entry>,
-    /// Line sequences, by `begin`.
-    pub sequences: Vec<Entry>,
-    /// Checkpoints in long line sequences, by address.
-    pub checkpoints: Vec<Checkpoint>,
-}
-
 /// The address ranges an entry's attributes give, as addr2line reads them.
 #[derive(Default)]
 pub struct Extent {
@@ -220,17 +207,93 @@ impl Extent {
     }
 }
 
-/// Reads every unit of `dwarf` once: its subprograms' ranges (wherever they nest) and its
-/// line sequences.
-pub fn scan(dwarf: &gimli::Dwarf<Reader>) -> Result<Contents, IndexError> {
-    let mut contents = Contents::default();
+/// A table of fixed-size entries spilled to an unlinked scratch file while the DWARF is
+/// read, and sorted only when it is written: building an index holds its largest table, not
+/// all of them.
+struct Spill<const N: usize> {
+    out: io::BufWriter<File>,
+    count: u64,
+}
+
+impl<const N: usize> Spill<N> {
+    fn new(dir: &Path) -> io::Result<Spill<N>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)?;
+        Ok(Spill {
+            out: io::BufWriter::with_capacity(64 << 10, file),
+            count: 0,
+        })
+    }
+
+    fn push(&mut self, entry: [u8; N]) -> Result<(), IndexError> {
+        self.out.write_all(&entry)?;
+        self.count += 1;
+        if self.count > MAX_ENTRIES as u64 {
+            return Err(IndexError::TooLarge);
+        }
+        Ok(())
+    }
+
+    /// Its entries, sorted by `key`, written to `out` and hashed into `crc`.
+    fn write_sorted<K: Ord>(
+        self,
+        key: impl Fn(&[u8; N]) -> K,
+        out: &mut impl Write,
+        crc: &mut crc32fast::Hasher,
+    ) -> Result<(), IndexError> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let mut entries = vec![[0u8; N]; self.count as usize];
+        file.read_exact_at(entries.as_flattened_mut(), 0)?;
+        entries.sort_unstable_by_key(key);
+        for entry in &entries {
+            crc.update(entry);
+            out.write_all(entry)?;
+        }
+        Ok(())
+    }
+}
+
+/// The sort key of a function or sequence entry: by address, then unit and value, so that
+/// the same DWARF always gives the same index.
+fn entry_key(bytes: &[u8; ENTRY_BYTES as usize]) -> (u64, u32, u32) {
+    let entry = Entry::from_bytes(bytes);
+    (entry.begin, entry.unit, entry.value)
+}
+
+/// The sort key of a checkpoint: by address, then unit and offset.
+fn checkpoint_key(bytes: &[u8; CHECKPOINT_BYTES as usize]) -> (u64, u32, u64) {
+    let checkpoint = Checkpoint::from_bytes(bytes);
+    (checkpoint.at.address, checkpoint.unit, checkpoint.at.offset)
+}
+
+/// Reads every unit of `dwarf` once (its subprograms' ranges, wherever they nest, and its
+/// line sequences) and writes the index of `identity` at `path`, through a temporary file
+/// renamed into place.
+pub fn build(
+    dwarf: &gimli::Dwarf<Reader>,
+    path: &Path,
+    identity: &Identity,
+) -> Result<(), IndexError> {
+    if identity.build_id.len() > MAX_BUILD_ID || identity.build_id.is_empty() {
+        return Err(IndexError::Mismatch(path.to_owned()));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut units: Vec<u64> = Vec::new();
+    let mut functions = Spill::<{ ENTRY_BYTES as usize }>::new(dir)?;
+    let mut sequences = Spill::<{ ENTRY_BYTES as usize }>::new(dir)?;
+    let mut checkpoints = Spill::<{ CHECKPOINT_BYTES as usize }>::new(dir)?;
     let mut headers = dwarf.units();
     while let Some(header) = headers.next()? {
-        let unit_number = u32::try_from(contents.units.len()).map_err(|_| IndexError::TooLarge)?;
+        let unit_number = u32::try_from(units.len()).map_err(|_| IndexError::TooLarge)?;
         let offset = header
             .debug_info_offset()
             .ok_or(gimli::Error::UnsupportedOffset)?;
-        contents.units.push(offset.0 as u64);
+        units.push(offset.0 as u64);
         let unit = dwarf.unit(header)?;
         let unit_ref = gimli::UnitRef::new(dwarf, &unit);
         let mut entries = unit.entries_raw(None)?;
@@ -249,106 +312,93 @@ pub fn scan(dwarf: &gimli::Dwarf<Reader>) -> Result<Contents, IndexError> {
                 extent.read(unit_ref, &attribute)?;
             }
             let die = u32::try_from(die.0).map_err(|_| IndexError::TooLarge)?;
+            let mut pushed = Ok(());
             extent.for_each(unit_ref, |begin, end| {
-                contents.functions.push(Entry {
-                    begin,
-                    end,
-                    unit: unit_number,
-                    value: die,
-                })
+                if pushed.is_ok() {
+                    pushed = functions.push(
+                        Entry {
+                            begin,
+                            end,
+                            unit: unit_number,
+                            value: die,
+                        }
+                        .to_bytes(),
+                    );
+                }
             })?;
+            pushed?;
         }
         if let Some(program) = &unit.line_program {
-            let (sequences, checkpoints) = lines::scan(program.header())?;
+            let (unit_sequences, unit_checkpoints) = lines::scan(program.header())?;
             let fits = |c: &lines::Checkpoint| {
                 [c.offset, c.file, c.line, c.column]
                     .iter()
                     .all(|v| *v <= u64::from(u32::MAX))
             };
-            contents
-                .checkpoints
-                .extend(checkpoints.into_iter().filter(fits).map(|at| Checkpoint {
-                    unit: unit_number,
-                    at,
-                }));
-            for sequence in sequences {
-                contents.sequences.push(Entry {
-                    begin: sequence.start,
-                    end: sequence.end,
-                    unit: unit_number,
-                    value: u32::try_from(sequence.replay_from).map_err(|_| IndexError::TooLarge)?,
-                });
+            for at in unit_checkpoints.into_iter().filter(fits) {
+                checkpoints.push(
+                    Checkpoint {
+                        unit: unit_number,
+                        at,
+                    }
+                    .to_bytes(),
+                )?;
+            }
+            for sequence in unit_sequences {
+                sequences.push(
+                    Entry {
+                        begin: sequence.start,
+                        end: sequence.end,
+                        unit: unit_number,
+                        value: u32::try_from(sequence.replay_from)
+                            .map_err(|_| IndexError::TooLarge)?,
+                    }
+                    .to_bytes(),
+                )?;
             }
         }
-        if contents.functions.len() + contents.sequences.len() + contents.checkpoints.len()
-            > MAX_ENTRIES
-        {
-            return Err(IndexError::TooLarge);
-        }
-    }
-    contents
-        .functions
-        .sort_unstable_by_key(|e| (e.begin, e.unit, e.value));
-    contents
-        .sequences
-        .sort_unstable_by_key(|e| (e.begin, e.unit, e.value));
-    contents
-        .checkpoints
-        .sort_unstable_by_key(|c| (c.at.address, c.unit, c.at.offset));
-    Ok(contents)
-}
-
-/// Writes `contents` as the index of `identity` at `path`, through a temporary file.
-pub fn write(path: &Path, identity: &Identity, contents: &Contents) -> Result<(), IndexError> {
-    if identity.build_id.len() > MAX_BUILD_ID || identity.build_id.is_empty() {
-        return Err(IndexError::Mismatch(path.to_owned()));
     }
     let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
-    let written = write_to(&temporary, identity, contents);
+    let written = (|| -> Result<(), IndexError> {
+        let file = File::create(&temporary)?;
+        let mut out = io::BufWriter::with_capacity(64 << 10, &file);
+        let mut crc = crc32fast::Hasher::new();
+        out.write_all(&[0u8; HEADER_BYTES as usize])?;
+        for unit in &units {
+            crc.update(&unit.to_le_bytes());
+            out.write_all(&unit.to_le_bytes())?;
+        }
+        let counts = [functions.count, sequences.count, checkpoints.count];
+        functions.write_sorted(entry_key, &mut out, &mut crc)?;
+        sequences.write_sorted(entry_key, &mut out, &mut crc)?;
+        checkpoints.write_sorted(checkpoint_key, &mut out, &mut crc)?;
+        out.flush()?;
+        drop(out);
+        let mut header = [0u8; HEADER_BYTES as usize];
+        header[0..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&(identity.build_id.len() as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+        header[16..16 + identity.build_id.len()].copy_from_slice(&identity.build_id);
+        let numbers = [
+            identity.file_size,
+            identity.debug_info,
+            identity.debug_line,
+            units.len() as u64,
+            counts[0],
+            counts[1],
+            counts[2],
+        ];
+        for (i, n) in numbers.iter().enumerate() {
+            header[80 + 8 * i..88 + 8 * i].copy_from_slice(&n.to_le_bytes());
+        }
+        file.write_all_at(&header, 0)?;
+        Ok(())
+    })();
     if written.is_err() {
         let _ = std::fs::remove_file(&temporary);
         return written;
     }
     std::fs::rename(&temporary, path)?;
-    Ok(())
-}
-
-fn write_to(path: &Path, identity: &Identity, contents: &Contents) -> Result<(), IndexError> {
-    let mut out = io::BufWriter::new(File::create(path)?);
-    let mut header = [0u8; HEADER_BYTES as usize];
-    header[0..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&(identity.build_id.len() as u32).to_le_bytes());
-    header[16..16 + identity.build_id.len()].copy_from_slice(&identity.build_id);
-    let numbers = [
-        identity.file_size,
-        identity.debug_info,
-        identity.debug_line,
-        contents.units.len() as u64,
-        contents.functions.len() as u64,
-        contents.sequences.len() as u64,
-        contents.checkpoints.len() as u64,
-    ];
-    for (i, n) in numbers.iter().enumerate() {
-        header[80 + 8 * i..88 + 8 * i].copy_from_slice(&n.to_le_bytes());
-    }
-    let mut body = Vec::with_capacity(
-        8 * contents.units.len()
-            + ENTRY_BYTES as usize * (contents.functions.len() + contents.sequences.len())
-            + CHECKPOINT_BYTES as usize * contents.checkpoints.len(),
-    );
-    for unit in &contents.units {
-        body.extend_from_slice(&unit.to_le_bytes());
-    }
-    for entry in contents.functions.iter().chain(&contents.sequences) {
-        body.extend_from_slice(&entry.to_bytes());
-    }
-    for checkpoint in &contents.checkpoints {
-        body.extend_from_slice(&checkpoint.to_bytes());
-    }
-    header[12..16].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.write_all(&header)?;
-    out.write_all(&body)?;
-    out.flush()?;
     Ok(())
 }
 
