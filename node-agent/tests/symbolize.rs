@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crds::{Address, CrashEvent, EventKind};
-use node_agent::symbolize::{Symbolize, Symbolizer, dwarf};
+use node_agent::symbolize::{Symbolize, Symbolizer};
 use support::{compile_crashy, have, install_by_build_id, require, run, split_debug};
 
 /// `(p_offset, p_vaddr)` of each PT_LOAD, from binutils' readelf.
@@ -284,7 +284,7 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
             if indexed {
                 symbolizer = symbolizer.with_index_dir(index_dir.path().to_owned());
             }
-            let lookups_before = dwarf::index_lookups();
+            let lookups_before = symbolizer.lookups();
             let mismatches = compare_with_oracle(&build, &symbolizer, &addresses, &expected);
             assert!(
                 mismatches.is_empty(),
@@ -308,9 +308,9 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
                 let restarted =
                     symbolizer_for(&build.binary, build.debug_dir.iter().cloned().collect())
                         .with_index_dir(index_dir.path().to_owned());
-                let before = dwarf::index_lookups();
+                let before = restarted.lookups();
                 let mismatches = compare_with_oracle(&build, &restarted, &addresses, &expected);
-                let after = dwarf::index_lookups();
+                let after = restarted.lookups();
                 assert!(
                     mismatches.is_empty(),
                     "{} through its index: {} of {} addresses differ:\n{}",
@@ -325,13 +325,26 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
                         .join("\n")
                 );
                 assert_eq!(
-                    (after.0 - before.0, after.1 - before.1),
+                    (
+                        after.indexed - before.indexed,
+                        after.to_addr2line - before.to_addr2line
+                    ),
                     (addresses.len() as u64, 0),
                     "{}: every lookup through the index, none asking addr2line",
                     build.name
                 );
             } else {
-                assert_eq!(dwarf::index_lookups().0, lookups_before.0, "no index used");
+                let after = symbolizer.lookups();
+                assert_eq!(
+                    (
+                        after.indexed - lookups_before.indexed,
+                        after.in_memory - lookups_before.in_memory,
+                        after.to_addr2line - lookups_before.to_addr2line
+                    ),
+                    (0, addresses.len() as u64, 0),
+                    "{}: every lookup through unit tables made in memory, none asking addr2line",
+                    build.name
+                );
             }
         }
     }
@@ -979,12 +992,12 @@ fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
     for (what, bytes) in damaged {
         std::fs::write(&index, &bytes).unwrap();
         let symbolizer = indexed();
-        let before = dwarf::index_lookups();
+        let before = symbolizer.lookups();
         let main_offset = first_line_offset(&binary);
         let frames = ours(&symbolizer, "crashy", main_offset);
         assert_eq!(
-            dwarf::index_lookups().0,
-            before.0,
+            symbolizer.lookups().indexed,
+            before.indexed,
             "{what}: the index was not used"
         );
         assert!(frames[0].2 > 0, "{what}: {frames:?}");
@@ -997,7 +1010,7 @@ fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
             "{what}: same answers"
         );
         assert!(
-            dwarf::index_lookups().0 > before.0,
+            symbolizer.lookups().indexed > before.indexed,
             "{what}: the new index is used"
         );
     }

@@ -14,7 +14,7 @@ use object::{Object, ObjectSection};
 use thiserror::Error;
 
 use super::elf::{ElfFile, Image, MAX_FILE_SIZE};
-use super::index::{self, Extent, Identity, IndexError, SymbolIndex};
+use super::index::{self, Entry, Extent, Identity, IndexError, SymbolIndex, UnitTable};
 use super::lines;
 use super::reader::{LazyReader, PageCache, ReadAt, Section};
 use super::symbols::Symbols;
@@ -107,6 +107,10 @@ const MAX_PAGE_BYTES: usize = 8 << 20;
 /// C++ (413 MiB for 1 GiB); 2 keeps a margin.
 const PARSED_PER_DWARF_BYTE: usize = 2;
 
+/// What one unit parsed for a lookup is counted as holding (its abbreviations and line
+/// program header).
+const PARSED_UNIT_BYTES: usize = 32 << 10;
+
 /// Compressed sections up to this size are decompressed into memory; larger ones into an
 /// unlinked scratch file, read through the page cache like any other section.
 const MAX_DECOMPRESSED_IN_MEMORY: u64 = 1 << 20;
@@ -119,10 +123,20 @@ pub struct DebugInfo {
     dwarf: Option<Arc<gimli::Dwarf<Reader>>>,
     /// The file's symbol index, when one was found for it: lookups go through it.
     index: Option<SymbolIndex>,
-    /// The units the index led to, parsed once each, by their number in the index.
-    index_units: Box<[OnceCell<Option<gimli::Unit<Reader>>>]>,
-    /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once.
-    unit_ranges: OnceCell<UnitRanges>,
+    /// Without one, the `.debug_info` offsets of every unit, read from their headers on
+    /// the first lookup: the units are numbered by them.
+    unit_offsets: OnceCell<Option<Vec<u64>>>,
+    /// Without one, the tables made in memory for the units lookups needed, by number.
+    unit_tables: RefCell<HashMap<u32, Arc<UnitTable>>>,
+    /// The bytes those tables, and the units parsed for lookups, hold.
+    table_bytes: Cell<usize>,
+    /// Where lookups are counted.
+    counts: Arc<LookupCounts>,
+    /// The units lookups led to, parsed once each, by number.
+    index_units: OnceCell<Box<[ParsedUnit]>>,
+    /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once
+    /// (none when they do not parse).
+    unit_ranges: OnceCell<Option<UnitRanges>>,
     /// Units already checked for their nesting depth: whether they may be walked.
     walkable: RefCell<HashMap<usize, bool>>,
     /// The DWARF bytes of the units looked at since the context was made.
@@ -133,6 +147,9 @@ pub struct DebugInfo {
     /// At most how many bytes this holds: its budget, and the symbol index.
     pub bytes: usize,
 }
+
+/// A unit parsed once for lookups; none when it does not parse.
+type ParsedUnit = OnceCell<Option<gimli::Unit<Reader>>>;
 
 /// Why a lookup through the symbol index gave no answer (addr2line is asked instead).
 #[derive(Debug, Error)]
@@ -153,18 +170,36 @@ enum IndexedError {
     Supplementary,
 }
 
-/// Lookups answered through a symbol index, and lookups where the index gave no answer and
-/// addr2line was asked, in this process.
-static INDEX_LOOKUPS: [std::sync::atomic::AtomicU64; 2] = [
-    std::sync::atomic::AtomicU64::new(0),
-    std::sync::atomic::AtomicU64::new(0),
-];
+/// How lookups went: through a symbol index, through tables made in memory, and how many
+/// of those gave no answer and asked addr2line. Shared by the files a symbolizer loads.
+#[derive(Debug, Default)]
+pub struct LookupCounts([std::sync::atomic::AtomicU64; 3]);
 
-/// How many lookups went through a symbol index, and how many of those fell back to
-/// addr2line, since the process started.
-pub fn index_lookups() -> (u64, u64) {
-    let load = |i: usize| INDEX_LOOKUPS[i].load(std::sync::atomic::Ordering::Relaxed);
-    (load(0), load(1))
+impl LookupCounts {
+    fn add(&self, which: usize) {
+        self.0[which].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn get(&self) -> Lookups {
+        let load = |i: usize| self.0[i].load(std::sync::atomic::Ordering::Relaxed);
+        Lookups {
+            indexed: load(0),
+            in_memory: load(1),
+            to_addr2line: load(2),
+        }
+    }
+}
+
+/// Counts of lookups by the way they went (see [`LookupCounts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookups {
+    /// Through a symbol index on disk.
+    pub indexed: u64,
+    /// Through unit tables made in memory.
+    pub in_memory: u64,
+    /// Of either, answered by addr2line instead.
+    pub to_addr2line: u64,
 }
 
 /// One inlined call holding an address: its name and where it was called from.
@@ -195,17 +230,19 @@ impl DebugInfo {
         supplementary: Option<&ElfFile>,
         budget: Budget,
     ) -> Result<DebugInfo, DebugInfoError> {
-        DebugInfo::load_indexed(file, supplementary, budget, None)
+        DebugInfo::load_indexed(file, supplementary, budget, None, Arc::default())
     }
 
     /// Loads as [`DebugInfo::load_within`] does; with `index` (the file's
-    /// [`SymbolIndex`]), lookups read it instead of every unit header, and addr2line is
-    /// made only if a lookup through the index fails.
+    /// [`SymbolIndex`]) lookups read it, without one they make tables in memory for the units
+    /// they need; addr2line is made only for a lookup neither answers. Lookups are counted
+    /// in `counts`.
     pub fn load_indexed(
         file: &ElfFile,
         supplementary: Option<&ElfFile>,
         budget: Budget,
         index: Option<SymbolIndex>,
+        counts: Arc<LookupCounts>,
     ) -> Result<DebugInfo, DebugInfoError> {
         let image = file.image();
         let object = object::File::parse(&image)?;
@@ -218,25 +255,22 @@ impl DebugInfo {
                 let sup_object = object::File::parse(&sup_image)?;
                 dwarf.set_sup(load_dwarf(sup, &sup_object, &pages)?);
             }
-            let dwarf = Arc::new(dwarf);
-            if index.is_none() {
-                let _ = context.set(Some(addr2line::Context::from_arc_dwarf(dwarf.clone())?));
-            }
-            Some(dwarf)
+            Some(Arc::new(dwarf))
         } else {
             None
         };
         let index = index.filter(|_| dwarf.is_some());
-        let index_units = (0..index.as_ref().map_or(0, SymbolIndex::units))
-            .map(|_| OnceCell::new())
-            .collect();
         let symbols = Symbols::index(file, &object);
         let bytes = budget.bytes() + symbols.bytes();
         Ok(DebugInfo {
             context,
             dwarf,
             index,
-            index_units,
+            unit_offsets: OnceCell::new(),
+            unit_tables: RefCell::default(),
+            table_bytes: Cell::new(0),
+            counts,
+            index_units: OnceCell::new(),
             unit_ranges: OnceCell::new(),
             walkable: RefCell::default(),
             touched_bytes: Cell::new(0),
@@ -264,15 +298,16 @@ impl DebugInfo {
         let estimate = self
             .touched_bytes
             .get()
-            .saturating_mul(PARSED_PER_DWARF_BYTE);
+            .saturating_mul(PARSED_PER_DWARF_BYTE)
+            .saturating_add(self.table_bytes.get());
         if estimate <= self.budget.parsed {
             return;
         }
         tracing::debug!(estimate, "parsed units over budget: dropped");
         self.context = OnceCell::new();
-        self.index_units = (0..self.index_units.len())
-            .map(|_| OnceCell::new())
-            .collect();
+        self.index_units = OnceCell::new();
+        self.unit_tables.get_mut().clear();
+        self.table_bytes.set(0);
         self.touched_bytes.set(0);
         self.walkable.get_mut().clear();
     }
@@ -297,12 +332,13 @@ impl DebugInfo {
     /// The DWARF unit covering `vaddr`, unless its entries nest deeper than any walk of
     /// them may recurse.
     pub fn unit_at(&self, vaddr: u64) -> Option<gimli::UnitRef<'_, Reader>> {
-        if let Some(index) = &self.index {
-            let entry = index
-                .function_at(vaddr)
-                .ok()?
-                .or_else(|| index.sequence_at(vaddr, None).ok().flatten())?;
-            return self.indexed_unit(entry.unit).ok();
+        match self.entries_at(vaddr) {
+            Ok((function, sequence)) => {
+                if let Ok(unit) = self.indexed_unit(function.or(sequence)?.unit) {
+                    return Some(unit);
+                }
+            }
+            Err(err) => tracing::debug!(%err, vaddr, "no unit from the unit tables"),
         }
         if !self.walkable_at(vaddr) {
             return None;
@@ -317,7 +353,9 @@ impl DebugInfo {
         let Some(dwarf) = &self.dwarf else {
             return true;
         };
-        let ranges = self.unit_ranges.get_or_init(|| UnitRanges::of(dwarf));
+        let Some(ranges) = self.unit_ranges.get_or_init(|| UnitRanges::of(dwarf)) else {
+            return false;
+        };
         for offset in ranges.covering(vaddr) {
             let walkable = *self.walkable.borrow_mut().entry(offset).or_insert_with(|| {
                 let header = dwarf
@@ -348,9 +386,8 @@ impl DebugInfo {
     /// The subprogram entry (in the unit [`DebugInfo::unit_at`] gives) of the outermost
     /// function at `vaddr`, as addr2line found it for the frames.
     pub fn function_at(&self, vaddr: u64) -> Option<gimli::UnitOffset> {
-        if let Some(index) = &self.index {
-            let entry = index.function_at(vaddr).ok()??;
-            return Some(gimli::UnitOffset(entry.value as usize));
+        if let Ok((function, _)) = self.entries_at(vaddr) {
+            return Some(gimli::UnitOffset(function?.value as usize));
         }
         let context = self.context()?;
         if !self.walkable_at(vaddr) {
@@ -367,13 +404,13 @@ impl DebugInfo {
     /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none
     /// (or only a unit nested too deep to walk).
     pub fn frames(&self, vaddr: u64) -> Result<Vec<Frame>, gimli::Error> {
-        if self.index.is_some() {
-            INDEX_LOOKUPS[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.dwarf.is_some() {
+            self.counts.add(if self.index.is_some() { 0 } else { 1 });
             match self.indexed_frames(vaddr) {
                 Ok(frames) => return Ok(frames),
                 Err(err) => {
-                    INDEX_LOOKUPS[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(%err, vaddr, "symbol index gave no answer; asking addr2line")
+                    self.counts.add(2);
+                    tracing::debug!(%err, vaddr, "no answer from the unit tables; asking addr2line")
                 }
             }
         }
@@ -407,23 +444,131 @@ impl DebugInfo {
         Ok(frames)
     }
 
-    /// The unit numbered `number` in the index, parsed once.
-    fn indexed_unit(&self, number: u32) -> Result<gimli::UnitRef<'_, Reader>, IndexedError> {
-        let (Some(index), Some(dwarf)) = (&self.index, &self.dwarf) else {
-            return Err(IndexedError::NoUnit);
+    /// The number of units: the index's, or read from the units' headers once.
+    fn unit_count(&self) -> Result<usize, IndexedError> {
+        if let Some(index) = &self.index {
+            return Ok(index.units());
+        }
+        Ok(self.unit_offsets()?.len())
+    }
+
+    /// Without an index, the offsets of every unit, from their headers.
+    fn unit_offsets(&self) -> Result<&[u64], IndexedError> {
+        let offsets = self.unit_offsets.get_or_init(|| {
+            let dwarf = self.dwarf.as_ref()?;
+            let mut offsets = Vec::new();
+            let mut headers = dwarf.units();
+            // All of them or none: a unit missing from the list would hide its functions.
+            while let Some(header) = headers.next().ok()? {
+                offsets.push(header.debug_info_offset()?.0 as u64);
+            }
+            Some(offsets)
+        });
+        offsets.as_deref().ok_or(IndexedError::NoUnit)
+    }
+
+    /// The `.debug_info` offset of unit `number`.
+    fn unit_offset(&self, number: u32) -> Result<u64, IndexedError> {
+        match &self.index {
+            Some(index) => Ok(index.unit_offset(number)?),
+            None => self
+                .unit_offsets()?
+                .get(number as usize)
+                .copied()
+                .ok_or(IndexedError::NoUnit),
+        }
+    }
+
+    /// The number of the unit holding `.debug_info` offset `offset`.
+    fn unit_holding(&self, offset: u64) -> Result<u32, IndexedError> {
+        let number = match &self.index {
+            Some(index) => index.unit_holding(offset)?,
+            None => self
+                .unit_offsets()?
+                .partition_point(|o| *o <= offset)
+                .checked_sub(1)
+                .map(|n| n as u32),
         };
-        let cell = self
-            .index_units
-            .get(number as usize)
+        number.ok_or(IndexedError::NoUnit)
+    }
+
+    /// The table of unit `number`, made in memory when first needed.
+    fn unit_table(&self, number: u32) -> Result<Arc<UnitTable>, IndexedError> {
+        if let Some(table) = self.unit_tables.borrow().get(&number) {
+            return Ok(table.clone());
+        }
+        let dwarf = self.dwarf.as_ref().ok_or(IndexedError::NoUnit)?;
+        let offset =
+            usize::try_from(self.unit_offset(number)?).map_err(|_| IndexedError::NoUnit)?;
+        let header = dwarf
+            .debug_info
+            .header_from_offset(gimli::DebugInfoOffset(offset))?;
+        let table = Arc::new(index::scan_unit(dwarf, header, number)?);
+        self.table_bytes.set(self.table_bytes.get() + table.bytes());
+        self.unit_tables.borrow_mut().insert(number, table.clone());
+        Ok(table)
+    }
+
+    /// The subprogram range and the line sequence covering `vaddr`: from the index, or
+    /// from the tables of the units covering it, the first that has either, as addr2line
+    /// looks through them.
+    fn entries_at(&self, vaddr: u64) -> Result<(Option<Entry>, Option<Entry>), IndexedError> {
+        if let Some(index) = &self.index {
+            let function = index.function_at(vaddr)?;
+            let sequence = index.sequence_at(vaddr, function.map(|f| f.unit))?;
+            return Ok((function, sequence));
+        }
+        let dwarf = self.dwarf.as_ref().ok_or(IndexedError::NoUnit)?;
+        let ranges = self
+            .unit_ranges
+            .get_or_init(|| UnitRanges::of(dwarf))
+            .as_ref()
             .ok_or(IndexedError::NoUnit)?;
+        let offsets = self.unit_offsets()?;
+        for offset in ranges.covering_by_end(vaddr) {
+            let number = offsets
+                .binary_search(&(offset as u64))
+                .map_err(|_| IndexedError::NoUnit)? as u32;
+            let table = self.unit_table(number)?;
+            let function = index::covering(&table.functions, vaddr);
+            let sequence = index::covering(&table.sequences, vaddr);
+            if function.is_some() || sequence.is_some() {
+                return Ok((function, sequence));
+            }
+        }
+        Ok((None, None))
+    }
+
+    /// The last checkpoint at or before `vaddr` in `sequence`.
+    fn checkpoint_before(
+        &self,
+        vaddr: u64,
+        sequence: &Entry,
+    ) -> Result<Option<lines::Checkpoint>, IndexedError> {
+        match &self.index {
+            Some(index) => Ok(index.checkpoint_before(vaddr, sequence)?),
+            None => Ok(self
+                .unit_table(sequence.unit)?
+                .checkpoint_before(vaddr, sequence)),
+        }
+    }
+
+    /// The unit numbered `number`, parsed once.
+    fn indexed_unit(&self, number: u32) -> Result<gimli::UnitRef<'_, Reader>, IndexedError> {
+        let dwarf = self.dwarf.as_ref().ok_or(IndexedError::NoUnit)?;
+        let count = self.unit_count()?;
+        let cells = self
+            .index_units
+            .get_or_init(|| (0..count).map(|_| OnceCell::new()).collect());
+        let cell = cells.get(number as usize).ok_or(IndexedError::NoUnit)?;
         let unit = cell.get_or_init(|| {
-            let offset = index.unit_offset(number).ok()?;
+            let offset = self.unit_offset(number).ok()?;
             let header = dwarf
                 .debug_info
                 .header_from_offset(gimli::DebugInfoOffset(usize::try_from(offset).ok()?))
                 .ok()?;
-            self.touched_bytes
-                .set(self.touched_bytes.get() + header.length_including_self());
+            self.table_bytes
+                .set(self.table_bytes.get() + PARSED_UNIT_BYTES);
             dwarf.unit(header).ok()
         });
         let unit = unit.as_ref().ok_or(IndexedError::NoUnit)?;
@@ -434,16 +579,14 @@ impl DebugInfo {
     /// calls that do, and the line row of the sequence covering it, as addr2line gives
     /// them.
     fn indexed_frames(&self, vaddr: u64) -> Result<Vec<Frame>, IndexedError> {
-        let index = self.index.as_ref().ok_or(IndexedError::NoUnit)?;
-        let function = index.function_at(vaddr)?;
-        let sequence = index.sequence_at(vaddr, function.map(|f| f.unit))?;
+        let (function, sequence) = self.entries_at(vaddr)?;
         // addr2line reads the location from the function's own unit.
         let sequence = sequence.filter(|s| function.is_none_or(|f| f.unit == s.unit));
         let location = match sequence {
             Some(sequence) => {
                 let unit = self.indexed_unit(sequence.unit)?;
                 let program = unit.line_program.as_ref().ok_or(IndexedError::NoUnit)?;
-                let row = match index.checkpoint_before(vaddr, &sequence)? {
+                let row = match self.checkpoint_before(vaddr, &sequence)? {
                     Some(checkpoint) => lines::row_from(program.header(), &checkpoint, vaddr)?,
                     None => {
                         let rows = lines::rows(program.header(), u64::from(sequence.value))?;
@@ -634,17 +777,13 @@ impl DebugInfo {
         unit: gimli::UnitRef<'_, Reader>,
         value: gimli::AttributeValue<Reader>,
     ) -> Result<Option<Reader>, IndexedError> {
-        let index = self.index.as_ref().ok_or(IndexedError::NoUnit)?;
         let mut unit = unit;
         let mut value = value;
         for _ in 0..16 {
             let offset = match value {
                 gimli::AttributeValue::UnitRef(offset) => offset,
                 gimli::AttributeValue::DebugInfoRef(offset) => {
-                    let number = index
-                        .unit_holding(offset.0 as u64)?
-                        .ok_or(IndexedError::NoUnit)?;
-                    unit = self.indexed_unit(number)?;
+                    unit = self.indexed_unit(self.unit_holding(offset.0 as u64)?)?;
                     offset
                         .to_unit_offset(&unit.header)
                         .ok_or(IndexedError::NoUnit)?
@@ -800,15 +939,17 @@ struct UnitRanges {
 impl UnitRanges {
     /// The ranges of every unit: from `.debug_aranges` for the units it lists, which costs
     /// one read of a small section, and from the unit's own entry for the others.
-    fn of(dwarf: &gimli::Dwarf<Reader>) -> UnitRanges {
+    fn of(dwarf: &gimli::Dwarf<Reader>) -> Option<UnitRanges> {
         let mut ranges = Vec::new();
         let mut listed = std::collections::HashSet::new();
+        // Strict, as addr2line is: a section that stops parsing half-way (a file cut short
+        // while it is read) lists no units rather than some of them.
         let mut headers = dwarf.debug_aranges.headers();
-        while let Ok(Some(header)) = headers.next() {
+        while let Some(header) = headers.next().ok()? {
             let offset = header.debug_info_offset().0;
             let mut entries = header.entries();
             let mut any = false;
-            while let Ok(Some(entry)) = entries.next() {
+            while let Some(entry) = entries.next().ok()? {
                 if entry.length() != 0 {
                     let range = entry.range();
                     ranges.push((range.begin, range.end, offset));
@@ -820,7 +961,7 @@ impl UnitRanges {
             }
         }
         let mut headers = dwarf.units();
-        while let Ok(Some(header)) = headers.next() {
+        while let Some(header) = headers.next().ok()? {
             let Some(offset) = header.debug_info_offset().map(|o| o.0) else {
                 continue;
             };
@@ -830,10 +971,8 @@ impl UnitRanges {
             let Ok(unit) = dwarf.unit(header) else {
                 continue;
             };
-            let Ok(mut iter) = dwarf.unit_ranges(&unit) else {
-                continue;
-            };
-            while let Ok(Some(range)) = iter.next() {
+            let mut iter = dwarf.unit_ranges(&unit).ok()?;
+            while let Some(range) = iter.next().ok()? {
                 ranges.push((range.begin, range.end, offset));
             }
         }
@@ -845,7 +984,7 @@ impl UnitRanges {
                 Some(*max)
             })
             .collect();
-        UnitRanges { ranges, max_end }
+        Some(UnitRanges { ranges, max_end })
     }
 
     /// The `.debug_info` offsets of the units whose ranges hold `vaddr`.
@@ -856,6 +995,21 @@ impl UnitRanges {
             .take_while(move |&i| self.max_end[i] > vaddr)
             .filter(move |&i| vaddr < self.ranges[i].1)
             .map(move |i| self.ranges[i].2)
+    }
+
+    /// The same units, in the order addr2line tries them: by the end of their range.
+    fn covering_by_end(&self, vaddr: u64) -> Vec<usize> {
+        let after = self.ranges.partition_point(|(begin, _, _)| *begin <= vaddr);
+        let mut found: Vec<(u64, usize, usize)> = (0..after)
+            .rev()
+            .take_while(|&i| self.max_end[i] > vaddr)
+            .filter(|&i| vaddr < self.ranges[i].1)
+            .map(|i| (self.ranges[i].1, i, self.ranges[i].2))
+            .collect();
+        found.sort_unstable();
+        let mut offsets: Vec<usize> = found.into_iter().map(|(_, _, offset)| offset).collect();
+        offsets.dedup();
+        offsets
     }
 }
 

@@ -207,6 +207,121 @@ impl Extent {
     }
 }
 
+/// What one unit gives an index: its subprograms' ranges, line sequences and checkpoints,
+/// each sorted.
+#[derive(Debug, Default)]
+pub struct UnitTable {
+    /// Subprogram ranges, by `begin`.
+    pub functions: Vec<Entry>,
+    /// Line sequences, by `begin`.
+    pub sequences: Vec<Entry>,
+    /// Checkpoints in its long sequences, by address.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+impl UnitTable {
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Entry>() * (self.functions.len() + self.sequences.len())
+            + std::mem::size_of::<Checkpoint>() * self.checkpoints.len()
+    }
+
+    /// The last checkpoint at or before `probe` within `sequence`.
+    pub fn checkpoint_before(&self, probe: u64, sequence: &Entry) -> Option<lines::Checkpoint> {
+        let at = self
+            .checkpoints
+            .partition_point(|c| c.at.address <= probe)
+            .checked_sub(1)?;
+        let checkpoint = &self.checkpoints[at];
+        (sequence.begin <= checkpoint.at.address && checkpoint.at.address < sequence.end)
+            .then_some(checkpoint.at)
+    }
+}
+
+/// The entry of `entries` (by `begin`) covering `probe`, as [`SymbolIndex`] finds it.
+pub fn covering(entries: &[Entry], probe: u64) -> Option<Entry> {
+    let after = entries.partition_point(|e| e.begin <= probe);
+    entries[after.saturating_sub(OVERLAP_SCAN as usize)..after]
+        .iter()
+        .rev()
+        .find(|e| probe < e.end)
+        .copied()
+}
+
+/// Reads one unit: every subprogram's ranges (wherever it nests), and its line program's
+/// sequences and checkpoints, numbered `unit_number`.
+pub fn scan_unit(
+    dwarf: &gimli::Dwarf<Reader>,
+    header: gimli::UnitHeader<Reader>,
+    unit_number: u32,
+) -> Result<UnitTable, IndexError> {
+    let mut table = UnitTable::default();
+    let unit = dwarf.unit(header)?;
+    let unit_ref = gimli::UnitRef::new(dwarf, &unit);
+    let mut entries = unit.entries_raw(None)?;
+    while !entries.is_empty() {
+        let die = entries.next_offset();
+        let Some(abbreviation) = entries.read_abbreviation()? else {
+            continue;
+        };
+        if abbreviation.tag() != gimli::DW_TAG_subprogram {
+            entries.skip_attributes(abbreviation.attributes())?;
+            continue;
+        }
+        let mut extent = Extent::default();
+        for spec in abbreviation.attributes() {
+            let attribute = entries.read_attribute(*spec)?;
+            extent.read(unit_ref, &attribute)?;
+        }
+        let die = u32::try_from(die.0).map_err(|_| IndexError::TooLarge)?;
+        extent.for_each(unit_ref, |begin, end| {
+            table.functions.push(Entry {
+                begin,
+                end,
+                unit: unit_number,
+                value: die,
+            })
+        })?;
+    }
+    if let Some(program) = &unit.line_program {
+        let (sequences, checkpoints) = lines::scan(program.header())?;
+        let fits = |c: &lines::Checkpoint| {
+            [c.offset, c.file, c.line, c.column]
+                .iter()
+                .all(|v| *v <= u64::from(u32::MAX))
+        };
+        table.checkpoints = checkpoints
+            .into_iter()
+            .filter(fits)
+            .map(|at| Checkpoint {
+                unit: unit_number,
+                at,
+            })
+            .collect();
+        for sequence in sequences {
+            table.sequences.push(Entry {
+                begin: sequence.start,
+                end: sequence.end,
+                unit: unit_number,
+                value: u32::try_from(sequence.replay_from).map_err(|_| IndexError::TooLarge)?,
+            });
+        }
+    }
+    if table.functions.len() + table.sequences.len() + table.checkpoints.len() > MAX_ENTRIES {
+        return Err(IndexError::TooLarge);
+    }
+    table
+        .functions
+        .sort_unstable_by_key(|e| (e.begin, e.unit, e.value));
+    table
+        .sequences
+        .sort_unstable_by_key(|e| (e.begin, e.unit, e.value));
+    table
+        .checkpoints
+        .sort_unstable_by_key(|c| (c.at.address, c.unit, c.at.offset));
+    Ok(table)
+}
+
 /// A table of fixed-size entries spilled to an unlinked scratch file while the DWARF is
 /// read, and sorted only when it is written: building an index holds its largest table, not
 /// all of them.
@@ -294,68 +409,15 @@ pub fn build(
             .debug_info_offset()
             .ok_or(gimli::Error::UnsupportedOffset)?;
         units.push(offset.0 as u64);
-        let unit = dwarf.unit(header)?;
-        let unit_ref = gimli::UnitRef::new(dwarf, &unit);
-        let mut entries = unit.entries_raw(None)?;
-        while !entries.is_empty() {
-            let die = entries.next_offset();
-            let Some(abbreviation) = entries.read_abbreviation()? else {
-                continue;
-            };
-            if abbreviation.tag() != gimli::DW_TAG_subprogram {
-                entries.skip_attributes(abbreviation.attributes())?;
-                continue;
-            }
-            let mut extent = Extent::default();
-            for spec in abbreviation.attributes() {
-                let attribute = entries.read_attribute(*spec)?;
-                extent.read(unit_ref, &attribute)?;
-            }
-            let die = u32::try_from(die.0).map_err(|_| IndexError::TooLarge)?;
-            let mut pushed = Ok(());
-            extent.for_each(unit_ref, |begin, end| {
-                if pushed.is_ok() {
-                    pushed = functions.push(
-                        Entry {
-                            begin,
-                            end,
-                            unit: unit_number,
-                            value: die,
-                        }
-                        .to_bytes(),
-                    );
-                }
-            })?;
-            pushed?;
+        let table = scan_unit(dwarf, header, unit_number)?;
+        for entry in &table.functions {
+            functions.push(entry.to_bytes())?;
         }
-        if let Some(program) = &unit.line_program {
-            let (unit_sequences, unit_checkpoints) = lines::scan(program.header())?;
-            let fits = |c: &lines::Checkpoint| {
-                [c.offset, c.file, c.line, c.column]
-                    .iter()
-                    .all(|v| *v <= u64::from(u32::MAX))
-            };
-            for at in unit_checkpoints.into_iter().filter(fits) {
-                checkpoints.push(
-                    Checkpoint {
-                        unit: unit_number,
-                        at,
-                    }
-                    .to_bytes(),
-                )?;
-            }
-            for sequence in unit_sequences {
-                sequences.push(
-                    Entry {
-                        begin: sequence.start,
-                        end: sequence.end,
-                        unit: unit_number,
-                        value: u32::try_from(sequence.replay_from)
-                            .map_err(|_| IndexError::TooLarge)?,
-                    }
-                    .to_bytes(),
-                )?;
-            }
+        for entry in &table.sequences {
+            sequences.push(entry.to_bytes())?;
+        }
+        for checkpoint in &table.checkpoints {
+            checkpoints.push(checkpoint.to_bytes())?;
         }
     }
     let temporary = path.with_extension(format!("tmp.{}", std::process::id()));

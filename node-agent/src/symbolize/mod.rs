@@ -251,6 +251,7 @@ pub struct Symbolizer {
     places: Places,
     cache: Arc<Mutex<Cache>>,
     indexes: Option<Indexes>,
+    lookups: Arc<dwarf::LookupCounts>,
 }
 
 /// How many bytes of symbol indexes a directory keeps (the least recently written go).
@@ -274,7 +275,14 @@ impl Symbolizer {
                 clock: 0,
             })),
             indexes: None,
+            lookups: Arc::default(),
         }
+    }
+
+    /// How its lookups went so far: through symbol indexes, through unit tables made in
+    /// memory, or to addr2line.
+    pub fn lookups(&self) -> dwarf::Lookups {
+        self.lookups.get()
     }
 
     /// Keeps a symbol index per build-id in `dir` ([`index`]): a file with DWARF and a
@@ -312,15 +320,15 @@ impl Symbolizer {
         supplementary: Option<&ElfFile>,
     ) -> Result<(DebugInfo, Option<IndexWanted>), dwarf::DebugInfoError> {
         let budget = self.file_budget();
+        let load = |index| {
+            DebugInfo::load_indexed(file, supplementary, budget, index, self.lookups.clone())
+        };
         let (Some(indexes), Some(identity)) = (&self.indexes, dwarf::identity(file)) else {
-            return Ok((DebugInfo::load_within(file, supplementary, budget)?, None));
+            return Ok((load(None)?, None));
         };
         let path = index::path_in(&indexes.dir, &identity.build_id);
         match index::SymbolIndex::open(&path, &identity) {
-            Ok(found) => {
-                let debug = DebugInfo::load_indexed(file, supplementary, budget, Some(found))?;
-                return Ok((debug, None));
-            }
+            Ok(found) => return Ok((load(Some(found))?, None)),
             Err(index::IndexError::Io(err)) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => tracing::warn!(%err, "symbol index not used; building it again"),
         }
