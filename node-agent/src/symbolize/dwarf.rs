@@ -497,13 +497,7 @@ impl DebugInfo {
         if let Some(table) = self.unit_tables.borrow().get(&number) {
             return Ok(table.clone());
         }
-        let dwarf = self.dwarf.as_ref().ok_or(IndexedError::NoUnit)?;
-        let offset =
-            usize::try_from(self.unit_offset(number)?).map_err(|_| IndexedError::NoUnit)?;
-        let header = dwarf
-            .debug_info
-            .header_from_offset(gimli::DebugInfoOffset(offset))?;
-        let table = Arc::new(index::scan_unit(dwarf, header, number)?);
+        let table = Arc::new(index::scan_unit(self.indexed_unit(number)?, number)?);
         self.table_bytes.set(self.table_bytes.get() + table.bytes());
         self.unit_tables.borrow_mut().insert(number, table.clone());
         Ok(table)

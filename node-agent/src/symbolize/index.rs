@@ -251,13 +251,11 @@ pub fn covering(entries: &[Entry], probe: u64) -> Option<Entry> {
 /// Reads one unit: every subprogram's ranges (wherever it nests), and its line program's
 /// sequences and checkpoints, numbered `unit_number`.
 pub fn scan_unit(
-    dwarf: &gimli::Dwarf<Reader>,
-    header: gimli::UnitHeader<Reader>,
+    unit_ref: gimli::UnitRef<'_, Reader>,
     unit_number: u32,
 ) -> Result<UnitTable, IndexError> {
     let mut table = UnitTable::default();
-    let unit = dwarf.unit(header)?;
-    let unit_ref = gimli::UnitRef::new(dwarf, &unit);
+    let unit = unit_ref.unit;
     let mut entries = unit.entries_raw(None)?;
     while !entries.is_empty() {
         let die = entries.next_offset();
@@ -409,7 +407,8 @@ pub fn build(
             .debug_info_offset()
             .ok_or(gimli::Error::UnsupportedOffset)?;
         units.push(offset.0 as u64);
-        let table = scan_unit(dwarf, header, unit_number)?;
+        let unit = dwarf.unit(header)?;
+        let table = scan_unit(gimli::UnitRef::new(dwarf, &unit), unit_number)?;
         for entry in &table.functions {
             functions.push(entry.to_bytes())?;
         }
