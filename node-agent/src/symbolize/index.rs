@@ -30,8 +30,10 @@ const HEADER_BYTES: u64 = 136;
 const MAX_BUILD_ID: usize = 64;
 const ENTRY_BYTES: u64 = 24;
 const CHECKPOINT_BYTES: u64 = 32;
-/// At most this many functions and sequences are indexed (24 bytes each: 192 MiB).
-const MAX_ENTRIES: usize = 8 << 20;
+/// At most this many entries per table (functions, sequences, checkpoints: 24 or 32 bytes
+/// each, so a build holds at most 128 MiB of its largest table; 1 GiB of DWARF needs about
+/// a million).
+const MAX_ENTRIES: usize = 4 << 20;
 /// How far back from the last entry starting at or before an address a lookup looks for
 /// one that covers it (ranges that nest or overlap).
 const OVERLAP_SCAN: u64 = 16;
@@ -65,7 +67,7 @@ pub enum IndexError {
     #[error("symbol index: {0}")]
     Lines(#[from] lines::LineError),
     /// The file has more functions and sequences than an index holds.
-    #[error("symbol index: more than {MAX_ENTRIES} functions and line sequences")]
+    #[error("symbol index: more than {MAX_ENTRIES} entries in a table")]
     TooLarge,
     /// An entry names a unit that is not there.
     #[error("symbol index: entry names unit {0}, which it does not list")]
