@@ -421,6 +421,15 @@ pub fn build(
             checkpoints.push(checkpoint.to_bytes())?;
         }
     }
+    // What a build of this file that was killed left behind (one agent per node builds).
+    if let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) {
+        let prefix = format!("{}.tmp.", stem.to_string_lossy());
+        for stray in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+            if stray.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(stray.path());
+            }
+        }
+    }
     let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
     let written = (|| -> Result<(), IndexError> {
         let file = File::create(&temporary)?;
