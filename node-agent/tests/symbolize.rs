@@ -989,6 +989,9 @@ fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
         ("empty", Vec::new()),
         ("another build's index", foreign),
     ];
+    // What a build killed half-way leaves: a temporary file, removed by the next build.
+    let stray = index.with_extension("tmp.4194304");
+    std::fs::write(&stray, b"half an index").unwrap();
     for (what, bytes) in damaged {
         std::fs::write(&index, &bytes).unwrap();
         let symbolizer = indexed();
@@ -1003,6 +1006,7 @@ fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
         assert!(frames[0].2 > 0, "{what}: {frames:?}");
         symbolizer.wait_for_indexes();
         assert_eq!(std::fs::read(&index).unwrap(), good, "{what}: built again");
+        assert!(!stray.exists(), "{what}: the killed build's temporary file is gone");
         // Once built again, the index is used, with the same answers.
         assert_eq!(
             all_frames(&symbolizer, &binary),
