@@ -103,16 +103,19 @@ pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
         None => (body, None),
     };
     let message = unescape(first);
-    let dictionary = entries
-        .into_iter()
-        .flat_map(|entries| entries.split(|&b| b == b'\n'))
-        .filter_map(|line| line.strip_prefix(b" "))
-        .filter_map(|entry| {
-            let entry = unescape(entry);
-            let (key, value) = entry.split_once('=')?;
-            Some((key.to_owned(), value.to_owned()))
-        })
-        .collect();
+    let dictionary = match entries {
+        // Most records have none: no iterator to build.
+        None => Vec::new(),
+        Some(entries) => entries
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b" "))
+            .filter_map(|entry| {
+                let entry = unescape(entry);
+                let (key, value) = entry.split_once('=')?;
+                Some((key.to_owned(), value.to_owned()))
+            })
+            .collect(),
+    };
 
     Ok(KmsgRecord {
         facility: (priority >> 3).min(u32::from(u8::MAX)) as u8,

@@ -33,6 +33,18 @@ impl LogLine {
         }
     }
 
+    /// A line from a parsed `/dev/kmsg` record, taking its message rather than copying it.
+    pub fn from_owned_record(record: KmsgRecord) -> Self {
+        LogLine {
+            from_user_space: !record.is_from_kernel(),
+            level: Some(record.level),
+            seq: Some(record.seq),
+            monotonic_usec: Some(record.timestamp_usec),
+            raw: record.message.clone(),
+            message: record.message,
+        }
+    }
+
     /// A bare message with no metadata.
     pub fn bare(message: &str) -> Self {
         LogLine {
@@ -427,6 +439,20 @@ mod tests {
             assert_eq!(line.monotonic_usec, usec, "timestamp from {text:?}");
             assert!(!line.from_user_space, "{text:?}");
             assert_eq!(line.raw, text);
+        }
+    }
+
+    #[test]
+    fn an_owned_record_makes_the_same_line_as_a_borrowed_one() {
+        for raw in [
+            format!("6,346,605503265,-;{MSG}\n"),
+            "14,1,2,c;user\\x20space\n SUBSYSTEM=block\n".to_owned(),
+        ] {
+            let record = parse_record(raw.as_bytes()).unwrap();
+            assert_eq!(
+                LogLine::from_owned_record(record.clone()),
+                LogLine::from_record(&record)
+            );
         }
     }
 

@@ -239,24 +239,26 @@ pub fn parse_oom_invoker(message: &str) -> Option<&str> {
         .map(|at| &message[..at])
 }
 
+/// The texts a kernel oops report starts with.
+pub(crate) const OOPS_HEADERS: [&str; 13] = [
+    "BUG: unable to handle ",
+    "BUG: kernel NULL pointer dereference",
+    "general protection fault, ",
+    "general protection fault: ",
+    "Oops: ",
+    "kernel BUG at ",
+    "Unable to handle kernel ",
+    "Internal error: Oops",
+    "stack segment: ",
+    "divide error: ",
+    "invalid opcode: ",
+    "double fault: ",
+    "traps: PANIC: double fault",
+];
+
 /// Whether a line opens a kernel oops (a fault or BUG inside the kernel itself).
 pub fn is_oops_header(message: &str) -> bool {
-    const HEADERS: [&str; 13] = [
-        "BUG: unable to handle ",
-        "BUG: kernel NULL pointer dereference",
-        "general protection fault, ",
-        "general protection fault: ",
-        "Oops: ",
-        "kernel BUG at ",
-        "Unable to handle kernel ",
-        "Internal error: Oops",
-        "stack segment: ",
-        "divide error: ",
-        "invalid opcode: ",
-        "double fault: ",
-        "traps: PANIC: double fault",
-    ];
-    HEADERS.iter().any(|h| message.starts_with(h))
+    OOPS_HEADERS.iter().any(|h| message.starts_with(h))
 }
 
 /// The faulting address a kernel oops header names, if any.

@@ -30,12 +30,14 @@ pub mod error_code;
 pub mod hung;
 pub mod line;
 pub mod misc;
+pub mod prefilter;
 pub mod user_fault;
 
 use crds::limits::{self, MAX_KERNEL_STACK, MAX_RAW_LINES};
 use crds::{CrashEvent, DetectedBy, EventKind};
 
 pub use line::LogLine;
+use prefilter::Start;
 
 /// The most records one report may take before it is closed regardless (an OOM report lists
 /// every task, one record each; an nbd device may log thousands of errors in a row).
@@ -72,7 +74,8 @@ pub struct Recogniser {
 #[derive(Debug)]
 struct OpenReport {
     shape: Shape,
-    found: Found,
+    /// Boxed from the start: the report is handed out as it is, without moving the event.
+    found: Box<Found>,
     first_seq: Option<u64>,
     /// Records taken, the first included.
     records: usize,
@@ -168,7 +171,7 @@ impl Recogniser {
         self.open.take().map(|open| {
             let mut found = open.found;
             limits::bound_lines(&mut found.event.raw, MAX_RAW_LINES, open.omitted);
-            Recognised::Event(Box::new(found))
+            Recognised::Event(found)
         })
     }
 
@@ -185,26 +188,32 @@ impl Recogniser {
 
     fn start(&mut self, line: &LogLine, out: &mut Vec<Recognised>) {
         let message = line.message.as_str();
+        // Each recogniser runs only when the line contains the text it requires.
+        let may = prefilter::candidates(message);
+        if may.is_empty() {
+            return;
+        }
         let open = |shape, event| OpenReport::new(shape, event, line);
-        if let Some(event) = user_fault::parse_segfault(message) {
+        if let Some(event) = may.run(Start::Segfault, || user_fault::parse_segfault(message)) {
             self.open = Some(open(Shape::X86Fault, event));
-        } else if let Some(event) = user_fault::parse_trap(message) {
+        } else if let Some(event) = may.run(Start::Trap, || user_fault::parse_trap(message)) {
             self.open = Some(open(Shape::X86Fault, event));
-        } else if let Some(event) = user_fault::parse_arm64_fault(message) {
+        } else if let Some(event) =
+            may.run(Start::Arm64Fault, || user_fault::parse_arm64_fault(message))
+        {
             self.open = Some(open(Shape::Arm64Fault, event));
-        } else if let Some((arch, event)) = arch::parse(message) {
+        } else if let Some((arch, event)) = arch::parse_among(message, may) {
             self.open = Some(open(Shape::Arch(arch), event));
-        } else if let Some(header) = hung::parse_header(message) {
+        } else if let Some(header) = may.run(Start::HungTask, || hung::parse_header(message)) {
             let mut event = CrashEvent::new(EventKind::HungTask);
             event.comm = Some(header.comm);
             event.pid = Some(header.pid);
             event.blocked_seconds = Some(header.blocked_seconds);
             event.detected_by = Some(DetectedBy::KernelReport);
             self.open = Some(open(Shape::Hung { stack_done: false }, event));
-        } else if let (Some(blocked), Some(blocker)) = (
-            hung::parse_blocked_task(message),
-            hung::parse_blocker(message),
-        ) {
+        } else if let Some((blocked, blocker)) = may.run(Start::HungTask, || {
+            hung::parse_blocked_task(message).zip(hung::parse_blocker(message))
+        }) {
             // A lock-owner line whose hung-task header was not seen.
             let mut event = CrashEvent::new(EventKind::HungTask);
             event.comm = Some(blocked.0);
@@ -212,32 +221,36 @@ impl Recogniser {
             event.detected_by = Some(DetectedBy::KernelReport);
             event.explanation = Some(blocker);
             self.open = Some(open(Shape::Hung { stack_done: true }, event));
-        } else if hung::is_suppression_notice(message) {
+        } else if may.may(Start::HungTaskSuppressed) && hung::is_suppression_notice(message) {
             out.push(Recognised::HungTaskReportsSuppressed);
-        } else if let Some(count) = misc::parse_crash_suppression(message) {
+        } else if let Some(count) = may.run(Start::CrashesSuppressed, || {
+            misc::parse_crash_suppression(message)
+        }) {
             out.push(Recognised::CrashesSuppressed(count));
-        } else if let Some(error) = misc::parse_nbd(message) {
+        } else if let Some(error) = may.run(Start::Nbd, || misc::parse_nbd(message)) {
             let mut event = CrashEvent::new(EventKind::NbdError);
             event.explanation = Some(format!("{}: {}.", error.device, error.meaning));
             event.device = Some(error.device);
             self.open = Some(open(Shape::Nbd, event));
-        } else if let Some(invoker) = misc::parse_oom_invoker(message) {
+        } else if let Some(invoker) =
+            may.run(Start::OomInvoker, || misc::parse_oom_invoker(message))
+        {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(invoker.to_owned());
             self.open = Some(open(Shape::Oom { records: 1 }, event));
-        } else if let Some(victim) = misc::parse_oom_choice(message) {
+        } else if let Some(victim) = may.run(Start::OomChoice, || misc::parse_oom_choice(message)) {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(victim.comm.clone());
             event.victim_pid = Some(victim.pid);
             event.victim_comm = Some(victim.comm);
             self.open = Some(open(Shape::OomChosen, event));
-        } else if let Some(victim) = misc::parse_oom_kill(message) {
+        } else if let Some(victim) = may.run(Start::OomKill, || misc::parse_oom_kill(message)) {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(victim.comm.clone());
             event.victim_pid = Some(victim.pid);
             event.victim_comm = Some(victim.comm);
             out.push(found(event, line));
-        } else if misc::is_oops_header(message) {
+        } else if may.may(Start::Oops) && misc::is_oops_header(message) {
             let mut event = CrashEvent::new(EventKind::KernelOops);
             event.fault_address = misc::parse_oops_address(message).map(crds::Address);
             self.open = Some(open(Shape::Oops { records: 1 }, event));
@@ -257,10 +270,16 @@ fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
 /// Whether a line starts a user-space or hang report of its own, and so cannot belong to an
 /// open oops or OOM report (another CPU printed it in between).
 fn starts_report(message: &str) -> bool {
-    user_fault::parse_segfault(message).is_some()
-        || user_fault::parse_trap(message).is_some()
-        || arch::parse(message).is_some()
-        || hung::parse_header(message).is_some()
+    let may = prefilter::candidates(message);
+    may.run(Start::Segfault, || user_fault::parse_segfault(message))
+        .is_some()
+        || may
+            .run(Start::Trap, || user_fault::parse_trap(message))
+            .is_some()
+        || arch::parse_among(message, may).is_some()
+        || may
+            .run(Start::HungTask, || hung::parse_header(message))
+            .is_some()
 }
 
 /// Whether a line starts any report or notice on its own.
@@ -317,10 +336,10 @@ impl OpenReport {
         event.raw.push(line.raw.clone());
         OpenReport {
             shape,
-            found: Found {
+            found: Box::new(Found {
                 event,
                 monotonic_usec: line.monotonic_usec,
-            },
+            }),
             first_seq: line.seq,
             records: 1,
             omitted: 0,

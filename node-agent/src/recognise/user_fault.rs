@@ -377,7 +377,7 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
     const MARKER: &str = "likely on CPU ";
     let at = match text.strip_prefix(MARKER) {
         Some(_) => 0,
-        None => anchor_rev!(" likely on CPU ").rfind(text.as_bytes())? + 1,
+        None => last_cpu_marker(text)? + 1,
     };
     let suffix = &text[at + MARKER.len()..];
     let (cpu, topology) = suffix.split_once(' ')?;
@@ -387,6 +387,18 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (numeric(core) && numeric(socket)).then_some(())?;
     Some((text[..at].trim_end(), cpu.parse().ok()?))
+}
+
+/// Where the last ` likely on CPU ` in `text` starts. A forward search finds it faster than a
+/// reverse one; each search starts one byte after the previous find, so occurrences that
+/// share their spaces are all seen.
+fn last_cpu_marker(text: &str) -> Option<usize> {
+    let finder = anchor!(" likely on CPU ");
+    let mut last = finder.find(text.as_bytes())?;
+    while let Some(next) = finder.find(&text.as_bytes()[last + 1..]) {
+        last += 1 + next;
+    }
+    Some(last)
 }
 
 /// Splits `COMM[PID` (the text before an anchor's `]`) at its last `[`.
@@ -432,10 +444,19 @@ pub(crate) fn with_task(mut event: CrashEvent, comm: &str, pid: u32) -> CrashEve
 
 /// Parses bare hex digits (no `0x`), as the kernel prints addresses.
 pub(crate) fn hex(text: &str) -> Option<u64> {
-    if text.is_empty() || text.len() > 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if text.is_empty() || text.len() > 16 {
         return None;
     }
-    u64::from_str_radix(text, 16).ok()
+    // At most 16 digits: the value cannot overflow. One pass, no sign accepted.
+    text.bytes().try_fold(0u64, |value, b| {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        Some(value << 4 | u64::from(digit))
+    })
 }
 
 #[cfg(test)]
@@ -627,6 +648,50 @@ mod tests {
         );
         assert_eq!(e.ip, Some(Address(0x40_0523)));
         assert!(parse_trap("trap divide error").is_none());
+    }
+
+    #[test]
+    fn hex_reads_as_from_str_radix_does_on_bare_digits() {
+        for text in [
+            "0",
+            "00",
+            "ff",
+            "FF",
+            "dEaDbEeF",
+            "ffffffffffffffff",
+            "0000000000000000",
+            "123456789abcdef0",
+            "",
+            "+f",
+            "-1",
+            "0x10",
+            "g",
+            "1 2",
+            "fffffffffffffffff",
+            "é",
+        ] {
+            let reference = (!text.is_empty()
+                && text.len() <= 16
+                && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u64::from_str_radix(text, 16).ok())
+            .flatten();
+            assert_eq!(hex(text), reference, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_last_cpu_marker_is_found_as_a_reverse_search_finds_it() {
+        let rev = |t: &str| memchr::memmem::rfind(t.as_bytes(), b" likely on CPU ");
+        for text in [
+            "",
+            " likely on CPU ",
+            "a likely on CPU 1 (core 1, socket 0)",
+            "x likely on CPU likely on CPU 3 (core 3, socket 0)",
+            " likely on CPU  likely on CPU ",
+            "no marker here",
+        ] {
+            assert_eq!(last_cpu_marker(text), rev(text), "{text:?}");
+        }
     }
 
     #[test]
