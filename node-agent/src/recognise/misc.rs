@@ -41,22 +41,25 @@ pub fn parse_nbd(message: &str) -> Option<NbdError> {
     }
     // "I/O error, dev nbd0, sector 0 op 0x0:(READ) …" with or without a
     // "blk_update_request: " / "print_req_error: " prefix, and "Buffer I/O error on dev nbd0, …".
-    for (marker, meaning) in [
+    for (marker, marker_len, meaning) in [
         (
-            "I/O error, dev nbd",
+            anchor!("I/O error, dev nbd"),
+            "I/O error, dev nbd".len(),
             "an I/O request to the NBD device failed",
         ),
         (
-            "Buffer I/O error on dev nbd",
+            anchor!("Buffer I/O error on dev nbd"),
+            "Buffer I/O error on dev nbd".len(),
             "a buffered I/O request to the NBD device failed",
         ),
         (
-            "Buffer I/O error on device nbd",
+            anchor!("Buffer I/O error on device nbd"),
+            "Buffer I/O error on device nbd".len(),
             "a buffered I/O request to the NBD device failed",
         ),
     ] {
-        if let Some(at) = message.find(marker) {
-            let number: String = message[at + marker.len()..]
+        if let Some(at) = marker.find(message.as_bytes()) {
+            let number: String = message[at + marker_len..]
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();

@@ -122,7 +122,10 @@ impl Recogniser {
     /// or text pasted in front of a timestamp) is fed as its pieces. A `/dev/kmsg` record is
     /// one message by construction and is never split: a task name such as `[1.1] x` must not
     /// cut the report that prints it in two.
-    pub fn feed(&mut self, line: &LogLine) -> Vec<Recognised> {
+    ///
+    /// The line is taken by value: a record that joins an open report keeps its text without
+    /// a copy.
+    pub fn feed(&mut self, line: LogLine) -> Vec<Recognised> {
         if line.from_user_space {
             return vec![Recognised::Untrusted];
         }
@@ -141,19 +144,21 @@ impl Recogniser {
                 continue;
             }
             let parsed = LogLine::parse_text(piece);
-            let mut sub = line.clone();
-            sub.message = parsed.message;
-            sub.raw = piece.to_owned();
-            sub.monotonic_usec = parsed.monotonic_usec.or(line.monotonic_usec);
-            out.extend(self.feed_one(&sub));
+            let sub = LogLine {
+                message: parsed.message,
+                raw: Some(piece.to_owned()),
+                monotonic_usec: parsed.monotonic_usec.or(line.monotonic_usec),
+                ..line.clone()
+            };
+            out.extend(self.feed_one(sub));
         }
         out
     }
 
-    fn feed_one(&mut self, line: &LogLine) -> Vec<Recognised> {
+    fn feed_one(&mut self, mut line: LogLine) -> Vec<Recognised> {
         let mut out = Vec::new();
         if let Some(open) = self.open.as_mut() {
-            match open.absorb(line) {
+            match open.absorb(&mut line) {
                 Absorb::Taken => return out,
                 Absorb::TakenAndComplete => {
                     out.extend(self.flush());
@@ -162,7 +167,7 @@ impl Recogniser {
                 Absorb::NotMine => out.extend(self.flush()),
             }
         }
-        self.start(line, &mut out);
+        self.start(&line, &mut out);
         out
     }
 
@@ -260,7 +265,7 @@ impl Recogniser {
 
 fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
     event.kmsg_seq = line.seq;
-    event.raw.push(line.raw.clone());
+    event.raw.push(line.raw_text().to_owned());
     Recognised::Event(Box::new(Found {
         event,
         monotonic_usec: line.monotonic_usec,
@@ -269,8 +274,7 @@ fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
 
 /// Whether a line starts a user-space or hang report of its own, and so cannot belong to an
 /// open oops or OOM report (another CPU printed it in between).
-fn starts_report(message: &str) -> bool {
-    let may = prefilter::candidates(message);
+fn starts_report(message: &str, may: prefilter::Candidates) -> bool {
     may.run(Start::Segfault, || user_fault::parse_segfault(message))
         .is_some()
         || may
@@ -285,7 +289,7 @@ fn starts_report(message: &str) -> bool {
 /// Whether a line starts any report or notice on its own.
 fn starts_anything(message: &str) -> bool {
     let mut scratch = Recogniser::new();
-    !scratch.feed_one(&LogLine::bare(message)).is_empty() || scratch.has_open_report()
+    !scratch.feed_one(LogLine::bare(message)).is_empty() || scratch.has_open_report()
 }
 
 /// The kernel lines inside one line of text, when there is more than one: a `traps:` report
@@ -333,7 +337,7 @@ fn is_timestamp_at(text: &str) -> bool {
 impl OpenReport {
     fn new(shape: Shape, mut event: CrashEvent, line: &LogLine) -> Self {
         event.kmsg_seq = line.seq;
-        event.raw.push(line.raw.clone());
+        event.raw.push(line.raw_text().to_owned());
         OpenReport {
             shape,
             found: Box::new(Found {
@@ -346,7 +350,8 @@ impl OpenReport {
         }
     }
 
-    fn absorb(&mut self, line: &LogLine) -> Absorb {
+    /// Whether the open report takes `line`; a line it takes leaves its text (`raw`) to it.
+    fn absorb(&mut self, line: &mut LogLine) -> Absorb {
         let message = line.message.as_str();
         let event = &mut self.found.event;
         let verdict = match &mut self.shape {
@@ -390,7 +395,7 @@ impl OpenReport {
                 }
             }
             Shape::Oops { records } => {
-                if starts_report(message) {
+                if starts_report(message, prefilter::candidates(message)) {
                     Absorb::NotMine
                 } else {
                     *records += 1;
@@ -413,7 +418,13 @@ impl OpenReport {
                 }
             }
             Shape::Oom { records } => {
-                if starts_report(message) || misc::parse_oom_invoker(message).is_some() {
+                // Most records of an OOM report list tasks: none of the texts below is in them.
+                let may = prefilter::candidates(message);
+                if starts_report(message, may)
+                    || may
+                        .run(Start::OomInvoker, || misc::parse_oom_invoker(message))
+                        .is_some()
+                {
                     Absorb::NotMine
                 } else {
                     *records += 1;
@@ -432,11 +443,14 @@ impl OpenReport {
                         event.pod = Some(pod);
                         event.container = Some(container);
                     }
-                    if let Some(victim) = misc::parse_oom_kill(message) {
+                    if let Some(victim) = may.run(Start::OomKill, || misc::parse_oom_kill(message))
+                    {
                         event.victim_pid = Some(victim.pid);
                         event.victim_comm = Some(victim.comm);
                         Absorb::TakenAndComplete
-                    } else if let Some(chosen) = misc::parse_oom_choice(message) {
+                    } else if let Some(chosen) =
+                        may.run(Start::OomChoice, || misc::parse_oom_choice(message))
+                    {
                         event.victim_pid = Some(chosen.pid);
                         event.victim_comm = Some(chosen.comm);
                         Absorb::Taken
@@ -464,7 +478,7 @@ impl OpenReport {
             return verdict;
         }
         if event.raw.len() < MAX_RAW_LINES {
-            event.raw.push(line.raw.clone());
+            event.raw.push(line.take_raw_text());
         } else {
             self.omitted += 1;
         }
@@ -483,7 +497,7 @@ pub fn recognise_text(text: &str) -> Vec<Recognised> {
     let mut out: Vec<Recognised> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .flat_map(|l| recogniser.feed(&LogLine::parse_text(l)))
+        .flat_map(|l| recogniser.feed(LogLine::parse_text(l)))
         .collect();
     out.extend(recogniser.flush());
     out
@@ -532,9 +546,9 @@ mod tests {
         let seg = LogLine::parse_text(
             "6,10,1,-;a[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4",
         );
-        assert!(r.feed(&seg).is_empty());
+        assert!(r.feed(seg).is_empty());
         assert_eq!(r.oldest_pending_seq(), Some(10));
-        let out = r.feed(&LogLine::parse_text("6,11,2,-;Code: 90 <90> 90"));
+        let out = r.feed(LogLine::parse_text("6,11,2,-;Code: 90 <90> 90"));
         assert_eq!(out.len(), 1);
         assert_eq!(r.oldest_pending_seq(), None);
     }

@@ -133,35 +133,44 @@ pub fn candidates(message: &str) -> Candidates {
     }
     for colon in memchr::memchr_iter(b':', line) {
         let (before, after) = (&line[..colon], &line[colon + 1..]);
-        if before.ends_with(b"]") {
-            if after.starts_with(b" segfault at ") {
-                add(Start::Segfault);
+        // The byte before the colon tells which texts can end there.
+        match before.last() {
+            Some(b']') => {
+                if after.starts_with(b" segfault at ") {
+                    add(Start::Segfault);
+                }
+                if after.starts_with(b" unhandled ") {
+                    add(Start::Arm64Fault);
+                }
+                if after.starts_with(b" unhandled signal ") {
+                    add(Start::RiscV);
+                }
+                if after.starts_with(b" undefined instruction: pc=") {
+                    add(Start::ArmUndefined);
+                }
+                // powerpc prints `NAME[PID]: ` and a signal's name after it.
+                add(Start::PowerPc);
             }
-            if after.starts_with(b" unhandled ") {
-                add(Start::Arm64Fault);
+            Some(b'p') if before.ends_with(b" ip") || before.ends_with(b" rip") => {
+                add(Start::Trap);
             }
-            if after.starts_with(b" unhandled signal ") {
-                add(Start::RiscV);
+            Some(b't') if before.ends_with(b"User process fault") => add(Start::S390),
+            Some(b')' | b'2')
+                if before.ends_with(b"do_page_fault()")
+                    || before.ends_with(b"do_page_fault() #2") =>
+            {
+                add(Start::Mips);
             }
-            if after.starts_with(b" undefined instruction: pc=") {
-                add(Start::ArmUndefined);
-            }
-            // powerpc prints `NAME[PID]: ` and a signal's name after it.
-            add(Start::PowerPc);
-        } else if before.ends_with(b" ip") || before.ends_with(b" rip") {
-            add(Start::Trap);
-        } else if before.ends_with(b"User process fault") {
-            add(Start::S390);
-        } else if before.ends_with(b"do_page_fault()") || before.ends_with(b"do_page_fault() #2") {
-            add(Start::Mips);
-        } else if before.ends_with(b" invoked oom-killer") {
-            add(Start::OomInvoker);
+            Some(b'r') if before.ends_with(b" invoked oom-killer") => add(Start::OomInvoker),
+            _ => {}
         }
-        if after.starts_with(b" Killed process ") {
-            add(Start::OomKill);
-        }
-        if after.starts_with(b" Kill process ") || after.starts_with(b" kill process ") {
-            add(Start::OomChoice);
+        if let [b' ', b'K' | b'k', ..] = after {
+            if after.starts_with(b" Killed process ") {
+                add(Start::OomKill);
+            }
+            if after.starts_with(b" Kill process ") || after.starts_with(b" kill process ") {
+                add(Start::OomChoice);
+            }
         }
     }
     may
@@ -388,7 +397,7 @@ pub(crate) mod tests {
             let mut out: Vec<Recognised> = Vec::new();
             for bytes in &records {
                 let record = parse_record(bytes).unwrap();
-                out.extend(recogniser.feed(&LogLine::from_record(&record)));
+                out.extend(recogniser.feed(LogLine::from_owned_record(record)));
             }
             out.extend(recogniser.flush());
             out
