@@ -168,6 +168,10 @@ impl Recogniser {
             }
         }
         self.start(&line, &mut out);
+        if let Some(open) = self.open.as_mut() {
+            // Nothing was open before: the report is this line's, and keeps its text.
+            open.found.event.raw.push(line.take_raw_text());
+        }
         out
     }
 
@@ -335,9 +339,9 @@ fn is_timestamp_at(text: &str) -> bool {
 }
 
 impl OpenReport {
+    /// The report `line` opens; the caller adds the line's text to its `raw`.
     fn new(shape: Shape, mut event: CrashEvent, line: &LogLine) -> Self {
         event.kmsg_seq = line.seq;
-        event.raw.push(line.raw_text().to_owned());
         OpenReport {
             shape,
             found: Box::new(Found {

@@ -18,10 +18,13 @@ pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
-        let Some(event) = segfault_tail(&message[at + ANCHOR.len()..]) else {
+        let Some(mut event) = segfault_tail(&message[at + ANCHOR.len()..]) else {
             continue;
         };
-        return Some(with_task(event, comm, pid));
+        // Set in place: the event is large, and each move copies it.
+        event.comm = Some(comm.to_owned());
+        event.pid = Some(pid);
+        return Some(event);
     }
     let bare = message.strip_prefix("segfault at ")?;
     let event = segfault_tail(bare)?;
@@ -50,8 +53,7 @@ fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
     if let Some(after_null) = after.trim_start_matches(' ').strip_prefix("(null)") {
         return Some(Some((0, after_null)));
     }
-    let end = space_at(after).unwrap_or(after.len());
-    Some(Some((hex(&after[..end])?, &after[end..])))
+    Some(Some(hex_word(after)?))
 }
 
 /// Where the first space of a short field is.
@@ -60,10 +62,9 @@ fn space_at(text: &str) -> Option<usize> {
 }
 
 fn segfault_tail(tail: &str) -> Option<CrashEvent> {
-    let end = space_at(tail).unwrap_or(tail.len());
+    let (address, rest) = hex_word(tail)?;
     let mut event = CrashEvent::new(EventKind::Segfault);
-    event.fault_address = Some(Address(hex(&tail[..end])?));
-    let rest = &tail[end..];
+    event.fault_address = Some(Address(address));
     let Some((ip, rest)) = field(rest, &["ip", "rip"])? else {
         return Some(event);
     };
@@ -324,7 +325,7 @@ pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
     let mapping = rest
         .strip_prefix("in ")
         .or_else(|| rest.strip_prefix(" in "))?;
-    let Some(inner_start) = mapping.rfind('[') else {
+    let Some(inner_start) = memchr::memrchr(b'[', mapping.as_bytes()) else {
         // Cut before the brackets: only the file name is left.
         (!mapping.is_empty() && !mapping.contains(' ')).then_some(())?;
         event.module = Some(mapping.to_owned());
@@ -337,7 +338,7 @@ pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
     let inner = &mapping[inner_start + 1..];
     let inner = match inner.strip_suffix(']') {
         Some(inner) => inner,
-        None => match inner.split_once(']') {
+        None => match split_at_byte(inner, b']') {
             // Cut inside the CPU suffix.
             Some((inner, after)) if is_cut_keyword(after) => inner,
             Some(_) => return None,
@@ -348,11 +349,11 @@ pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
             }
         },
     };
-    let (offset, range) = match inner.split_once(',') {
+    let (offset, range) = match split_at_byte(inner, b',') {
         Some((offset, range)) => (Some(hex(offset)?), range),
         None => (None, inner),
     };
-    let (start, size) = range.split_once('+')?;
+    let (start, size) = split_at_byte(range, b'+')?;
     event.module = Some(file.to_owned());
     event.module_offset = offset.map(Address);
     event.vma_start = Some(Address(hex(start)?));
@@ -380,10 +381,11 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
         None => last_cpu_marker(text)? + 1,
     };
     let suffix = &text[at + MARKER.len()..];
-    let (cpu, topology) = suffix.split_once(' ')?;
+    let (cpu, topology) = split_at_byte(suffix, b' ')?;
     let topology = topology.strip_prefix("(core ")?.strip_suffix(')')?;
-    let comma = anchor!(", socket ").find(topology.as_bytes())?;
-    let (core, socket) = (&topology[..comma], &topology[comma + ", socket ".len()..]);
+    // Up to the first comma: a core number with a comma in it is no number either.
+    let (core, socket) = split_at_byte(topology, b',')?;
+    let socket = socket.strip_prefix(" socket ")?;
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (numeric(core) && numeric(socket)).then_some(())?;
     Some((text[..at].trim_end(), cpu.parse().ok()?))
@@ -448,15 +450,40 @@ pub(crate) fn hex(text: &str) -> Option<u64> {
         return None;
     }
     // At most 16 digits: the value cannot overflow. One pass, no sign accepted.
-    text.bytes().try_fold(0u64, |value, b| {
-        let digit = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => return None,
-        };
-        Some(value << 4 | u64::from(digit))
-    })
+    text.bytes()
+        .try_fold(0u64, |value, b| Some(value << 4 | hex_digit(b)?))
+}
+
+/// [`hex`] of the text up to the next space (or the end), and the text from that space on.
+fn hex_word(text: &str) -> Option<(u64, &str)> {
+    let bytes = text.as_bytes();
+    let mut value = 0u64;
+    let mut end = 0;
+    while let Some(&b) = bytes.get(end).filter(|&&b| b != b' ') {
+        if end == 16 {
+            return None;
+        }
+        value = value << 4 | hex_digit(b)?;
+        end += 1;
+    }
+    (end > 0).then_some((value, &text[end..]))
+}
+
+fn hex_digit(b: u8) -> Option<u64> {
+    let digit = match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        b'A'..=b'F' => b - b'A' + 10,
+        _ => return None,
+    };
+    Some(u64::from(digit))
+}
+
+/// `str::split_once` at an ASCII byte, found by `memchr` (cheaper than the `char` searcher
+/// on short text).
+fn split_at_byte(text: &str, byte: u8) -> Option<(&str, &str)> {
+    let at = memchr::memchr(byte, text.as_bytes())?;
+    Some((&text[..at], &text[at + 1..]))
 }
 
 #[cfg(test)]
@@ -676,6 +703,29 @@ mod tests {
             .then(|| u64::from_str_radix(text, 16).ok())
             .flatten();
             assert_eq!(hex(text), reference, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_hex_word_reads_as_hex_of_the_text_up_to_a_space() {
+        for text in [
+            "",
+            " ",
+            "0",
+            "ff rest",
+            "ffffffffffffffff",
+            "ffffffffffffffff x",
+            "fffffffffffffffff",
+            "fffffffffffffffff x",
+            "12g4 x",
+            "+1 x",
+            "(null) x",
+            "é",
+            "1é",
+        ] {
+            let end = text.find(' ').unwrap_or(text.len());
+            let reference = hex(&text[..end]).map(|value| (value, &text[end..]));
+            assert_eq!(hex_word(text), reference, "{text:?}");
         }
     }
 
