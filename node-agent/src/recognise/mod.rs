@@ -277,7 +277,8 @@ fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
 }
 
 /// Whether a line starts a user-space or hang report of its own, and so cannot belong to an
-/// open oops or OOM report (another CPU printed it in between).
+/// open oops or OOM report (another CPU printed it in between). `may` is the line's
+/// [`prefilter::candidates`].
 fn starts_report(message: &str, may: prefilter::Candidates) -> bool {
     may.run(Start::Segfault, || user_fault::parse_segfault(message))
         .is_some()

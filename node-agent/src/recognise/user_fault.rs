@@ -469,14 +469,26 @@ fn hex_word(text: &str) -> Option<(u64, &str)> {
     (end > 0).then_some((value, &text[end..]))
 }
 
+/// The value of each byte as a hex digit, or `NOT_HEX`.
+const HEX_DIGITS: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            d @ b'0'..=b'9' => d - b'0',
+            d @ b'a'..=b'f' => d - b'a' + 10,
+            d @ b'A'..=b'F' => d - b'A' + 10,
+            _ => NOT_HEX,
+        };
+        b += 1;
+    }
+    table
+};
+const NOT_HEX: u8 = 0xff;
+
 fn hex_digit(b: u8) -> Option<u64> {
-    let digit = match b {
-        b'0'..=b'9' => b - b'0',
-        b'a'..=b'f' => b - b'a' + 10,
-        b'A'..=b'F' => b - b'A' + 10,
-        _ => return None,
-    };
-    Some(u64::from(digit))
+    let digit = HEX_DIGITS[usize::from(b)];
+    (digit != NOT_HEX).then_some(u64::from(digit))
 }
 
 /// `str::split_once` at an ASCII byte, found by `memchr` (cheaper than the `char` searcher
@@ -703,6 +715,16 @@ mod tests {
             .then(|| u64::from_str_radix(text, 16).ok())
             .flatten();
             assert_eq!(hex(text), reference, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn every_byte_is_a_hex_digit_as_from_str_radix_reads_it() {
+        for b in 0..=u8::MAX {
+            let reference = (b as char)
+                .is_ascii_hexdigit()
+                .then(|| u64::from((b as char).to_digit(16).unwrap()));
+            assert_eq!(hex_digit(b), reference, "{b}");
         }
     }
 
