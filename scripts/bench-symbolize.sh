@@ -13,7 +13,10 @@
 # script fails. "cold" is one address per process: start, load, answer. "warm" is all
 # addresses in one process. crashwatch answers from kernel lines (recognise + symbolize +
 # explain, including the member analysis); the references answer from bare addresses.
-# Peak RSS (GNU time -v) is measured for every tool, cold and warm.
+# Peak RSS (GNU time -v) is measured for every tool, cold and warm. crashwatch is measured
+# twice: as it answers the first crash of a build-id (addr2line over the DWARF), and
+# through the symbol index that first crash builds (--symbol-index-dir), whose answers
+# must be the very same events; the index's build is timed on its own.
 # Prints markdown to stdout; hyperfine and GNU time do the measuring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,6 +117,8 @@ print(f"{total / 2**20:.0f}")')
 size_mib=$(($(stat -c %s "$subject") / 1048576))
 
 ours="$agent explain --binary $subject --debug-dir $w/none"
+# The same, through the symbol index (built once below, before anything is timed).
+indexed="$ours --symbol-index-dir $w/index"
 llvm="llvm-symbolizer --obj=$subject --inlining --demangle"
 gnu="addr2line -f -i -C -e $subject"
 
@@ -184,9 +189,23 @@ print(summary)
 EOF
 )
 
+# The first crash of a build-id builds its index (in the background; explain waits for it
+# before it exits): one line, from nothing, is that crash's whole cost.
+rm -rf "$w/index"
+build=$( { /usr/bin/time -f "%e %M" $indexed --json <"$w/line1" >/dev/null; } 2>&1 | tail -1)
+# Through the index the answers must be the very same events.
+$indexed --json <"$w/lines" >"$w/indexed.json"
+if ! cmp -s "$w/ours.json" "$w/indexed.json"; then
+  echo "FAIL: answers through the symbol index differ from addr2line's (diff $w/ours.json $w/indexed.json)" >&2
+  exit 1
+fi
+index_mib=$(du -m "$w/index" | cut -f1)
+
 echo "## $(basename "$subject"): ${size_mib} MiB, ${dwarf_mib} MiB of DWARF"
 echo
-echo "$(wc -l <"$w/addresses") instruction starts, one per function. $agreement."
+echo "$(wc -l <"$w/addresses") instruction starts, one per function. $agreement. Through the symbol index: the same $(wc -l <"$w/indexed.json") events, byte for byte."
+echo
+echo "First crash of this build-id, one line from nothing, building the index (${index_mib} MiB): $(echo "$build" | awk '{printf "%.2f s, peak RSS %d MiB", $1, $2 / 1024}')."
 echo
 for mode in cold warm; do
   if [[ $mode == cold ]]; then lines=line1 addrs=address1; else lines=lines addrs=addresses; fi
@@ -194,6 +213,7 @@ for mode in cold warm; do
   echo
   hyperfine --warmup 1 --runs "$RUNS" --style none --export-markdown "$w/$mode.md" \
     -n crashwatch "$ours < $w/$lines > /dev/null" \
+    -n "crashwatch, indexed" "$indexed < $w/$lines > /dev/null" \
     -n llvm-symbolizer "$llvm < $w/$addrs > /dev/null" \
     -n addr2line "$gnu < $w/$addrs > /dev/null" >/dev/null
   cat "$w/$mode.md"
@@ -203,12 +223,13 @@ echo "### peak memory (GNU time -v)"
 echo
 echo "| command | cold max RSS (MiB) | warm max RSS (MiB) |"
 echo "|:---|---:|---:|"
-for name in crashwatch llvm-symbolizer addr2line; do
+for name in crashwatch "crashwatch, indexed" llvm-symbolizer addr2line; do
   row="| $name |"
   for mode in cold warm; do
     if [[ $mode == cold ]]; then lines=line1 addrs=address1; else lines=lines addrs=addresses; fi
     case $name in
       crashwatch) cmd="$ours < $w/$lines" ;;
+      "crashwatch, indexed") cmd="$indexed < $w/$lines" ;;
       llvm-symbolizer) cmd="$llvm < $w/$addrs" ;;
       addr2line) cmd="$gnu < $w/$addrs" ;;
     esac

@@ -137,6 +137,11 @@ struct SymbolArgs {
     /// files are removed beyond that).
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     debuginfod_cache_mib: u64,
+    /// Where a symbol index is kept per build-id: built in the background the first time a
+    /// file with DWARF is symbolized, it makes later lookups read a few pages instead of
+    /// every unit (default: STATE_DIR/symbol-index for run; none for explain).
+    #[arg(long, value_name = "DIR")]
+    symbol_index_dir: Option<PathBuf>,
 }
 
 impl SymbolArgs {
@@ -146,6 +151,7 @@ impl SymbolArgs {
         &self,
         proc_root: PathBuf,
         default_cache: PathBuf,
+        default_index_dir: Option<PathBuf>,
         background: bool,
     ) -> anyhow::Result<Symbolizer> {
         // Extra directories add to the usual ones; they never hide them.
@@ -177,7 +183,11 @@ impl SymbolArgs {
             debug_dirs: self.debug_dirs.iter().map(PathBuf::from).collect(),
             debuginfod,
         };
-        Ok(Symbolizer::new(places, self.symbol_cache_mib << 20))
+        let symbolizer = Symbolizer::new(places, self.symbol_cache_mib << 20);
+        Ok(match self.symbol_index_dir.clone().or(default_index_dir) {
+            Some(dir) => symbolizer.with_index_dir(dir),
+            None => symbolizer,
+        })
     }
 }
 
@@ -311,10 +321,12 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     let symbolizer: Box<dyn Symbolize> = if args.no_symbolize {
         Box::new(NoSymbolizer)
     } else {
-        Box::new(
-            args.symbols
-                .symbolizer(PathBuf::from("/proc"), user_debuginfod_cache(), false)?,
-        )
+        Box::new(args.symbols.symbolizer(
+            PathBuf::from("/proc"),
+            user_debuginfod_cache(),
+            None,
+            false,
+        )?)
     };
     let mut pipeline = Pipeline::new(symbolizer);
     let mut recogniser = Recogniser::new();
@@ -357,6 +369,7 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     if found == 0 {
         eprintln!("crashwatch-agent: no crash or hang found in the input");
     }
+    pipeline.wait_for_background_work();
     Ok(())
 }
 
@@ -418,9 +431,10 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         .state_dir
         .as_ref()
         .map_or_else(user_debuginfod_cache, |dir| dir.join("debuginfod"));
-    let symbolizer = args
-        .symbols
-        .symbolizer(args.proc.clone(), debuginfod_cache, true)?;
+    let index_dir = args.state_dir.as_ref().map(|dir| dir.join("symbol-index"));
+    let symbolizer =
+        args.symbols
+            .symbolizer(args.proc.clone(), debuginfod_cache, index_dir, true)?;
     let node_name = match args.node_name {
         Some(name) => name,
         None => std::fs::read_to_string(args.proc.join("sys/kernel/hostname"))

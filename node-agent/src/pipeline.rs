@@ -28,6 +28,11 @@ pub struct Pipeline<S> {
 }
 
 impl<S: Symbolize> Pipeline<S> {
+    /// Waits for what the symbolizer does in the background (a process about to exit).
+    pub fn wait_for_background_work(&self) {
+        self.symbolizer.wait_for_background_work();
+    }
+
     /// A pipeline that symbolizes with `symbolizer`.
     pub fn new(symbolizer: S) -> Self {
         Pipeline {

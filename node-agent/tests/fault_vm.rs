@@ -17,14 +17,10 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{ControlPlane, have, require, wait_until};
+use support::{ControlPlane, have, release_binary, require, stage_release_agent, wait_until};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn release_binary(name: &str) -> PathBuf {
-    repo().join("target/release").join(name)
 }
 
 /// The fault VM, running `scripts/fault-vm.sh run`; dropping it ends the script, which
@@ -123,30 +119,6 @@ fn state(stat: &str) -> char {
         .unwrap_or('?')
 }
 
-/// The agent and the libraries `ldd` lists, for the guest's loader.
-fn stage_agent(share: &Path) {
-    let agent = release_binary("crashwatch-agent");
-    std::fs::copy(&agent, share.join("crashwatch-agent")).unwrap();
-    let lib = share.join("lib");
-    std::fs::create_dir_all(&lib).unwrap();
-    let ldd = Command::new("ldd").arg(&agent).output().unwrap();
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(PathBuf::from);
-        if let Some(path) = path {
-            let name = if line.contains("ld-linux") {
-                "ld-linux-x86-64.so.2".into()
-            } else {
-                path.file_name().unwrap().to_owned()
-            };
-            std::fs::copy(&path, lib.join(name)).unwrap();
-        }
-    }
-    assert!(lib.join("ld-linux-x86-64.so.2").exists(), "{ldd:?}");
-}
-
 /// A kubeconfig for the guest: the API server at the host's loopback as QEMU user networking
 /// shows it (10.0.2.2), checked against the name in its certificate.
 fn guest_kubeconfig(cluster: &ControlPlane, share: &Path) {
@@ -216,7 +188,7 @@ fn a_stopped_qemu_nbd_hangs_its_reader_the_agent_says_so_and_a_reboot_ordered_by
     let ctl = share.join("ctl");
     std::fs::create_dir_all(&ctl).unwrap();
     std::fs::write(ctl.join("node"), &node).unwrap();
-    stage_agent(&share);
+    stage_release_agent(&share);
     guest_kubeconfig(&cluster, &share);
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fault-vm/hang-reboot.sh"),

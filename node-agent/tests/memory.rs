@@ -14,7 +14,7 @@ use std::time::Duration;
 use crds::{CrashEvent, EventKind};
 use support::{
     Agent, KernelTest, MemoryCgroup, compile_crashy, have, require, require_memory_cgroup, run,
-    run_to_crash, start_at_the_end_of_the_log,
+    run_to_crash, start_at_the_end_of_the_log, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -201,6 +201,19 @@ fn a_binary_with_more_than_500_mib_of_dwarf_is_symbolized_cold_inside_a_64_mib_c
         "symbolized: {event:?}"
     );
     assert_eq!(event.instruction.as_deref(), Some("mov rax, [rdi+0x100]"));
+    // After that first crash, the agent indexes the binary in the background, in the same
+    // 64 MiB, for the crashes to come.
+    let indexes = test.state.path().join("symbol-index");
+    wait_until(
+        "the agent's symbol index of the big binary",
+        WAIT * 6,
+        || {
+            std::fs::read_dir(&indexes).is_ok_and(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.path().extension().is_some_and(|x| x == "index"))
+            })
+        },
+    );
     assert!(agent.is_running(), "agent exited:\n{}", agent.log());
     agent.stop();
     assert_eq!(
@@ -259,6 +272,38 @@ fn a_binary_with_more_than_500_mib_of_dwarf_is_symbolized_cold_inside_a_64_mib_c
         std::fs::metadata(&binary).unwrap().len() / MIB,
         max_rss / 1024,
         cgroup.max_usage() / MIB
+    );
+
+    // The same cold explain through the index the agent built: the same answer.
+    let mut command = std::process::Command::new("/usr/bin/time");
+    command.args([
+        "-f",
+        "maxrss_kib=%M",
+        env!("CARGO_BIN_EXE_crashwatch-agent"),
+    ]);
+    command.args(["explain", "--json", "--binary", binary.to_str().unwrap()]);
+    command.arg("--symbol-index-dir").arg(&indexes).arg(&line);
+    let output = in_cgroup(command, &cgroup).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "explain failed: {stderr}");
+    let through_index: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(through_index, explained, "the same event through the index");
+    let indexed_rss: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("maxrss_kib="))
+        .expect("GNU time's figure")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(indexed_rss * 1024 <= 64 * MIB, "peak RSS {indexed_rss} KiB");
+    assert_eq!(
+        cgroup.oom_kills(),
+        0,
+        "nothing was OOM-killed in the cgroup"
+    );
+    eprintln!(
+        "through the agent's symbol index: cold explain peak RSS {} MiB",
+        indexed_rss / 1024
     );
 }
 

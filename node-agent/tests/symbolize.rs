@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crds::{Address, CrashEvent, EventKind};
-use node_agent::symbolize::{Symbolize, Symbolizer};
+use node_agent::symbolize::{Symbolize, Symbolizer, dwarf};
 use support::{compile_crashy, have, install_by_build_id, require, run, split_debug};
 
 /// `(p_offset, p_vaddr)` of each PT_LOAD, from binutils' readelf.
@@ -276,64 +276,118 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
             addresses.len()
         );
         let expected = oracle(&build.oracle_file, &addresses, None);
-        let symbolizer = symbolizer_for(&build.binary, build.debug_dir.iter().cloned().collect());
-        let segments = loads(&build.binary);
-        let mut mismatches = Vec::new();
-        let mut names_only = Vec::new();
-        for (address, expected) in addresses.iter().zip(&expected) {
-            let (offset, vaddr, _) = segments
-                .iter()
-                .copied()
-                .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(address))
-                .unwrap();
-            let module = build.binary.file_name().unwrap().to_str().unwrap();
-            let actual = ours(&symbolizer, module, address - vaddr + offset);
-            let same = if build.name == "cpp" {
-                let locations = |f: &[(String, String, u32, u32)]| {
-                    f.iter()
-                        .map(|(_, file, line, column)| (file.clone(), *line, *column))
+        // Through addr2line, then through the symbol index the first lookup builds.
+        for indexed in [false, true] {
+            let index_dir = tempfile::tempdir().unwrap();
+            let mut symbolizer =
+                symbolizer_for(&build.binary, build.debug_dir.iter().cloned().collect());
+            if indexed {
+                symbolizer = symbolizer.with_index_dir(index_dir.path().to_owned());
+            }
+            let lookups_before = dwarf::index_lookups();
+            let mismatches = compare_with_oracle(&build, &symbolizer, &addresses, &expected);
+            assert!(
+                mismatches.is_empty(),
+                "{} (index: {indexed}): {} of {} addresses differ:\n{}",
+                build.name,
+                mismatches.len(),
+                addresses.len(),
+                mismatches
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            if indexed {
+                symbolizer.wait_for_indexes();
+                let built = std::fs::read_dir(index_dir.path()).unwrap().count();
+                assert_eq!(built, 1, "{}: one index built", build.name);
+                // A new symbolizer, as after a restart: it finds the index and answers
+                // every address through it.
+                let restarted =
+                    symbolizer_for(&build.binary, build.debug_dir.iter().cloned().collect())
+                        .with_index_dir(index_dir.path().to_owned());
+                let before = dwarf::index_lookups();
+                let mismatches = compare_with_oracle(&build, &restarted, &addresses, &expected);
+                let after = dwarf::index_lookups();
+                assert!(
+                    mismatches.is_empty(),
+                    "{} through its index: {} of {} addresses differ:\n{}",
+                    build.name,
+                    mismatches.len(),
+                    addresses.len(),
+                    mismatches
+                        .iter()
+                        .take(10)
+                        .cloned()
                         .collect::<Vec<_>>()
-                };
-                if locations(&actual) == locations(expected)
-                    && !same_modulo_demangler(&actual, expected)
-                {
-                    names_only.push(*address);
-                    true
-                } else {
-                    same_modulo_demangler(&actual, expected)
-                }
+                        .join("\n")
+                );
+                assert_eq!(
+                    (after.0 - before.0, after.1 - before.1),
+                    (addresses.len() as u64, 0),
+                    "{}: every lookup through the index, none asking addr2line",
+                    build.name
+                );
             } else {
-                &actual == expected
-            };
-            if !same {
-                mismatches.push(format!(
-                    "{address:#x}: ours {actual:?}\n   llvm-symbolizer {expected:?}"
-                ));
+                assert_eq!(dwarf::index_lookups().0, lookups_before.0, "no index used");
             }
         }
-        // cpp_demangle 0.5.1 also drops the parameter list of some template constructors
-        // (`_Head_base<Shape*&>()` for LLVM's `_Head_base<Shape*&>(Shape*&)`): such names
-        // may differ at no more than 1 address in 100, with every location still equal.
-        assert!(
-            names_only.len() * 100 <= addresses.len(),
-            "{}: {} names differ: {names_only:x?}",
-            build.name,
-            names_only.len()
-        );
-        assert!(
-            mismatches.is_empty(),
-            "{}: {} of {} addresses differ:\n{}",
-            build.name,
-            mismatches.len(),
-            addresses.len(),
-            mismatches
-                .iter()
-                .take(10)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
     }
+}
+
+/// Our frames for each address against llvm-symbolizer's: the differences.
+fn compare_with_oracle(
+    build: &Build,
+    symbolizer: &Symbolizer,
+    addresses: &[u64],
+    expected: &[Vec<(String, String, u32, u32)>],
+) -> Vec<String> {
+    let segments = loads(&build.binary);
+    let mut mismatches = Vec::new();
+    let mut names_only = Vec::new();
+    for (address, expected) in addresses.iter().zip(expected) {
+        let (offset, vaddr, _) = segments
+            .iter()
+            .copied()
+            .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(address))
+            .unwrap();
+        let module = build.binary.file_name().unwrap().to_str().unwrap();
+        let actual = ours(symbolizer, module, address - vaddr + offset);
+        let same = if build.name == "cpp" {
+            let locations = |f: &[(String, String, u32, u32)]| {
+                f.iter()
+                    .map(|(_, file, line, column)| (file.clone(), *line, *column))
+                    .collect::<Vec<_>>()
+            };
+            if locations(&actual) == locations(expected)
+                && !same_modulo_demangler(&actual, expected)
+            {
+                names_only.push(*address);
+                true
+            } else {
+                same_modulo_demangler(&actual, expected)
+            }
+        } else {
+            &actual == expected
+        };
+        if !same {
+            mismatches.push(format!(
+                "{address:#x}: ours {actual:?}\n   llvm-symbolizer {expected:?}"
+            ));
+        }
+    }
+    // cpp_demangle 0.5.1 also drops the parameter list of some template constructors
+    // (`_Head_base<Shape*&>()` for LLVM's `_Head_base<Shape*&>(Shape*&)`): such names
+    // may differ at no more than 1 address in 100, with every location still equal.
+    if names_only.len() * 100 > addresses.len() {
+        mismatches.push(format!(
+            "{} names differ: {names_only:x?}",
+            names_only.len()
+        ));
+    }
+    mismatches
 }
 
 #[test]
@@ -830,5 +884,121 @@ fn compressed_sections_too_large_for_memory_are_read_from_a_scratch_file() {
         assert!(strings.uncompressed_size > 1 << 20, "{format}");
         let actual = ours(&symbolizer_for(&path(&name), Vec::new()), &name, offset);
         assert_eq!(actual, expected, "{format}");
+    }
+}
+
+/// Every address of `binary`'s code, symbolized by `symbolizer`.
+fn all_frames(symbolizer: &Symbolizer, binary: &Path) -> Vec<Vec<(String, String, u32, u32)>> {
+    let segments = loads(binary);
+    let module = binary.file_name().unwrap().to_str().unwrap();
+    instruction_addresses(binary)
+        .iter()
+        .map(|address| {
+            let (offset, vaddr, _) = segments
+                .iter()
+                .copied()
+                .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(address))
+                .unwrap();
+            ours(symbolizer, module, address - vaddr + offset)
+        })
+        .collect()
+}
+
+/// The file offset of `main`'s first instruction.
+fn first_line_offset(binary: &Path) -> u64 {
+    let symbols = run("nm", &[binary.to_str().unwrap()]);
+    let main = symbols
+        .lines()
+        .find_map(|l| l.strip_suffix(" T main"))
+        .map(|a| u64::from_str_radix(a, 16).unwrap())
+        .unwrap();
+    let (offset, vaddr, _) = loads(binary)
+        .into_iter()
+        .find(|(_, vaddr, size)| (*vaddr..vaddr + size).contains(&main))
+        .unwrap();
+    main - vaddr + offset
+}
+
+#[test]
+fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
+    if !require(
+        "needs gcc, nm, readelf and objdump",
+        ["gcc", "nm", "readelf", "objdump"].iter().all(|t| have(t)),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (binary, other) = (dir.path().join("crashy"), dir.path().join("other/crashy"));
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    compile_crashy(&binary, &[]);
+    compile_crashy(&other, &["-O1"]);
+    let plain = all_frames(&symbolizer_for(&binary, Vec::new()), &binary);
+    let named = plain
+        .iter()
+        .filter(|f| f[0].0 != "??" && f[0].2 > 0)
+        .count();
+    assert!(
+        named > 50,
+        "{named} of {} addresses have a line",
+        plain.len()
+    );
+    let indexes = dir.path().join("indexes");
+    let indexed = || symbolizer_for(&binary, Vec::new()).with_index_dir(indexes.clone());
+    let first = indexed();
+    all_frames(&first, &binary);
+    first.wait_for_indexes();
+    let index_of = |b: &Path| {
+        let id = run("readelf", &["-n", b.to_str().unwrap()]);
+        let id = id
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .unwrap()
+            .to_owned();
+        indexes.join(format!("{id}.index"))
+    };
+    let index = index_of(&binary);
+    let good = std::fs::read(&index).expect("the index was built");
+
+    // The other build's index under this build's name: a foreign file.
+    let foreign = {
+        let other_symbolizer = symbolizer_for(&other, Vec::new()).with_index_dir(indexes.clone());
+        all_frames(&other_symbolizer, &other);
+        other_symbolizer.wait_for_indexes();
+        std::fs::read(index_of(&other)).unwrap()
+    };
+    let mut flipped = good.clone();
+    let last = flipped.len() - 20;
+    flipped[last] ^= 0x40;
+    let damaged: [(&str, Vec<u8>); 5] = [
+        ("one byte flipped in an entry", flipped),
+        ("cut short", good[..good.len() - 24].to_vec()),
+        ("only a header", good[..136].to_vec()),
+        ("empty", Vec::new()),
+        ("another build's index", foreign),
+    ];
+    for (what, bytes) in damaged {
+        std::fs::write(&index, &bytes).unwrap();
+        let symbolizer = indexed();
+        let before = dwarf::index_lookups();
+        let main_offset = first_line_offset(&binary);
+        let frames = ours(&symbolizer, "crashy", main_offset);
+        assert_eq!(
+            dwarf::index_lookups().0,
+            before.0,
+            "{what}: the index was not used"
+        );
+        assert!(frames[0].2 > 0, "{what}: {frames:?}");
+        symbolizer.wait_for_indexes();
+        assert_eq!(std::fs::read(&index).unwrap(), good, "{what}: built again");
+        // Once built again, the index is used, with the same answers.
+        assert_eq!(
+            all_frames(&symbolizer, &binary),
+            plain,
+            "{what}: same answers"
+        );
+        assert!(
+            dwarf::index_lookups().0 > before.0,
+            "{what}: the new index is used"
+        );
     }
 }

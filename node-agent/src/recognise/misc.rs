@@ -74,6 +74,23 @@ pub fn parse_nbd(message: &str) -> Option<NbdError> {
     None
 }
 
+/// The meaning of `block nbdN: shutting down sockets`, which an orderly disconnect prints too.
+pub const NBD_SHUTDOWN: &str = "the driver is shutting down the connections to the NBD server";
+
+/// The device of an orderly disconnect notice, `block nbd0: NBD_DISCONNECT` or
+/// `block nbd0: Disconnected due to user request.`, after which the driver shuts the sockets
+/// down with nothing having failed.
+pub fn parse_nbd_disconnect(message: &str) -> Option<&str> {
+    let at = anchor!("block nbd").find(message.as_bytes())?;
+    let (device, text) = message[at + "block ".len()..].split_once(": ")?;
+    let number = &device["nbd".len()..];
+    let known = matches!(
+        text.trim_end(),
+        "NBD_DISCONNECT" | "Disconnected due to user request."
+    );
+    (known && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit())).then_some(device)
+}
+
 fn nbd_meaning(text: &str) -> Option<&'static str> {
     const MEANINGS: [(&str, &str); 14] = [
         (
@@ -100,10 +117,7 @@ fn nbd_meaning(text: &str) -> Option<&'static str> {
             "Dead connection, failed to find a fallback",
             "the connection to the NBD server died and no other connection is left",
         ),
-        (
-            "shutting down socket",
-            "the driver is shutting down the connections to the NBD server",
-        ),
+        ("shutting down socket", NBD_SHUTDOWN),
         (
             "Other side returned error",
             "the NBD server answered a request with an error",
@@ -379,6 +393,24 @@ mod tests {
         );
         assert!(parse_nbd("unblock nbd0: Connection timed out").is_none());
         assert!(parse_nbd("xnbd0: Connection timed out").is_none());
+    }
+
+    #[test]
+    fn nbd_disconnect_notices() {
+        assert_eq!(
+            parse_nbd_disconnect("block nbd0: NBD_DISCONNECT"),
+            Some("nbd0")
+        );
+        assert_eq!(
+            parse_nbd_disconnect("block nbd12: Disconnected due to user request."),
+            Some("nbd12")
+        );
+        assert_eq!(
+            parse_nbd_disconnect("block nbd0: shutting down sockets"),
+            None
+        );
+        assert_eq!(parse_nbd_disconnect("block nbdx: NBD_DISCONNECT"), None);
+        assert_eq!(parse_nbd_disconnect("block nbd: NBD_DISCONNECT"), None);
     }
 
     #[test]

@@ -69,7 +69,13 @@ pub struct Found {
 #[derive(Debug, Default)]
 pub struct Recogniser {
     open: Option<OpenReport>,
+    /// The nbd device whose orderly disconnect was announced last, and when.
+    nbd_disconnect: Option<(String, Option<u64>)>,
 }
+
+/// How soon after an orderly disconnect notice the driver's `shutting down sockets` belongs
+/// to it (6.1 printed it within 5 ms).
+const NBD_DISCONNECT_WINDOW_USEC: u64 = 5_000_000;
 
 #[derive(Debug)]
 struct OpenReport {
@@ -237,10 +243,16 @@ impl Recogniser {
         }) {
             out.push(Recognised::CrashesSuppressed(count));
         } else if let Some(error) = may.run(Start::Nbd, || misc::parse_nbd(message)) {
+            if error.meaning == misc::NBD_SHUTDOWN && self.disconnect_announced(&error.device, line)
+            {
+                return;
+            }
             let mut event = CrashEvent::new(EventKind::NbdError);
             event.explanation = Some(format!("{}: {}.", error.device, error.meaning));
             event.device = Some(error.device);
             self.open = Some(open(Shape::Nbd, event));
+        } else if let Some(device) = may.run(Start::Nbd, || misc::parse_nbd_disconnect(message)) {
+            self.nbd_disconnect = Some((device.to_owned(), line.monotonic_usec));
         } else if let Some(invoker) =
             may.run(Start::OomInvoker, || misc::parse_oom_invoker(message))
         {
@@ -264,6 +276,21 @@ impl Recogniser {
             event.fault_address = misc::parse_oops_address(message).map(crds::Address);
             self.open = Some(open(Shape::Oops { records: 1 }, event));
         }
+    }
+}
+
+impl Recogniser {
+    /// Whether `device` announced an orderly disconnect just before `line` (the notice is
+    /// used up): its `shutting down sockets` is then no failure.
+    fn disconnect_announced(&mut self, device: &str, line: &LogLine) -> bool {
+        let Some((announced, at)) = self.nbd_disconnect.take() else {
+            return false;
+        };
+        let recent = match (at, line.monotonic_usec) {
+            (Some(at), Some(now)) => now.saturating_sub(at) <= NBD_DISCONNECT_WINDOW_USEC,
+            _ => true,
+        };
+        announced == device && recent
     }
 }
 
@@ -638,6 +665,36 @@ mod tests {
         assert_eq!(found[0].raw.len(), 3);
         assert_eq!(found[0].device.as_deref(), Some("nbd0"));
         assert_eq!(found[1].device.as_deref(), Some("nbd1"));
+    }
+
+    #[test]
+    fn an_orderly_nbd_disconnect_is_no_failure() {
+        // Debian's 6.1 in the fault VM (tests/fault_vm_kmsg.rs): `nbd-client -d` of a healthy
+        // device, then of one whose server was killed.
+        let text = "[   14.557620] block nbd0: NBD_DISCONNECT
+[   14.560592] block nbd0: Disconnected due to user request.
+[   14.561755] block nbd0: shutting down sockets
+[   22.680956] block nbd2: Receive control failed (result -32)
+[   22.882738] block nbd2: NBD_DISCONNECT
+[   22.882939] block nbd2: Send disconnect failed -32
+[   22.883008] block nbd2: shutting down sockets";
+        let found = events(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].device.as_deref(), Some("nbd2"));
+        assert_eq!(
+            found[0].raw,
+            ["[   22.680956] block nbd2: Receive control failed (result -32)"]
+        );
+        // A shutdown with no notice, of another device, or long after it is a failure.
+        for text in [
+            "block nbd0: shutting down sockets",
+            "block nbd1: NBD_DISCONNECT\nblock nbd0: shutting down sockets",
+            "[   10.000000] block nbd0: NBD_DISCONNECT\n[   15.000001] block nbd0: shutting down sockets",
+        ] {
+            let found = events(text);
+            assert_eq!(found.len(), 1, "{text}: {found:?}");
+            assert_eq!(found[0].device.as_deref(), Some("nbd0"), "{text}");
+        }
     }
 
     #[test]

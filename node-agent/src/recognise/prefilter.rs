@@ -38,7 +38,7 @@ pub enum Start {
     HungTaskSuppressed,
     /// [`super::misc::parse_crash_suppression`].
     CrashesSuppressed,
-    /// [`super::misc::parse_nbd`].
+    /// [`super::misc::parse_nbd`] and [`super::misc::parse_nbd_disconnect`].
     Nbd,
     /// [`super::misc::parse_oom_invoker`].
     OomInvoker,
@@ -237,7 +237,10 @@ pub(crate) mod tests {
             Start::CrashesSuppressed,
             misc::parse_crash_suppression(message).is_some(),
         );
-        add(Start::Nbd, misc::parse_nbd(message).is_some());
+        add(
+            Start::Nbd,
+            misc::parse_nbd(message).is_some() || misc::parse_nbd_disconnect(message).is_some(),
+        );
         add(
             Start::OomInvoker,
             misc::parse_oom_invoker(message).is_some(),

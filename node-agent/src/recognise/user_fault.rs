@@ -125,6 +125,8 @@ fn trap_kind(description: &str) -> Option<EventKind> {
         "trap divide error" => EventKind::DivideError,
         "trap invalid opcode" => EventKind::InvalidOpcode,
         "trap int3" => EventKind::Breakpoint,
+        // #AC, a misaligned access with EFLAGS.AC set: SIGBUS.
+        "trap alignment check" => EventKind::Segfault,
         _ => return None,
     })
 }
@@ -586,6 +588,12 @@ mod tests {
         assert_eq!(
             (bp.kind, bp.sp),
             (EventKind::Breakpoint, Some(Address(0x7ffc_0886_73c0)))
+        );
+        // crashy bus (EFLAGS.AC, then a misaligned load) on the development VM's 6.18 kernel.
+        let bus = parse_trap("traps: crashy[12689] trap alignment check ip:401999 sp:7ffc2a4a8be8 error:0 in crashy[1999,401000+8a000]").unwrap();
+        assert_eq!(
+            (bus.kind, bus.pid, bus.module_offset),
+            (EventKind::Segfault, Some(12689), Some(Address(0x1999)))
         );
         let old = parse_trap("a.out[2345] general protection ip:4004f4 sp:7fff5e0a4f50 error:0 in a.out[400000+1000]").unwrap();
         assert_eq!(

@@ -5,14 +5,17 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use crds::Frame;
-use gimli::RunTimeEndian;
+use gimli::{Reader as _, RunTimeEndian};
 use object::{Object, ObjectSection};
 use thiserror::Error;
 
 use super::elf::{ElfFile, Image, MAX_FILE_SIZE};
+use super::index::{self, Extent, Identity, IndexError, SymbolIndex};
+use super::lines;
 use super::reader::{LazyReader, PageCache, ReadAt, Section};
 use super::symbols::Symbols;
 
@@ -98,9 +101,11 @@ impl Default for Budget {
 const MIN_PAGE_BYTES: usize = 1 << 20;
 const MAX_PAGE_BYTES: usize = 8 << 20;
 
-/// Parsed units cost about this many times their DWARF bytes (entries and line rows
-/// turned into addr2line's structures), as measured on gcc and rustc output.
-const PARSED_PER_DWARF_BYTE: usize = 4;
+/// Parsed units cost at most about this many times their DWARF bytes (entries and line
+/// rows turned into addr2line's structures): measured, with nothing ever dropped, 1.1 on
+/// the agent's own rustc output (1000 lookups: 90 MiB for 80 MiB of units) and 0.4 on gcc's
+/// C++ (413 MiB for 1 GiB); 2 keeps a margin.
+const PARSED_PER_DWARF_BYTE: usize = 2;
 
 /// Compressed sections up to this size are decompressed into memory; larger ones into an
 /// unlinked scratch file, read through the page cache like any other section.
@@ -108,9 +113,14 @@ const MAX_DECOMPRESSED_IN_MEMORY: u64 = 1 << 20;
 
 /// Parsed debug information of one file.
 pub struct DebugInfo {
-    context: Option<addr2line::Context<Reader>>,
+    /// addr2line's context, made when first needed (at once without an index).
+    context: OnceCell<Option<addr2line::Context<Reader>>>,
     /// The DWARF the context reads, to check units before addr2line walks them.
     dwarf: Option<Arc<gimli::Dwarf<Reader>>>,
+    /// The file's symbol index, when one was found for it: lookups go through it.
+    index: Option<SymbolIndex>,
+    /// The units the index led to, parsed once each, by their number in the index.
+    index_units: Box<[OnceCell<Option<gimli::Unit<Reader>>>]>,
     /// The address ranges of the units, `(begin, end, .debug_info offset)`, made once.
     unit_ranges: OnceCell<UnitRanges>,
     /// Units already checked for their nesting depth: whether they may be walked.
@@ -122,6 +132,47 @@ pub struct DebugInfo {
     budget: Budget,
     /// At most how many bytes this holds: its budget, and the symbol index.
     pub bytes: usize,
+}
+
+/// Why a lookup through the symbol index gave no answer (addr2line is asked instead).
+#[derive(Debug, Error)]
+enum IndexedError {
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Dwarf(#[from] gimli::Error),
+    #[error(transparent)]
+    Lines(#[from] lines::LineError),
+    #[error("the index names no unit there")]
+    NoUnit,
+    #[error("the index names no subprogram there")]
+    NotASubprogram,
+    #[error("entries nest too deep")]
+    TooDeep,
+    #[error("a name in the supplementary file")]
+    Supplementary,
+}
+
+/// Lookups answered through a symbol index, and lookups where the index gave no answer and
+/// addr2line was asked, in this process.
+static INDEX_LOOKUPS: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// How many lookups went through a symbol index, and how many of those fell back to
+/// addr2line, since the process started.
+pub fn index_lookups() -> (u64, u64) {
+    let load = |i: usize| INDEX_LOOKUPS[i].load(std::sync::atomic::Ordering::Relaxed);
+    (load(0), load(1))
+}
+
+/// One inlined call holding an address: its name and where it was called from.
+struct InlinedCall {
+    name: Option<Reader>,
+    file: Option<u64>,
+    line: u32,
+    column: u32,
 }
 
 impl DebugInfo {
@@ -144,10 +195,23 @@ impl DebugInfo {
         supplementary: Option<&ElfFile>,
         budget: Budget,
     ) -> Result<DebugInfo, DebugInfoError> {
+        DebugInfo::load_indexed(file, supplementary, budget, None)
+    }
+
+    /// Loads as [`DebugInfo::load_within`] does; with `index` (the file's
+    /// [`SymbolIndex`]), lookups read it instead of every unit header, and addr2line is
+    /// made only if a lookup through the index fails.
+    pub fn load_indexed(
+        file: &ElfFile,
+        supplementary: Option<&ElfFile>,
+        budget: Budget,
+        index: Option<SymbolIndex>,
+    ) -> Result<DebugInfo, DebugInfoError> {
         let image = file.image();
         let object = object::File::parse(&image)?;
         let pages = PageCache::new(budget.pages);
-        let (context, dwarf) = if file.has_dwarf {
+        let context = OnceCell::new();
+        let dwarf = if file.has_dwarf {
             let mut dwarf = load_dwarf(file, &object, &pages)?;
             if let Some(sup) = supplementary {
                 let sup_image = sup.image();
@@ -155,18 +219,24 @@ impl DebugInfo {
                 dwarf.set_sup(load_dwarf(sup, &sup_object, &pages)?);
             }
             let dwarf = Arc::new(dwarf);
-            (
-                Some(addr2line::Context::from_arc_dwarf(dwarf.clone())?),
-                Some(dwarf),
-            )
+            if index.is_none() {
+                let _ = context.set(Some(addr2line::Context::from_arc_dwarf(dwarf.clone())?));
+            }
+            Some(dwarf)
         } else {
-            (None, None)
+            None
         };
+        let index = index.filter(|_| dwarf.is_some());
+        let index_units = (0..index.as_ref().map_or(0, SymbolIndex::units))
+            .map(|_| OnceCell::new())
+            .collect();
         let symbols = Symbols::index(file, &object);
         let bytes = budget.bytes() + symbols.bytes();
         Ok(DebugInfo {
             context,
             dwarf,
+            index,
+            index_units,
             unit_ranges: OnceCell::new(),
             walkable: RefCell::default(),
             touched_bytes: Cell::new(0),
@@ -182,8 +252,14 @@ impl DebugInfo {
         (self.pages.bytes(), self.pages.bytes_read())
     }
 
+    /// Whether lookups go through a symbol index.
+    pub fn is_indexed(&self) -> bool {
+        self.index.is_some()
+    }
+
     /// Keeps the parsed units within the budget: when the units looked at since the
-    /// context was made may hold more, addr2line's context is made anew, empty.
+    /// context was made may hold more, addr2line's context and the units the index led to
+    /// are dropped, to be made anew, empty, when next needed.
     pub fn trim(&mut self) {
         let estimate = self
             .touched_bytes
@@ -192,37 +268,46 @@ impl DebugInfo {
         if estimate <= self.budget.parsed {
             return;
         }
-        let Some(dwarf) = &self.dwarf else {
-            return;
-        };
-        // The old context goes first, so that two never coexist.
-        self.context = None;
+        tracing::debug!(estimate, "parsed units over budget: dropped");
+        self.context = OnceCell::new();
+        self.index_units = (0..self.index_units.len())
+            .map(|_| OnceCell::new())
+            .collect();
         self.touched_bytes.set(0);
         self.walkable.get_mut().clear();
-        match addr2line::Context::from_arc_dwarf(dwarf.clone()) {
-            Ok(context) => {
-                tracing::debug!(estimate, "parsed units over budget: context rebuilt");
-                self.context = Some(context);
-            }
-            Err(err) => tracing::warn!(%err, "DWARF no longer parses; symbols only"),
-        }
+    }
+
+    /// addr2line's context, made now if it was not.
+    fn context(&self) -> Option<&addr2line::Context<Reader>> {
+        self.context
+            .get_or_init(|| {
+                let dwarf = self.dwarf.as_ref()?;
+                addr2line::Context::from_arc_dwarf(dwarf.clone())
+                    .inspect_err(|err| tracing::warn!(%err, "DWARF no longer parses; symbols only"))
+                    .ok()
+            })
+            .as_ref()
     }
 
     /// Whether DWARF was loaded.
     pub fn has_dwarf(&self) -> bool {
-        self.context.is_some()
+        self.dwarf.is_some()
     }
 
     /// The DWARF unit covering `vaddr`, unless its entries nest deeper than any walk of
     /// them may recurse.
     pub fn unit_at(&self, vaddr: u64) -> Option<gimli::UnitRef<'_, Reader>> {
+        if let Some(index) = &self.index {
+            let entry = index
+                .function_at(vaddr)
+                .ok()?
+                .or_else(|| index.sequence_at(vaddr, None).ok().flatten())?;
+            return self.indexed_unit(entry.unit).ok();
+        }
         if !self.walkable_at(vaddr) {
             return None;
         }
-        self.context
-            .as_ref()?
-            .find_dwarf_and_unit(vaddr)
-            .skip_all_loads()
+        self.context()?.find_dwarf_and_unit(vaddr).skip_all_loads()
     }
 
     /// Whether every unit covering `vaddr` nests its entries at most [`MAX_ENTRY_DEPTH`]
@@ -263,7 +348,11 @@ impl DebugInfo {
     /// The subprogram entry (in the unit [`DebugInfo::unit_at`] gives) of the outermost
     /// function at `vaddr`, as addr2line found it for the frames.
     pub fn function_at(&self, vaddr: u64) -> Option<gimli::UnitOffset> {
-        let context = self.context.as_ref()?;
+        if let Some(index) = &self.index {
+            let entry = index.function_at(vaddr).ok()??;
+            return Some(gimli::UnitOffset(entry.value as usize));
+        }
+        let context = self.context()?;
         if !self.walkable_at(vaddr) {
             return None;
         }
@@ -278,7 +367,17 @@ impl DebugInfo {
     /// The source frames of `vaddr`, innermost (inlined) first; empty when DWARF has none
     /// (or only a unit nested too deep to walk).
     pub fn frames(&self, vaddr: u64) -> Result<Vec<Frame>, gimli::Error> {
-        let Some(context) = &self.context else {
+        if self.index.is_some() {
+            INDEX_LOOKUPS[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match self.indexed_frames(vaddr) {
+                Ok(frames) => return Ok(frames),
+                Err(err) => {
+                    INDEX_LOOKUPS[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(%err, vaddr, "symbol index gave no answer; asking addr2line")
+                }
+            }
+        }
+        let Some(context) = self.context() else {
             return Ok(Vec::new());
         };
         if !self.walkable_at(vaddr) {
@@ -308,11 +407,385 @@ impl DebugInfo {
         Ok(frames)
     }
 
+    /// The unit numbered `number` in the index, parsed once.
+    fn indexed_unit(&self, number: u32) -> Result<gimli::UnitRef<'_, Reader>, IndexedError> {
+        let (Some(index), Some(dwarf)) = (&self.index, &self.dwarf) else {
+            return Err(IndexedError::NoUnit);
+        };
+        let cell = self
+            .index_units
+            .get(number as usize)
+            .ok_or(IndexedError::NoUnit)?;
+        let unit = cell.get_or_init(|| {
+            let offset = index.unit_offset(number).ok()?;
+            let header = dwarf
+                .debug_info
+                .header_from_offset(gimli::DebugInfoOffset(usize::try_from(offset).ok()?))
+                .ok()?;
+            self.touched_bytes
+                .set(self.touched_bytes.get() + header.length_including_self());
+            dwarf.unit(header).ok()
+        });
+        let unit = unit.as_ref().ok_or(IndexedError::NoUnit)?;
+        Ok(gimli::UnitRef::new(dwarf, unit))
+    }
+
+    /// The frames of `vaddr` from the index: the subprogram covering it and its inlined
+    /// calls that do, and the line row of the sequence covering it, as addr2line gives
+    /// them.
+    fn indexed_frames(&self, vaddr: u64) -> Result<Vec<Frame>, IndexedError> {
+        let index = self.index.as_ref().ok_or(IndexedError::NoUnit)?;
+        let function = index.function_at(vaddr)?;
+        let sequence = index.sequence_at(vaddr, function.map(|f| f.unit))?;
+        // addr2line reads the location from the function's own unit.
+        let sequence = sequence.filter(|s| function.is_none_or(|f| f.unit == s.unit));
+        let location = match sequence {
+            Some(sequence) => {
+                let unit = self.indexed_unit(sequence.unit)?;
+                let program = unit.line_program.as_ref().ok_or(IndexedError::NoUnit)?;
+                let row = match index.checkpoint_before(vaddr, &sequence)? {
+                    Some(checkpoint) => lines::row_from(program.header(), &checkpoint, vaddr)?,
+                    None => {
+                        let rows = lines::rows(program.header(), u64::from(sequence.value))?;
+                        lines::row_at(&rows, vaddr)
+                    }
+                };
+                match row {
+                    Some(row) => Some((
+                        file_name(unit, row.file)?,
+                        (row.line != 0).then_some(row.line),
+                        (row.line != 0).then_some(row.column),
+                    )),
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let Some(function) = function else {
+            return Ok(match location {
+                Some((file, line, column)) => vec![Frame {
+                    function: None,
+                    file,
+                    line,
+                    column,
+                    inlined: false,
+                    module: None,
+                }],
+                None => Vec::new(),
+            });
+        };
+        let unit = self.indexed_unit(function.unit)?;
+        let (name, calls) =
+            self.inlined_calls(unit, gimli::UnitOffset(function.value as usize), vaddr)?;
+        let language = language(unit);
+        let demangled = |name: &Option<Reader>| -> Result<Option<String>, IndexedError> {
+            Ok(match name {
+                Some(name) => {
+                    Some(addr2line::demangle_auto(name.to_string_lossy()?, language).into_owned())
+                }
+                None => None,
+            })
+        };
+        let (mut file, mut line, mut column) = location.unwrap_or((None, None, None));
+        let mut frames = Vec::with_capacity(calls.len() + 1);
+        for call in calls.iter().rev() {
+            frames.push(Frame {
+                function: demangled(&call.name)?,
+                file,
+                line,
+                column,
+                inlined: true,
+                module: None,
+            });
+            file = match call.file {
+                Some(index) => file_name(unit, index)?,
+                None => None,
+            };
+            line = (call.line != 0).then_some(call.line);
+            column = (call.column != 0).then_some(call.column);
+        }
+        frames.push(Frame {
+            function: demangled(&name)?,
+            file,
+            line,
+            column,
+            inlined: false,
+            module: None,
+        });
+        Ok(frames)
+    }
+
+    /// The name of the subprogram at `offset` and its inlined calls that hold `probe`,
+    /// outermost first, read as addr2line reads them (without recursion).
+    fn inlined_calls(
+        &self,
+        unit: gimli::UnitRef<'_, Reader>,
+        offset: gimli::UnitOffset,
+        probe: u64,
+    ) -> Result<(Option<Reader>, Vec<InlinedCall>), IndexedError> {
+        let mut entries = unit.entries_raw(Some(offset))?;
+        let base = entries.next_depth();
+        let abbreviation = entries
+            .read_abbreviation()?
+            .filter(|a| a.tag() == gimli::DW_TAG_subprogram)
+            .ok_or(IndexedError::NotASubprogram)?;
+        let mut name = None;
+        let mut extent = Extent::default();
+        for spec in abbreviation.attributes() {
+            let attribute = entries.read_attribute(*spec)?;
+            extent.read(unit, &attribute)?;
+            self.take_name(unit, &attribute, &mut name)?;
+        }
+        let mut holds = false;
+        extent.for_each(unit, |begin, end| holds |= begin <= probe && probe < end)?;
+        if !holds {
+            return Err(IndexedError::NotASubprogram);
+        }
+        let mut calls = Vec::new();
+        // The depth of the innermost entry known to hold `probe`.
+        let mut holding = base;
+        while !entries.is_empty() {
+            let depth = entries.next_depth();
+            if depth <= holding {
+                break;
+            }
+            if depth - base > MAX_ENTRY_DEPTH {
+                return Err(IndexedError::TooDeep);
+            }
+            let Some(abbreviation) = entries.read_abbreviation()? else {
+                continue;
+            };
+            match abbreviation.tag() {
+                gimli::DW_TAG_subprogram => {
+                    entries.skip_attributes(abbreviation.attributes())?;
+                    skip_children(&mut entries, depth)?;
+                }
+                gimli::DW_TAG_inlined_subroutine => {
+                    let mut extent = Extent::default();
+                    let mut call = InlinedCall {
+                        name: None,
+                        file: None,
+                        line: 0,
+                        column: 0,
+                    };
+                    for spec in abbreviation.attributes() {
+                        let attribute = entries.read_attribute(*spec)?;
+                        extent.read(unit, &attribute)?;
+                        self.take_name(unit, &attribute, &mut call.name)?;
+                        match attribute.name() {
+                            gimli::DW_AT_call_file => {
+                                if let gimli::AttributeValue::FileIndex(file) = attribute.value()
+                                    && (file > 0 || unit.header.version() >= 5)
+                                {
+                                    call.file = Some(file);
+                                }
+                            }
+                            gimli::DW_AT_call_line => {
+                                call.line = attribute.udata_value().unwrap_or(0) as u32
+                            }
+                            gimli::DW_AT_call_column => {
+                                call.column = attribute.udata_value().unwrap_or(0) as u32
+                            }
+                            _ => {}
+                        }
+                    }
+                    let mut holds = false;
+                    extent.for_each(unit, |begin, end| holds |= begin <= probe && probe < end)?;
+                    if holds {
+                        calls.push(call);
+                        holding = depth;
+                    } else {
+                        skip_children(&mut entries, depth)?;
+                    }
+                }
+                _ => entries.skip_attributes(abbreviation.attributes())?,
+            }
+        }
+        Ok((name, calls))
+    }
+
+    /// Takes `attribute` into `name` as addr2line does: a linkage name first, then a name,
+    /// then the name of the entry an abstract origin or specification points to.
+    fn take_name(
+        &self,
+        unit: gimli::UnitRef<'_, Reader>,
+        attribute: &gimli::Attribute<Reader>,
+        name: &mut Option<Reader>,
+    ) -> Result<(), IndexedError> {
+        match attribute.name() {
+            gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
+                if let Ok(value) = unit.attr_string(attribute.value()) {
+                    *name = Some(value);
+                }
+            }
+            gimli::DW_AT_name if name.is_none() => *name = unit.attr_string(attribute.value()).ok(),
+            gimli::DW_AT_abstract_origin | gimli::DW_AT_specification if name.is_none() => {
+                *name = self.referenced_name(unit, attribute.value())?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The name of the entry `value` points to, following abstract origins and
+    /// specifications at most 16 times, as addr2line does.
+    fn referenced_name(
+        &self,
+        unit: gimli::UnitRef<'_, Reader>,
+        value: gimli::AttributeValue<Reader>,
+    ) -> Result<Option<Reader>, IndexedError> {
+        let index = self.index.as_ref().ok_or(IndexedError::NoUnit)?;
+        let mut unit = unit;
+        let mut value = value;
+        for _ in 0..16 {
+            let offset = match value {
+                gimli::AttributeValue::UnitRef(offset) => offset,
+                gimli::AttributeValue::DebugInfoRef(offset) => {
+                    let number = index
+                        .unit_holding(offset.0 as u64)?
+                        .ok_or(IndexedError::NoUnit)?;
+                    unit = self.indexed_unit(number)?;
+                    offset
+                        .to_unit_offset(&unit.header)
+                        .ok_or(IndexedError::NoUnit)?
+                }
+                gimli::AttributeValue::DebugInfoRefSup(_) => {
+                    return Err(IndexedError::Supplementary);
+                }
+                _ => return Ok(None),
+            };
+            let mut entries = unit.entries_raw(Some(offset))?;
+            let abbreviation = entries
+                .read_abbreviation()?
+                .ok_or(gimli::Error::NoEntryAtGivenOffset(offset.0 as u64))?;
+            let mut name = None;
+            let mut next = None;
+            for spec in abbreviation.attributes() {
+                let attribute = entries.read_attribute(*spec)?;
+                match attribute.name() {
+                    gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
+                        if let Ok(value) = unit.attr_string(attribute.value()) {
+                            return Ok(Some(value));
+                        }
+                    }
+                    gimli::DW_AT_name => {
+                        if let Ok(value) = unit.attr_string(attribute.value()) {
+                            name = Some(value);
+                        }
+                    }
+                    gimli::DW_AT_abstract_origin | gimli::DW_AT_specification => {
+                        next = Some(attribute.value());
+                    }
+                    _ => {}
+                }
+            }
+            if name.is_some() {
+                return Ok(name);
+            }
+            match next {
+                Some(next) => value = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
     /// The symbol containing `vaddr`, the offset into it, and its source file when the
     /// symbol table names one, from `.symtab`/`.dynsym`.
     pub fn symbol(&self, vaddr: u64) -> Option<(String, u64, Option<String>)> {
         self.symbols.at(vaddr)
     }
+}
+
+/// What identifies `file`'s DWARF for its symbol index: none without a build-id or DWARF.
+pub fn identity(file: &ElfFile) -> Option<Identity> {
+    let build_id = file.build_id.clone().filter(|_| file.has_dwarf)?;
+    let image = file.image();
+    let object = object::File::parse(&image).ok()?;
+    let size = |name| object.section_by_name(name).map_or(0, |s| s.size());
+    Some(Identity {
+        build_id,
+        file_size: file.size,
+        debug_info: size(".debug_info"),
+        debug_line: size(".debug_line"),
+    })
+}
+
+/// Scans `file`'s DWARF once and writes its symbol index into `dir` (see [`super::index`]),
+/// reading through a page cache of its own.
+pub fn build_index(file: &ElfFile, dir: &Path, identity: &Identity) -> Result<(), IndexError> {
+    let image = file.image();
+    let object = object::File::parse(&image).map_err(|e| IndexError::Io(io::Error::other(e)))?;
+    // One pass in order: a few pages at a time are enough.
+    let pages = PageCache::new(MIN_PAGE_BYTES);
+    let dwarf = load_dwarf(file, &object, &pages)
+        .map_err(|e| IndexError::Io(io::Error::other(e.to_string())))?;
+    std::fs::create_dir_all(dir)?;
+    index::build(&dwarf, &index::path_in(dir, &identity.build_id), identity)?;
+    index::evict(dir, super::INDEX_DIR_LIMIT)?;
+    Ok(())
+}
+
+/// Skips the children of the entry at `depth` whose attributes were just read.
+fn skip_children(entries: &mut gimli::EntriesRaw<'_, Reader>, depth: isize) -> gimli::Result<()> {
+    while !entries.is_empty() && entries.next_depth() > depth {
+        if let Some(abbreviation) = entries.read_abbreviation()? {
+            entries.skip_attributes(abbreviation.attributes())?;
+        }
+    }
+    Ok(())
+}
+
+/// The unit's source language, for demangling.
+fn language(unit: gimli::UnitRef<'_, Reader>) -> Option<gimli::DwLang> {
+    let mut entries = unit.entries();
+    let root = entries.next_dfs().ok()??;
+    match root.attr_value(gimli::DW_AT_language)? {
+        gimli::AttributeValue::Language(language) => Some(language),
+        _ => None,
+    }
+}
+
+/// The path of file `index` of the unit's line program, as addr2line renders it: the
+/// compilation directory, the file's directory unless it is number 0, then its name.
+fn file_name(unit: gimli::UnitRef<'_, Reader>, index: u64) -> Result<Option<String>, IndexedError> {
+    let Some(program) = &unit.line_program else {
+        return Ok(None);
+    };
+    let header = program.header();
+    let Some(file) = header.file(index) else {
+        // Before DWARF 5 file 0 is none, and addr2line gives it as "".
+        return Ok((index == 0).then(String::new));
+    };
+    let mut path = match &unit.comp_dir {
+        Some(dir) => dir.to_string_lossy()?.into_owned(),
+        None => String::new(),
+    };
+    if file.directory_index() != 0
+        && let Some(directory) = file.directory(header)
+    {
+        path_push(&mut path, &unit.attr_string(directory)?.to_string_lossy()?);
+    }
+    path_push(
+        &mut path,
+        &unit.attr_string(file.path_name())?.to_string_lossy()?,
+    );
+    Ok(Some(path))
+}
+
+/// Appends `part` to `path` as addr2line does: an absolute part replaces it.
+fn path_push(path: &mut String, part: &str) {
+    let forward_root = |p: &str| p.starts_with('/') || p.get(1..3) == Some(":/");
+    let backward_root = |p: &str| p.starts_with('\\') || p.get(1..3) == Some(":\\");
+    if forward_root(part) || backward_root(part) {
+        *path = part.to_owned();
+        return;
+    }
+    let separator = if backward_root(path) { '\\' } else { '/' };
+    if !path.is_empty() && !path.ends_with(separator) {
+        path.push(separator);
+    }
+    path.push_str(part);
 }
 
 /// The address ranges of the compilation units, sorted by their start, to find the units

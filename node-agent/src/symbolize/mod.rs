@@ -8,6 +8,8 @@
 pub mod debuginfod;
 pub mod dwarf;
 pub mod elf;
+pub mod index;
+pub mod lines;
 pub mod locate;
 pub mod mapping;
 pub mod reader;
@@ -106,6 +108,9 @@ pub trait Symbolize {
     fn identify(&self, _event: &mut CrashEvent) -> Result<(), SymbolizeError> {
         Ok(())
     }
+
+    /// Waits for work it started in the background (a process about to exit).
+    fn wait_for_background_work(&self) {}
 }
 
 impl<T: Symbolize + ?Sized> Symbolize for Box<T> {
@@ -115,6 +120,10 @@ impl<T: Symbolize + ?Sized> Symbolize for Box<T> {
 
     fn identify(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
         (**self).identify(event)
+    }
+
+    fn wait_for_background_work(&self) {
+        (**self).wait_for_background_work()
     }
 }
 
@@ -133,9 +142,17 @@ impl Symbolize for NoSymbolizer {
 struct Loaded {
     binary: ElfFile,
     debug: Option<Mutex<DebugInfo>>,
+    /// The symbol index its debug information could have, to build.
+    index_wanted: Option<IndexWanted>,
     bytes: usize,
     /// Its DWARF is being fetched from debuginfod in the background.
     debuginfod_pending: bool,
+}
+
+/// A file to index, and what identifies it.
+struct IndexWanted {
+    file: ElfFile,
+    identity: index::Identity,
 }
 
 impl Loaded {
@@ -232,7 +249,18 @@ impl Cache {
 /// Symbolizes against the files of this node.
 pub struct Symbolizer {
     places: Places,
-    cache: Mutex<Cache>,
+    cache: Arc<Mutex<Cache>>,
+    indexes: Option<Indexes>,
+}
+
+/// How many bytes of symbol indexes a directory keeps (the least recently written go).
+pub const INDEX_DIR_LIMIT: u64 = 512 << 20;
+
+/// Where symbol indexes are kept, and the builds under way.
+struct Indexes {
+    dir: PathBuf,
+    /// The build-ids being indexed, with their builder threads.
+    building: Mutex<Vec<(Vec<u8>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Symbolizer {
@@ -240,11 +268,119 @@ impl Symbolizer {
     pub fn new(places: Places, cache_bytes: usize) -> Self {
         Symbolizer {
             places,
-            cache: Mutex::new(Cache {
+            cache: Arc::new(Mutex::new(Cache {
                 entries: Vec::new(),
                 limit_bytes: cache_bytes,
                 clock: 0,
+            })),
+            indexes: None,
+        }
+    }
+
+    /// Keeps a symbol index per build-id in `dir` ([`index`]): a file with DWARF and a
+    /// build-id is indexed in a background thread the first time it is loaded, and read
+    /// through its index from then on, also after a restart.
+    pub fn with_index_dir(mut self, dir: PathBuf) -> Self {
+        self.indexes = Some(Indexes {
+            dir,
+            building: Mutex::default(),
+        });
+        self
+    }
+
+    /// Waits for the symbol indexes being built (a short-lived process, before it exits).
+    pub fn wait_for_indexes(&self) {
+        let Some(indexes) = &self.indexes else {
+            return;
+        };
+        let builds = std::mem::take(
+            &mut *indexes
+                .building
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for (_, build) in builds {
+            let _ = build.join();
+        }
+    }
+
+    /// The debug information of `file`, through its symbol index when there is one; when
+    /// there is none but could be, also what to build it from.
+    fn load_debug(
+        &self,
+        file: &ElfFile,
+        supplementary: Option<&ElfFile>,
+    ) -> Result<(DebugInfo, Option<IndexWanted>), dwarf::DebugInfoError> {
+        let budget = self.file_budget();
+        let (Some(indexes), Some(identity)) = (&self.indexes, dwarf::identity(file)) else {
+            return Ok((DebugInfo::load_within(file, supplementary, budget)?, None));
+        };
+        let path = index::path_in(&indexes.dir, &identity.build_id);
+        match index::SymbolIndex::open(&path, &identity) {
+            Ok(found) => {
+                let debug = DebugInfo::load_indexed(file, supplementary, budget, Some(found))?;
+                return Ok((debug, None));
+            }
+            Err(index::IndexError::Io(err)) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(%err, "symbol index not used; building it again"),
+        }
+        let debug = DebugInfo::load_within(file, supplementary, budget)?;
+        Ok((
+            debug,
+            Some(IndexWanted {
+                file: file.clone(),
+                identity,
             }),
+        ))
+    }
+
+    /// Starts building the symbol index `loaded` wants, in a background thread at a lower
+    /// priority, unless it is being built. Its cached entry goes first (what addr2line
+    /// parsed is freed while the index is built); so does the entry loaded meanwhile, once
+    /// the index is there, so that the next crash in it loads it with the index.
+    fn start_index_build(&self, loaded: &Arc<Loaded>) {
+        let (Some(indexes), Some(wanted)) = (&self.indexes, &loaded.index_wanted) else {
+            return;
+        };
+        let mut building = indexes
+            .building
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        building.retain(|(_, build)| !build.is_finished());
+        if building
+            .iter()
+            .any(|(id, _)| *id == wanted.identity.build_id)
+        {
+            return;
+        }
+        self.cache().remove(loaded);
+        let (file, identity) = (wanted.file.clone(), wanted.identity.clone());
+        let (dir, cache, binary) = (
+            indexes.dir.clone(),
+            self.cache.clone(),
+            loaded.binary.path.clone(),
+        );
+        let build = std::thread::Builder::new()
+            .name("symbol-index".into())
+            .spawn(move || {
+                // SAFETY: setpriority has no memory-safety preconditions; 0 is this thread.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+                let started = std::time::Instant::now();
+                match dwarf::build_index(&file, &dir, &identity) {
+                    Ok(()) => {
+                        tracing::info!(file = %file.path.display(), elapsed = ?started.elapsed(), "symbol index built");
+                        cache
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .entries
+                            .retain(|e| e.path != binary);
+                    }
+                    Err(err) => tracing::warn!(file = %file.path.display(), %err, "no symbol index"),
+                }
+            });
+        match build {
+            Ok(build) => building.push((wanted.identity.build_id.clone(), build)),
+            Err(err) => tracing::warn!(%err, "cannot start a symbol index build"),
         }
     }
 
@@ -259,13 +395,16 @@ impl Symbolizer {
         let debug = self.places.debug_file(&binary).and_then(|(file, how)| {
             tracing::debug!(binary = %path.display(), debug = %file.path.display(), how, "debug information found");
             let supplementary = self.places.supplementary_file(&file, path);
-            DebugInfo::load_within(&file, supplementary.as_ref(), self.file_budget()).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
+            self.load_debug(&file, supplementary.as_ref()).inspect_err(|err| tracing::warn!(file = %file.path.display(), %err, "unusable debug information")).ok()
         });
         let found_dwarf = debug.is_some();
-        let debug = match debug {
-            Some(debug) => Some(debug),
+        let (debug, index_wanted) = match debug {
+            Some((debug, wanted)) => (Some(debug), wanted),
             // Symbols only: the binary's own .symtab/.dynsym.
-            None => DebugInfo::load_within(&binary, None, self.file_budget()).ok(),
+            None => (
+                DebugInfo::load_within(&binary, None, self.file_budget()).ok(),
+                None,
+            ),
         };
         // The binary itself holds only its headers' facts and an open file.
         let bytes = LOADED_OVERHEAD + debug.as_ref().map_or(0, |d| d.bytes);
@@ -277,6 +416,7 @@ impl Symbolizer {
         let loaded = Arc::new(Loaded {
             binary,
             debug: debug.map(Mutex::new),
+            index_wanted,
             bytes,
             debuginfod_pending,
         });
@@ -453,6 +593,10 @@ impl Symbolizer {
 }
 
 impl Symbolize for Symbolizer {
+    fn wait_for_background_work(&self) {
+        self.wait_for_indexes();
+    }
+
     fn identify(&self, event: &mut CrashEvent) -> Result<(), SymbolizeError> {
         let Some(module) = event.module.clone() else {
             return Ok(());
@@ -540,6 +684,8 @@ impl Symbolize for Symbolizer {
             }
         }
         debug.trim();
+        drop(debug);
+        self.start_index_build(&loaded);
         Ok(())
     }
 }

@@ -18,6 +18,13 @@ __attribute__((noinline)) size_t libc_strlen(const char *s) { return strlen(s) +
 __attribute__((noinline)) long gpf(void) { return *(volatile long *)0x8000000000000000UL; }      /* non-canonical */
 __attribute__((noinline)) int divide(int a, int b) { return a / b; }                             /* #DE */
 __attribute__((noinline)) void ud2(void) { __builtin_trap(); }                                   /* #UD */
+#if defined(__x86_64__)
+/* EFLAGS.AC set, then a misaligned load: #AC, which the kernel turns into SIGBUS */
+__attribute__((noinline)) long misaligned(char *p) {
+    __asm__ volatile("pushf; orl $0x40000, (%%rsp); popf" ::: "memory", "cc");
+    return *(volatile long *)(p + 1);
+}
+#endif
 #if defined(__aarch64__)
 __attribute__((noinline)) void int3(void) { __asm__ volatile("brk #0"); }                         /* BRK */
 #else
@@ -43,5 +50,8 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "div"))       return divide(1, zero);
     if (!strcmp(m, "ud2"))       { ud2(); return 0; }
     if (!strcmp(m, "int3"))      { int3(); return 0; }
+#if defined(__x86_64__)
+    if (!strcmp(m, "bus"))       { static long words[2]; return (int)misaligned((char *)words); }
+#endif
     fprintf(stderr, "unknown mode\n"); return 2;
 }

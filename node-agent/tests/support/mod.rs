@@ -82,6 +82,39 @@ impl Drop for Sysctl {
     }
 }
 
+/// A binary of the workspace's release build (`cargo build --release`).
+pub fn release_binary(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name)
+}
+
+/// Copies the release agent into `share` (the fault VM's 9p share), and the libraries `ldd`
+/// lists into `share/lib`, for the guest to run it with
+/// `lib/ld-linux-x86-64.so.2 --library-path lib crashwatch-agent`.
+pub fn stage_release_agent(share: &Path) {
+    let agent = release_binary("crashwatch-agent");
+    fs::copy(&agent, share.join("crashwatch-agent")).unwrap();
+    let lib = share.join("lib");
+    fs::create_dir_all(&lib).unwrap();
+    let ldd = Command::new("ldd").arg(&agent).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(path) = path {
+            let name = if line.contains("ld-linux") {
+                "ld-linux-x86-64.so.2".into()
+            } else {
+                path.file_name().unwrap().to_owned()
+            };
+            fs::copy(&path, lib.join(name)).unwrap();
+        }
+    }
+    assert!(lib.join("ld-linux-x86-64.so.2").exists(), "{ldd:?}");
+}
+
 /// The test program, compiled once per test process with gcc -O2 -g.
 pub fn crashy() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
