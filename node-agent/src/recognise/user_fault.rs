@@ -14,20 +14,23 @@ use super::error_code;
 /// when what is left has the grammar so far, and so is a bare `segfault at …` with no task.
 pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "]: segfault at ";
+    // One event, filled in place: it is large, and each move copies it.
+    let mut event = CrashEvent::new(EventKind::Segfault);
     for at in anchor!("]: segfault at ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
-        let Some(mut event) = segfault_tail(&message[at + ANCHOR.len()..]) else {
+        if segfault_tail(&mut event, &message[at + ANCHOR.len()..]).is_none() {
+            // A later anchor starts afresh.
+            event = CrashEvent::new(EventKind::Segfault);
             continue;
-        };
-        // Set in place: the event is large, and each move copies it.
+        }
         event.comm = Some(comm.to_owned());
         event.pid = Some(pid);
         return Some(event);
     }
     let bare = message.strip_prefix("segfault at ")?;
-    let event = segfault_tail(bare)?;
+    segfault_tail(&mut event, bare)?;
     event.ip.is_some().then_some(event)
 }
 
@@ -61,25 +64,25 @@ fn space_at(text: &str) -> Option<usize> {
     text.bytes().position(|b| b == b' ')
 }
 
-fn segfault_tail(tail: &str) -> Option<CrashEvent> {
+/// Fills a new segfault `event` from the text after `segfault at `; None when the text has
+/// another shape (the event is then partly filled).
+fn segfault_tail(event: &mut CrashEvent, tail: &str) -> Option<()> {
     let (address, rest) = hex_word(tail)?;
-    let mut event = CrashEvent::new(EventKind::Segfault);
     event.fault_address = Some(Address(address));
     let Some((ip, rest)) = field(rest, &["ip", "rip"])? else {
-        return Some(event);
+        return Some(());
     };
     event.ip = Some(Address(ip));
     let Some((sp, rest)) = field(rest, &["sp", "rsp"])? else {
-        return Some(event);
+        return Some(());
     };
     event.sp = Some(Address(sp));
     let Some((error_code, rest)) = field(rest, &["error"])? else {
-        return Some(event);
+        return Some(());
     };
     event.error_code = Some(error_code);
     event.error_bits = error_code::x86_page_fault_bits(error_code);
-    apply_location(&mut event, rest)?;
-    Some(event)
+    apply_location(event, rest)
 }
 
 /// Parses `traps: COMM[TID] <what> ip:IP sp:SP error:E[ in FILE[…]]`, with or without the
