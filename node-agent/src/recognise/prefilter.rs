@@ -63,15 +63,15 @@ const OOPS_FIRST_BYTES: [bool; 256] = {
 
 /// The set of recognisers whose required text a line contains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Candidates(u16);
+pub struct Candidates(u32);
 
 impl Candidates {
     /// Every recogniser, as if no line were filtered.
-    pub const ALL: Candidates = Candidates(u16::MAX);
+    pub const ALL: Candidates = Candidates(u32::MAX);
 
     /// Whether `start` may accept the line.
     pub fn may(self, start: Start) -> bool {
-        self.0 & (1 << start as u16) != 0
+        self.0 & (1 << start as u32) != 0
     }
 
     /// Runs the recogniser `recognise` only when the line contains the text `start` requires.
@@ -105,7 +105,7 @@ pub fn candidates(message: &str) -> Candidates {
     }
     let line = message.as_bytes();
     let mut may = Candidates(0);
-    let mut add = |start: Start| may.0 |= 1 << start as u16;
+    let mut add = |start: Start| may.0 |= 1 << start as u32;
     if line.starts_with(b"segfault at ") {
         add(Start::Segfault);
     }
