@@ -332,7 +332,7 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     let mut recogniser = Recogniser::new();
     let mut items = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        items.extend(recogniser.feed(&LogLine::parse_text(line)));
+        items.extend(recogniser.feed(LogLine::parse_text(line)));
     }
     items.extend(recogniser.flush());
     let stdout = io::stdout();

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let mut recogniser = Recogniser::new();
     for record in data.split(|&b| b == 0) {
         if let Ok(record) = parse_record(record) {
-            recogniser.feed(&LogLine::from_record(&record));
+            recogniser.feed(LogLine::from_record(&record));
         }
     }
     recogniser.flush();

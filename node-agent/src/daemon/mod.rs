@@ -381,7 +381,7 @@ impl<S: Symbolize> ReadState<S> {
                 }
             }
         }
-        let items = self.recogniser.feed(&LogLine::from_record(&record));
+        let items = self.recogniser.feed(LogLine::from_owned_record(record));
         items
             .into_iter()
             .filter_map(|item| self.finish(item))

@@ -103,16 +103,19 @@ pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
         None => (body, None),
     };
     let message = unescape(first);
-    let dictionary = entries
-        .into_iter()
-        .flat_map(|entries| entries.split(|&b| b == b'\n'))
-        .filter_map(|line| line.strip_prefix(b" "))
-        .filter_map(|entry| {
-            let entry = unescape(entry);
-            let (key, value) = entry.split_once('=')?;
-            Some((key.to_owned(), value.to_owned()))
-        })
-        .collect();
+    let dictionary = match entries {
+        // Most records have none: no iterator to build.
+        None => Vec::new(),
+        Some(entries) => entries
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b" "))
+            .filter_map(|entry| {
+                let entry = unescape(entry);
+                let (key, value) = entry.split_once('=')?;
+                Some((key.to_owned(), value.to_owned()))
+            })
+            .collect(),
+    };
 
     Ok(KmsgRecord {
         facility: (priority >> 3).min(u32::from(u8::MAX)) as u8,
@@ -129,24 +132,37 @@ pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, RecordError> {
 /// (what the kernel writes), read without building strings; None for anything else, which
 /// [`checked_header`] then reads or rejects with its error.
 fn plain_header(header: &[u8]) -> Option<(u32, u64, u64, bool)> {
-    fn digits(field: &[u8]) -> Option<u64> {
-        // At most 19 digits cannot overflow a u64; longer fields take the checked path.
-        if field.is_empty() || field.len() > 19 {
-            return None;
+    // A field of 1 to 19 digits from `from` (19 digits cannot overflow a u64; longer fields
+    // take the checked path), and where it ends: at a comma or at the end of the header.
+    let number = |from: usize| -> Option<(u64, usize)> {
+        let mut value = 0u64;
+        let mut at = from;
+        while let Some(&b) = header.get(at) {
+            if b == b',' {
+                break;
+            }
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 || at - from == 19 {
+                return None;
+            }
+            value = value * 10 + u64::from(digit);
+            at += 1;
         }
-        field.iter().try_fold(0u64, |value, &b| {
-            b.is_ascii_digit().then(|| value * 10 + u64::from(b - b'0'))
-        })
-    }
-    let mut fields = header.split(|&b| b == b',');
-    let priority = u32::try_from(digits(fields.next()?)?).ok()?;
-    let seq = digits(fields.next()?)?;
-    let timestamp_usec = digits(fields.next()?)?;
-    let continuation = fields.next().is_some_and(|flags| flags.contains(&b'c'));
+        (at > from).then_some((value, at))
+    };
+    let (priority, end) = number(0)?;
+    let (seq, end) = number(end + 1)?;
+    let (timestamp_usec, end) = number(end + 1)?;
+    // The flags field ends at the next comma, if any.
+    let flags = header.get(end + 1..).unwrap_or_default();
+    let continuation = flags.iter().take_while(|&&b| b != b',').any(|&b| b == b'c');
     // Lossy decoding would change nothing then: the flags are compared as the text is.
-    header
-        .is_ascii()
-        .then_some((priority, seq, timestamp_usec, continuation))
+    (flags.is_ascii()).then_some((
+        u32::try_from(priority).ok()?,
+        seq,
+        timestamp_usec,
+        continuation,
+    ))
 }
 
 /// The header fields, parsed as text (a `+` sign is accepted, as `str::parse` does), or the

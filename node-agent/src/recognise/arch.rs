@@ -15,6 +15,7 @@
 use crds::{Address, CrashEvent, EventKind};
 
 use super::misc;
+use super::prefilter::{Candidates, Start};
 use super::user_fault::{apply_location, comm_and_pid, hex, with_task};
 
 /// Which architecture's report an open event is, so its continuation lines can be told apart.
@@ -45,19 +46,25 @@ pub enum Continuation {
 
 /// Recognises the first line of another architecture's user fault report.
 pub fn parse(message: &str) -> Option<(Arch, CrashEvent)> {
-    if let Some(event) = parse_powerpc(message) {
+    parse_among(message, Candidates::ALL)
+}
+
+/// [`parse`], trying only the architectures whose required text the line contains.
+pub fn parse_among(message: &str, may: Candidates) -> Option<(Arch, CrashEvent)> {
+    if let Some(event) = may.run(Start::PowerPc, || parse_powerpc(message)) {
         return Some((Arch::PowerPc, event));
     }
-    if let Some(event) = parse_riscv(message) {
+    if let Some(event) = may.run(Start::RiscV, || parse_riscv(message)) {
         return Some((Arch::RiscV, event));
     }
-    if let Some(event) = parse_s390(message) {
+    if let Some(event) = may.run(Start::S390, || parse_s390(message)) {
         return Some((Arch::S390, event));
     }
-    if let Some(event) = parse_mips(message) {
+    if let Some(event) = may.run(Start::Mips, || parse_mips(message)) {
         return Some((Arch::Mips, event));
     }
-    parse_arm_undefined(message).map(|event| (Arch::ArmUndefined, event))
+    may.run(Start::ArmUndefined, || parse_arm_undefined(message))
+        .map(|event| (Arch::ArmUndefined, event))
 }
 
 /// The event kind of a signal number (`SIGILL` 4, `SIGTRAP` 5, `SIGBUS` 7, `SIGFPE` 8,
@@ -366,16 +373,18 @@ fn riscv_line(event: &mut CrashEvent, message: &str) -> bool {
 /// A line of `NAME : HEX` pairs as the riscv and arm64 register dumps print them
 /// (`epc : 0000003faee8d1aa ra : 0000003faf093baa sp : 0000003faae67fc0`, `s10: 0000…`).
 pub fn register_line(message: &str) -> Option<Vec<(&str, u64)>> {
-    let mut pairs = Vec::new();
+    let mut pairs = Vec::with_capacity(3);
     let mut rest = message.trim_start();
     while !rest.is_empty() {
+        // Names and values are short: byte loops find their ends.
         let name_end = rest
-            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit()))
+            .bytes()
+            .position(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit()))
             .unwrap_or(rest.len());
         let name = &rest[..name_end];
         let after = rest[name_end..].trim_start_matches(' ');
         let after = after.strip_prefix(':')?.trim_start_matches(' ');
-        let value_end = after.find(' ').unwrap_or(after.len());
+        let value_end = after.bytes().position(|b| b == b' ').unwrap_or(after.len());
         if name.is_empty() || name.len() > 8 {
             return None;
         }

@@ -6,34 +6,38 @@
 /// `instruction-fetch`) and why (`not-present` or `protection-violation`), then any extra bits.
 pub fn x86_page_fault_bits(code: u64) -> Vec<String> {
     let bit = |n: u32| code & (1 << n) != 0;
-    let mut bits = vec![
-        if bit(2) { "user" } else { "kernel" },
-        if bit(4) {
-            "instruction-fetch"
-        } else if bit(1) {
-            "write"
-        } else {
-            "read"
-        },
-        if bit(0) {
-            "protection-violation"
-        } else {
-            "not-present"
-        },
-    ];
+    let mut bits = Vec::with_capacity(3);
+    bits.extend(
+        [
+            if bit(2) { "user" } else { "kernel" },
+            if bit(4) {
+                "instruction-fetch"
+            } else if bit(1) {
+                "write"
+            } else {
+                "read"
+            },
+            if bit(0) {
+                "protection-violation"
+            } else {
+                "not-present"
+            },
+        ]
+        .map(str::to_owned),
+    );
     if bit(3) {
-        bits.push("reserved-bit");
+        bits.push("reserved-bit".to_owned());
     }
     if bit(5) {
-        bits.push("protection-key");
+        bits.push("protection-key".to_owned());
     }
     if bit(6) {
-        bits.push("shadow-stack");
+        bits.push("shadow-stack".to_owned());
     }
     if bit(15) {
-        bits.push("sgx");
+        bits.push("sgx".to_owned());
     }
-    bits.into_iter().map(str::to_owned).collect()
+    bits
 }
 
 /// Names an arm64 ESR of a lower-EL data or instruction abort in the same vocabulary as

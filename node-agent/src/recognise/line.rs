@@ -16,8 +16,10 @@ pub struct LogLine {
     pub seq: Option<u64>,
     /// Microseconds since boot, when the source carried it (kmsg, dmesg).
     pub monotonic_usec: Option<u64>,
-    /// The line exactly as it was read (for kmsg, the message alone).
-    pub raw: String,
+    /// The line exactly as it was read, when that is more than `message` (pasted text with
+    /// its prefixes); None when the message is the whole line, as for a kmsg record, so that
+    /// the message is not copied. [`LogLine::raw_text`] reads either.
+    pub raw: Option<String>,
 }
 
 impl LogLine {
@@ -29,8 +31,32 @@ impl LogLine {
             level: Some(record.level),
             seq: Some(record.seq),
             monotonic_usec: Some(record.timestamp_usec),
-            raw: record.message.clone(),
+            raw: None,
         }
+    }
+
+    /// A line from a parsed `/dev/kmsg` record, taking its message rather than copying it.
+    pub fn from_owned_record(record: KmsgRecord) -> Self {
+        LogLine {
+            from_user_space: !record.is_from_kernel(),
+            level: Some(record.level),
+            seq: Some(record.seq),
+            monotonic_usec: Some(record.timestamp_usec),
+            raw: None,
+            message: record.message,
+        }
+    }
+
+    /// The line exactly as it was read (for kmsg, the message alone).
+    pub fn raw_text(&self) -> &str {
+        self.raw.as_deref().unwrap_or(&self.message)
+    }
+
+    /// The line exactly as it was read, taken out of the line.
+    pub(crate) fn take_raw_text(&mut self) -> String {
+        self.raw
+            .take()
+            .unwrap_or_else(|| std::mem::take(&mut self.message))
     }
 
     /// A bare message with no metadata.
@@ -41,7 +67,7 @@ impl LogLine {
             level: None,
             seq: None,
             monotonic_usec: None,
-            raw: message.to_owned(),
+            raw: None,
         }
     }
 
@@ -59,14 +85,14 @@ impl LogLine {
         };
         if let Some(rest) = strip_grep_prefix(text) {
             let mut line = LogLine::parse_text(rest);
-            line.raw = text.to_owned();
+            line.raw = Some(text.to_owned());
             return line;
         }
         if looks_like_kmsg_header(text)
             && let Ok(record) = parse_record(text.as_bytes())
         {
             let mut line = LogLine::from_record(&record);
-            line.raw = text.to_owned();
+            line.raw = Some(text.to_owned());
             return line;
         }
         let mut line = LogLine::bare(text);
@@ -93,6 +119,10 @@ impl LogLine {
         }
         // printk's caller id with no timestamp before it: `[  T817] INFO: task …`.
         rest = strip_caller_id(rest);
+        // `rest` ends where `text` does: it is all of it when no prefix was removed.
+        if rest.len() != text.len() {
+            line.raw = Some(text.to_owned());
+        }
         line.message = rest.to_owned();
         line
     }
@@ -426,7 +456,21 @@ mod tests {
             assert_eq!(line.level, level, "level from {text:?}");
             assert_eq!(line.monotonic_usec, usec, "timestamp from {text:?}");
             assert!(!line.from_user_space, "{text:?}");
-            assert_eq!(line.raw, text);
+            assert_eq!(line.raw_text(), text);
+        }
+    }
+
+    #[test]
+    fn an_owned_record_makes_the_same_line_as_a_borrowed_one() {
+        for raw in [
+            format!("6,346,605503265,-;{MSG}\n"),
+            "14,1,2,c;user\\x20space\n SUBSYSTEM=block\n".to_owned(),
+        ] {
+            let record = parse_record(raw.as_bytes()).unwrap();
+            assert_eq!(
+                LogLine::from_owned_record(record.clone()),
+                LogLine::from_record(&record)
+            );
         }
     }
 

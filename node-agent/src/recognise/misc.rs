@@ -41,22 +41,25 @@ pub fn parse_nbd(message: &str) -> Option<NbdError> {
     }
     // "I/O error, dev nbd0, sector 0 op 0x0:(READ) …" with or without a
     // "blk_update_request: " / "print_req_error: " prefix, and "Buffer I/O error on dev nbd0, …".
-    for (marker, meaning) in [
+    for (marker, marker_len, meaning) in [
         (
-            "I/O error, dev nbd",
+            anchor!("I/O error, dev nbd"),
+            "I/O error, dev nbd".len(),
             "an I/O request to the NBD device failed",
         ),
         (
-            "Buffer I/O error on dev nbd",
+            anchor!("Buffer I/O error on dev nbd"),
+            "Buffer I/O error on dev nbd".len(),
             "a buffered I/O request to the NBD device failed",
         ),
         (
-            "Buffer I/O error on device nbd",
+            anchor!("Buffer I/O error on device nbd"),
+            "Buffer I/O error on device nbd".len(),
             "a buffered I/O request to the NBD device failed",
         ),
     ] {
-        if let Some(at) = message.find(marker) {
-            let number: String = message[at + marker.len()..]
+        if let Some(at) = marker.find(message.as_bytes()) {
+            let number: String = message[at + marker_len..]
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();
@@ -253,24 +256,26 @@ pub fn parse_oom_invoker(message: &str) -> Option<&str> {
         .map(|at| &message[..at])
 }
 
+/// The texts a kernel oops report starts with.
+pub(crate) const OOPS_HEADERS: [&str; 13] = [
+    "BUG: unable to handle ",
+    "BUG: kernel NULL pointer dereference",
+    "general protection fault, ",
+    "general protection fault: ",
+    "Oops: ",
+    "kernel BUG at ",
+    "Unable to handle kernel ",
+    "Internal error: Oops",
+    "stack segment: ",
+    "divide error: ",
+    "invalid opcode: ",
+    "double fault: ",
+    "traps: PANIC: double fault",
+];
+
 /// Whether a line opens a kernel oops (a fault or BUG inside the kernel itself).
 pub fn is_oops_header(message: &str) -> bool {
-    const HEADERS: [&str; 13] = [
-        "BUG: unable to handle ",
-        "BUG: kernel NULL pointer dereference",
-        "general protection fault, ",
-        "general protection fault: ",
-        "Oops: ",
-        "kernel BUG at ",
-        "Unable to handle kernel ",
-        "Internal error: Oops",
-        "stack segment: ",
-        "divide error: ",
-        "invalid opcode: ",
-        "double fault: ",
-        "traps: PANIC: double fault",
-    ];
-    HEADERS.iter().any(|h| message.starts_with(h))
+    OOPS_HEADERS.iter().any(|h| message.starts_with(h))
 }
 
 /// The faulting address a kernel oops header names, if any.

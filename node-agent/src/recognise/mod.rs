@@ -30,12 +30,14 @@ pub mod error_code;
 pub mod hung;
 pub mod line;
 pub mod misc;
+pub mod prefilter;
 pub mod user_fault;
 
 use crds::limits::{self, MAX_KERNEL_STACK, MAX_RAW_LINES};
 use crds::{CrashEvent, DetectedBy, EventKind};
 
 pub use line::LogLine;
+use prefilter::Start;
 
 /// The most records one report may take before it is closed regardless (an OOM report lists
 /// every task, one record each; an nbd device may log thousands of errors in a row).
@@ -78,7 +80,8 @@ const NBD_DISCONNECT_WINDOW_USEC: u64 = 5_000_000;
 #[derive(Debug)]
 struct OpenReport {
     shape: Shape,
-    found: Found,
+    /// Boxed from the start: the report is handed out as it is, without moving the event.
+    found: Box<Found>,
     first_seq: Option<u64>,
     /// Records taken, the first included.
     records: usize,
@@ -125,7 +128,10 @@ impl Recogniser {
     /// or text pasted in front of a timestamp) is fed as its pieces. A `/dev/kmsg` record is
     /// one message by construction and is never split: a task name such as `[1.1] x` must not
     /// cut the report that prints it in two.
-    pub fn feed(&mut self, line: &LogLine) -> Vec<Recognised> {
+    ///
+    /// The line is taken by value: a record that joins an open report keeps its text without
+    /// a copy.
+    pub fn feed(&mut self, line: LogLine) -> Vec<Recognised> {
         if line.from_user_space {
             return vec![Recognised::Untrusted];
         }
@@ -144,19 +150,21 @@ impl Recogniser {
                 continue;
             }
             let parsed = LogLine::parse_text(piece);
-            let mut sub = line.clone();
-            sub.message = parsed.message;
-            sub.raw = piece.to_owned();
-            sub.monotonic_usec = parsed.monotonic_usec.or(line.monotonic_usec);
-            out.extend(self.feed_one(&sub));
+            let sub = LogLine {
+                message: parsed.message,
+                raw: Some(piece.to_owned()),
+                monotonic_usec: parsed.monotonic_usec.or(line.monotonic_usec),
+                ..line.clone()
+            };
+            out.extend(self.feed_one(sub));
         }
         out
     }
 
-    fn feed_one(&mut self, line: &LogLine) -> Vec<Recognised> {
+    fn feed_one(&mut self, mut line: LogLine) -> Vec<Recognised> {
         let mut out = Vec::new();
         if let Some(open) = self.open.as_mut() {
-            match open.absorb(line) {
+            match open.absorb(&mut line) {
                 Absorb::Taken => return out,
                 Absorb::TakenAndComplete => {
                     out.extend(self.flush());
@@ -165,7 +173,11 @@ impl Recogniser {
                 Absorb::NotMine => out.extend(self.flush()),
             }
         }
-        self.start(line, &mut out);
+        self.start(&line, &mut out);
+        if let Some(open) = self.open.as_mut() {
+            // Nothing was open before: the report is this line's, and keeps its text.
+            open.found.event.raw.push(line.take_raw_text());
+        }
         out
     }
 
@@ -174,7 +186,7 @@ impl Recogniser {
         self.open.take().map(|open| {
             let mut found = open.found;
             limits::bound_lines(&mut found.event.raw, MAX_RAW_LINES, open.omitted);
-            Recognised::Event(Box::new(found))
+            Recognised::Event(found)
         })
     }
 
@@ -191,26 +203,32 @@ impl Recogniser {
 
     fn start(&mut self, line: &LogLine, out: &mut Vec<Recognised>) {
         let message = line.message.as_str();
+        // Each recogniser runs only when the line contains the text it requires.
+        let may = prefilter::candidates(message);
+        if may.is_empty() {
+            return;
+        }
         let open = |shape, event| OpenReport::new(shape, event, line);
-        if let Some(event) = user_fault::parse_segfault(message) {
+        if let Some(event) = may.run(Start::Segfault, || user_fault::parse_segfault(message)) {
             self.open = Some(open(Shape::X86Fault, event));
-        } else if let Some(event) = user_fault::parse_trap(message) {
+        } else if let Some(event) = may.run(Start::Trap, || user_fault::parse_trap(message)) {
             self.open = Some(open(Shape::X86Fault, event));
-        } else if let Some(event) = user_fault::parse_arm64_fault(message) {
+        } else if let Some(event) =
+            may.run(Start::Arm64Fault, || user_fault::parse_arm64_fault(message))
+        {
             self.open = Some(open(Shape::Arm64Fault, event));
-        } else if let Some((arch, event)) = arch::parse(message) {
+        } else if let Some((arch, event)) = arch::parse_among(message, may) {
             self.open = Some(open(Shape::Arch(arch), event));
-        } else if let Some(header) = hung::parse_header(message) {
+        } else if let Some(header) = may.run(Start::HungTask, || hung::parse_header(message)) {
             let mut event = CrashEvent::new(EventKind::HungTask);
             event.comm = Some(header.comm);
             event.pid = Some(header.pid);
             event.blocked_seconds = Some(header.blocked_seconds);
             event.detected_by = Some(DetectedBy::KernelReport);
             self.open = Some(open(Shape::Hung { stack_done: false }, event));
-        } else if let (Some(blocked), Some(blocker)) = (
-            hung::parse_blocked_task(message),
-            hung::parse_blocker(message),
-        ) {
+        } else if let Some((blocked, blocker)) = may.run(Start::HungTask, || {
+            hung::parse_blocked_task(message).zip(hung::parse_blocker(message))
+        }) {
             // A lock-owner line whose hung-task header was not seen.
             let mut event = CrashEvent::new(EventKind::HungTask);
             event.comm = Some(blocked.0);
@@ -218,11 +236,13 @@ impl Recogniser {
             event.detected_by = Some(DetectedBy::KernelReport);
             event.explanation = Some(blocker);
             self.open = Some(open(Shape::Hung { stack_done: true }, event));
-        } else if hung::is_suppression_notice(message) {
+        } else if may.may(Start::HungTaskSuppressed) && hung::is_suppression_notice(message) {
             out.push(Recognised::HungTaskReportsSuppressed);
-        } else if let Some(count) = misc::parse_crash_suppression(message) {
+        } else if let Some(count) = may.run(Start::CrashesSuppressed, || {
+            misc::parse_crash_suppression(message)
+        }) {
             out.push(Recognised::CrashesSuppressed(count));
-        } else if let Some(error) = misc::parse_nbd(message) {
+        } else if let Some(error) = may.run(Start::Nbd, || misc::parse_nbd(message)) {
             if error.meaning == misc::NBD_SHUTDOWN && self.disconnect_announced(&error.device, line)
             {
                 return;
@@ -231,25 +251,27 @@ impl Recogniser {
             event.explanation = Some(format!("{}: {}.", error.device, error.meaning));
             event.device = Some(error.device);
             self.open = Some(open(Shape::Nbd, event));
-        } else if let Some(device) = misc::parse_nbd_disconnect(message) {
+        } else if let Some(device) = may.run(Start::Nbd, || misc::parse_nbd_disconnect(message)) {
             self.nbd_disconnect = Some((device.to_owned(), line.monotonic_usec));
-        } else if let Some(invoker) = misc::parse_oom_invoker(message) {
+        } else if let Some(invoker) =
+            may.run(Start::OomInvoker, || misc::parse_oom_invoker(message))
+        {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(invoker.to_owned());
             self.open = Some(open(Shape::Oom { records: 1 }, event));
-        } else if let Some(victim) = misc::parse_oom_choice(message) {
+        } else if let Some(victim) = may.run(Start::OomChoice, || misc::parse_oom_choice(message)) {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(victim.comm.clone());
             event.victim_pid = Some(victim.pid);
             event.victim_comm = Some(victim.comm);
             self.open = Some(open(Shape::OomChosen, event));
-        } else if let Some(victim) = misc::parse_oom_kill(message) {
+        } else if let Some(victim) = may.run(Start::OomKill, || misc::parse_oom_kill(message)) {
             let mut event = CrashEvent::new(EventKind::OomKill);
             event.comm = Some(victim.comm.clone());
             event.victim_pid = Some(victim.pid);
             event.victim_comm = Some(victim.comm);
             out.push(found(event, line));
-        } else if misc::is_oops_header(message) {
+        } else if may.may(Start::Oops) && misc::is_oops_header(message) {
             let mut event = CrashEvent::new(EventKind::KernelOops);
             event.fault_address = misc::parse_oops_address(message).map(crds::Address);
             self.open = Some(open(Shape::Oops { records: 1 }, event));
@@ -274,7 +296,7 @@ impl Recogniser {
 
 fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
     event.kmsg_seq = line.seq;
-    event.raw.push(line.raw.clone());
+    event.raw.push(line.raw_text().to_owned());
     Recognised::Event(Box::new(Found {
         event,
         monotonic_usec: line.monotonic_usec,
@@ -282,18 +304,24 @@ fn found(mut event: CrashEvent, line: &LogLine) -> Recognised {
 }
 
 /// Whether a line starts a user-space or hang report of its own, and so cannot belong to an
-/// open oops or OOM report (another CPU printed it in between).
-fn starts_report(message: &str) -> bool {
-    user_fault::parse_segfault(message).is_some()
-        || user_fault::parse_trap(message).is_some()
-        || arch::parse(message).is_some()
-        || hung::parse_header(message).is_some()
+/// open oops or OOM report (another CPU printed it in between). `may` is the line's
+/// [`prefilter::candidates`].
+fn starts_report(message: &str, may: prefilter::Candidates) -> bool {
+    may.run(Start::Segfault, || user_fault::parse_segfault(message))
+        .is_some()
+        || may
+            .run(Start::Trap, || user_fault::parse_trap(message))
+            .is_some()
+        || arch::parse_among(message, may).is_some()
+        || may
+            .run(Start::HungTask, || hung::parse_header(message))
+            .is_some()
 }
 
 /// Whether a line starts any report or notice on its own.
 fn starts_anything(message: &str) -> bool {
     let mut scratch = Recogniser::new();
-    !scratch.feed_one(&LogLine::bare(message)).is_empty() || scratch.has_open_report()
+    !scratch.feed_one(LogLine::bare(message)).is_empty() || scratch.has_open_report()
 }
 
 /// The kernel lines inside one line of text, when there is more than one: a `traps:` report
@@ -339,22 +367,23 @@ fn is_timestamp_at(text: &str) -> bool {
 }
 
 impl OpenReport {
+    /// The report `line` opens; the caller adds the line's text to its `raw`.
     fn new(shape: Shape, mut event: CrashEvent, line: &LogLine) -> Self {
         event.kmsg_seq = line.seq;
-        event.raw.push(line.raw.clone());
         OpenReport {
             shape,
-            found: Found {
+            found: Box::new(Found {
                 event,
                 monotonic_usec: line.monotonic_usec,
-            },
+            }),
             first_seq: line.seq,
             records: 1,
             omitted: 0,
         }
     }
 
-    fn absorb(&mut self, line: &LogLine) -> Absorb {
+    /// Whether the open report takes `line`; a line it takes leaves its text (`raw`) to it.
+    fn absorb(&mut self, line: &mut LogLine) -> Absorb {
         let message = line.message.as_str();
         let event = &mut self.found.event;
         let verdict = match &mut self.shape {
@@ -398,7 +427,7 @@ impl OpenReport {
                 }
             }
             Shape::Oops { records } => {
-                if starts_report(message) {
+                if starts_report(message, prefilter::candidates(message)) {
                     Absorb::NotMine
                 } else {
                     *records += 1;
@@ -421,7 +450,13 @@ impl OpenReport {
                 }
             }
             Shape::Oom { records } => {
-                if starts_report(message) || misc::parse_oom_invoker(message).is_some() {
+                // Most records of an OOM report list tasks: none of the texts below is in them.
+                let may = prefilter::candidates(message);
+                if starts_report(message, may)
+                    || may
+                        .run(Start::OomInvoker, || misc::parse_oom_invoker(message))
+                        .is_some()
+                {
                     Absorb::NotMine
                 } else {
                     *records += 1;
@@ -440,11 +475,14 @@ impl OpenReport {
                         event.pod = Some(pod);
                         event.container = Some(container);
                     }
-                    if let Some(victim) = misc::parse_oom_kill(message) {
+                    if let Some(victim) = may.run(Start::OomKill, || misc::parse_oom_kill(message))
+                    {
                         event.victim_pid = Some(victim.pid);
                         event.victim_comm = Some(victim.comm);
                         Absorb::TakenAndComplete
-                    } else if let Some(chosen) = misc::parse_oom_choice(message) {
+                    } else if let Some(chosen) =
+                        may.run(Start::OomChoice, || misc::parse_oom_choice(message))
+                    {
                         event.victim_pid = Some(chosen.pid);
                         event.victim_comm = Some(chosen.comm);
                         Absorb::Taken
@@ -472,7 +510,7 @@ impl OpenReport {
             return verdict;
         }
         if event.raw.len() < MAX_RAW_LINES {
-            event.raw.push(line.raw.clone());
+            event.raw.push(line.take_raw_text());
         } else {
             self.omitted += 1;
         }
@@ -491,7 +529,7 @@ pub fn recognise_text(text: &str) -> Vec<Recognised> {
     let mut out: Vec<Recognised> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .flat_map(|l| recogniser.feed(&LogLine::parse_text(l)))
+        .flat_map(|l| recogniser.feed(LogLine::parse_text(l)))
         .collect();
     out.extend(recogniser.flush());
     out
@@ -540,9 +578,9 @@ mod tests {
         let seg = LogLine::parse_text(
             "6,10,1,-;a[1]: segfault at 0 ip 0000000000000001 sp 0000000000000002 error 4",
         );
-        assert!(r.feed(&seg).is_empty());
+        assert!(r.feed(seg).is_empty());
         assert_eq!(r.oldest_pending_seq(), Some(10));
-        let out = r.feed(&LogLine::parse_text("6,11,2,-;Code: 90 <90> 90"));
+        let out = r.feed(LogLine::parse_text("6,11,2,-;Code: 90 <90> 90"));
         assert_eq!(out.len(), 1);
         assert_eq!(r.oldest_pending_seq(), None);
     }

@@ -14,17 +14,23 @@ use super::error_code;
 /// when what is left has the grammar so far, and so is a bare `segfault at …` with no task.
 pub fn parse_segfault(message: &str) -> Option<CrashEvent> {
     const ANCHOR: &str = "]: segfault at ";
+    // One event, filled in place: it is large, and each move copies it.
+    let mut event = CrashEvent::new(EventKind::Segfault);
     for at in anchor!("]: segfault at ").find_iter(message.as_bytes()) {
         let Some((comm, pid)) = comm_and_pid(&message[..at]) else {
             continue;
         };
-        let Some(event) = segfault_tail(&message[at + ANCHOR.len()..]) else {
+        if segfault_tail(&mut event, &message[at + ANCHOR.len()..]).is_none() {
+            // A later anchor starts afresh.
+            event = CrashEvent::new(EventKind::Segfault);
             continue;
-        };
-        return Some(with_task(event, comm, pid));
+        }
+        event.comm = Some(comm.to_owned());
+        event.pid = Some(pid);
+        return Some(event);
     }
     let bare = message.strip_prefix("segfault at ")?;
-    let event = segfault_tail(bare)?;
+    segfault_tail(&mut event, bare)?;
     event.ip.is_some().then_some(event)
 }
 
@@ -50,8 +56,7 @@ fn field<'a>(rest: &'a str, names: &[&str]) -> Option<Option<(u64, &'a str)>> {
     if let Some(after_null) = after.trim_start_matches(' ').strip_prefix("(null)") {
         return Some(Some((0, after_null)));
     }
-    let end = space_at(after).unwrap_or(after.len());
-    Some(Some((hex(&after[..end])?, &after[end..])))
+    Some(Some(hex_word(after)?))
 }
 
 /// Where the first space of a short field is.
@@ -59,26 +64,25 @@ fn space_at(text: &str) -> Option<usize> {
     text.bytes().position(|b| b == b' ')
 }
 
-fn segfault_tail(tail: &str) -> Option<CrashEvent> {
-    let end = space_at(tail).unwrap_or(tail.len());
-    let mut event = CrashEvent::new(EventKind::Segfault);
-    event.fault_address = Some(Address(hex(&tail[..end])?));
-    let rest = &tail[end..];
+/// Fills a new segfault `event` from the text after `segfault at `; None when the text has
+/// another shape (the event is then partly filled).
+fn segfault_tail(event: &mut CrashEvent, tail: &str) -> Option<()> {
+    let (address, rest) = hex_word(tail)?;
+    event.fault_address = Some(Address(address));
     let Some((ip, rest)) = field(rest, &["ip", "rip"])? else {
-        return Some(event);
+        return Some(());
     };
     event.ip = Some(Address(ip));
     let Some((sp, rest)) = field(rest, &["sp", "rsp"])? else {
-        return Some(event);
+        return Some(());
     };
     event.sp = Some(Address(sp));
     let Some((error_code, rest)) = field(rest, &["error"])? else {
-        return Some(event);
+        return Some(());
     };
     event.error_code = Some(error_code);
     event.error_bits = error_code::x86_page_fault_bits(error_code);
-    apply_location(&mut event, rest)?;
-    Some(event)
+    apply_location(event, rest)
 }
 
 /// Parses `traps: COMM[TID] <what> ip:IP sp:SP error:E[ in FILE[…]]`, with or without the
@@ -326,7 +330,7 @@ pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
     let mapping = rest
         .strip_prefix("in ")
         .or_else(|| rest.strip_prefix(" in "))?;
-    let Some(inner_start) = mapping.rfind('[') else {
+    let Some(inner_start) = memchr::memrchr(b'[', mapping.as_bytes()) else {
         // Cut before the brackets: only the file name is left.
         (!mapping.is_empty() && !mapping.contains(' ')).then_some(())?;
         event.module = Some(mapping.to_owned());
@@ -339,7 +343,7 @@ pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
     let inner = &mapping[inner_start + 1..];
     let inner = match inner.strip_suffix(']') {
         Some(inner) => inner,
-        None => match inner.split_once(']') {
+        None => match split_at_byte(inner, b']') {
             // Cut inside the CPU suffix.
             Some((inner, after)) if is_cut_keyword(after) => inner,
             Some(_) => return None,
@@ -350,11 +354,11 @@ pub(crate) fn apply_location(event: &mut CrashEvent, rest: &str) -> Option<()> {
             }
         },
     };
-    let (offset, range) = match inner.split_once(',') {
+    let (offset, range) = match split_at_byte(inner, b',') {
         Some((offset, range)) => (Some(hex(offset)?), range),
         None => (None, inner),
     };
-    let (start, size) = range.split_once('+')?;
+    let (start, size) = split_at_byte(range, b'+')?;
     event.module = Some(file.to_owned());
     event.module_offset = offset.map(Address);
     event.vma_start = Some(Address(hex(start)?));
@@ -379,16 +383,29 @@ fn strip_cpu_suffix(text: &str) -> Option<(&str, u32)> {
     const MARKER: &str = "likely on CPU ";
     let at = match text.strip_prefix(MARKER) {
         Some(_) => 0,
-        None => anchor_rev!(" likely on CPU ").rfind(text.as_bytes())? + 1,
+        None => last_cpu_marker(text)? + 1,
     };
     let suffix = &text[at + MARKER.len()..];
-    let (cpu, topology) = suffix.split_once(' ')?;
+    let (cpu, topology) = split_at_byte(suffix, b' ')?;
     let topology = topology.strip_prefix("(core ")?.strip_suffix(')')?;
-    let comma = anchor!(", socket ").find(topology.as_bytes())?;
-    let (core, socket) = (&topology[..comma], &topology[comma + ", socket ".len()..]);
+    // Up to the first comma: a core number with a comma in it is no number either.
+    let (core, socket) = split_at_byte(topology, b',')?;
+    let socket = socket.strip_prefix(" socket ")?;
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (numeric(core) && numeric(socket)).then_some(())?;
     Some((text[..at].trim_end(), cpu.parse().ok()?))
+}
+
+/// Where the last ` likely on CPU ` in `text` starts. A forward search finds it faster than a
+/// reverse one; each search starts one byte after the previous find, so occurrences that
+/// share their spaces are all seen.
+fn last_cpu_marker(text: &str) -> Option<usize> {
+    let finder = anchor!(" likely on CPU ");
+    let mut last = finder.find(text.as_bytes())?;
+    while let Some(next) = finder.find(&text.as_bytes()[last + 1..]) {
+        last += 1 + next;
+    }
+    Some(last)
 }
 
 /// Splits `COMM[PID` (the text before an anchor's `]`) at its last `[`.
@@ -434,10 +451,56 @@ pub(crate) fn with_task(mut event: CrashEvent, comm: &str, pid: u32) -> CrashEve
 
 /// Parses bare hex digits (no `0x`), as the kernel prints addresses.
 pub(crate) fn hex(text: &str) -> Option<u64> {
-    if text.is_empty() || text.len() > 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if text.is_empty() || text.len() > 16 {
         return None;
     }
-    u64::from_str_radix(text, 16).ok()
+    // At most 16 digits: the value cannot overflow. One pass, no sign accepted.
+    text.bytes()
+        .try_fold(0u64, |value, b| Some(value << 4 | hex_digit(b)?))
+}
+
+/// [`hex`] of the text up to the next space (or the end), and the text from that space on.
+fn hex_word(text: &str) -> Option<(u64, &str)> {
+    let bytes = text.as_bytes();
+    let mut value = 0u64;
+    let mut end = 0;
+    while let Some(&b) = bytes.get(end).filter(|&&b| b != b' ') {
+        if end == 16 {
+            return None;
+        }
+        value = value << 4 | hex_digit(b)?;
+        end += 1;
+    }
+    (end > 0).then_some((value, &text[end..]))
+}
+
+/// The value of each byte as a hex digit, or `NOT_HEX`.
+const HEX_DIGITS: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            d @ b'0'..=b'9' => d - b'0',
+            d @ b'a'..=b'f' => d - b'a' + 10,
+            d @ b'A'..=b'F' => d - b'A' + 10,
+            _ => NOT_HEX,
+        };
+        b += 1;
+    }
+    table
+};
+const NOT_HEX: u8 = 0xff;
+
+fn hex_digit(b: u8) -> Option<u64> {
+    let digit = HEX_DIGITS[usize::from(b)];
+    (digit != NOT_HEX).then_some(u64::from(digit))
+}
+
+/// `str::split_once` at an ASCII byte, found by `memchr` (cheaper than the `char` searcher
+/// on short text).
+fn split_at_byte(text: &str, byte: u8) -> Option<(&str, &str)> {
+    let at = memchr::memchr(byte, text.as_bytes())?;
+    Some((&text[..at], &text[at + 1..]))
 }
 
 #[cfg(test)]
@@ -635,6 +698,83 @@ mod tests {
         );
         assert_eq!(e.ip, Some(Address(0x40_0523)));
         assert!(parse_trap("trap divide error").is_none());
+    }
+
+    #[test]
+    fn hex_reads_as_from_str_radix_does_on_bare_digits() {
+        for text in [
+            "0",
+            "00",
+            "ff",
+            "FF",
+            "dEaDbEeF",
+            "ffffffffffffffff",
+            "0000000000000000",
+            "123456789abcdef0",
+            "",
+            "+f",
+            "-1",
+            "0x10",
+            "g",
+            "1 2",
+            "fffffffffffffffff",
+            "é",
+        ] {
+            let reference = (!text.is_empty()
+                && text.len() <= 16
+                && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u64::from_str_radix(text, 16).ok())
+            .flatten();
+            assert_eq!(hex(text), reference, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn every_byte_is_a_hex_digit_as_from_str_radix_reads_it() {
+        for b in 0..=u8::MAX {
+            let reference = (b as char)
+                .is_ascii_hexdigit()
+                .then(|| u64::from((b as char).to_digit(16).unwrap()));
+            assert_eq!(hex_digit(b), reference, "{b}");
+        }
+    }
+
+    #[test]
+    fn a_hex_word_reads_as_hex_of_the_text_up_to_a_space() {
+        for text in [
+            "",
+            " ",
+            "0",
+            "ff rest",
+            "ffffffffffffffff",
+            "ffffffffffffffff x",
+            "fffffffffffffffff",
+            "fffffffffffffffff x",
+            "12g4 x",
+            "+1 x",
+            "(null) x",
+            "é",
+            "1é",
+        ] {
+            let end = text.find(' ').unwrap_or(text.len());
+            let reference = hex(&text[..end]).map(|value| (value, &text[end..]));
+            assert_eq!(hex_word(text), reference, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_last_cpu_marker_is_found_as_a_reverse_search_finds_it() {
+        let rev = |t: &str| memchr::memmem::rfind(t.as_bytes(), b" likely on CPU ");
+        for text in [
+            "",
+            " likely on CPU ",
+            "a likely on CPU 1 (core 1, socket 0)",
+            "x likely on CPU likely on CPU 3 (core 3, socket 0)",
+            " likely on CPU  likely on CPU ",
+            "no marker here",
+        ] {
+            assert_eq!(last_cpu_marker(text), rev(text), "{text:?}");
+        }
     }
 
     #[test]

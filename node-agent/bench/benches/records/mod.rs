@@ -44,7 +44,7 @@ pub fn parse_and_recognise(records: &[Vec<u8>]) -> usize {
     let mut found = 0;
     for bytes in records {
         let record = parse_record(bytes).expect("a well-formed record");
-        found += recogniser.feed(&LogLine::from_record(&record)).len();
+        found += recogniser.feed(LogLine::from_owned_record(record)).len();
     }
     found + recogniser.flush().map_or(0, |_| 1)
 }
