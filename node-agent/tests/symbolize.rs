@@ -1006,7 +1006,10 @@ fn a_damaged_or_foreign_symbol_index_is_not_used_and_is_built_again() {
         assert!(frames[0].2 > 0, "{what}: {frames:?}");
         symbolizer.wait_for_indexes();
         assert_eq!(std::fs::read(&index).unwrap(), good, "{what}: built again");
-        assert!(!stray.exists(), "{what}: the killed build's temporary file is gone");
+        assert!(
+            !stray.exists(),
+            "{what}: the killed build's temporary file is gone"
+        );
         // Once built again, the index is used, with the same answers.
         assert_eq!(
             all_frames(&symbolizer, &binary),
