@@ -136,6 +136,39 @@ fn dwarf_bytes(binary: &Path) -> u64 {
 }
 
 /// `command` with its process moved into `cgroup` before it runs the program.
+/// A cold `crashwatch-agent explain --json` of `line` inside `cgroup`, through the symbol
+/// indexes in `indexes` when given: the event, and the peak RSS in KiB (GNU time).
+fn explain_in_cgroup(
+    cgroup: &MemoryCgroup,
+    binary: &Path,
+    line: &str,
+    indexes: Option<&Path>,
+) -> (serde_json::Value, u64) {
+    let mut command = std::process::Command::new("/usr/bin/time");
+    command.args([
+        "-f",
+        "maxrss_kib=%M",
+        env!("CARGO_BIN_EXE_crashwatch-agent"),
+    ]);
+    command.args(["explain", "--json", "--binary"]).arg(binary);
+    if let Some(indexes) = indexes {
+        command.arg("--symbol-index-dir").arg(indexes);
+    }
+    command.arg(line);
+    let output = in_cgroup(command, cgroup).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "explain failed: {stderr}");
+    let event = serde_json::from_slice(&output.stdout).unwrap();
+    let max_rss = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("maxrss_kib="))
+        .expect("GNU time's figure")
+        .trim()
+        .parse()
+        .unwrap();
+    (event, max_rss)
+}
+
 fn in_cgroup(mut command: std::process::Command, cgroup: &MemoryCgroup) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let procs = std::ffi::CString::new(
@@ -225,23 +258,7 @@ fn a_binary_with_more_than_500_mib_of_dwarf_is_symbolized_cold_inside_a_64_mib_c
     // A cold `explain` of that crash's kernel line, in the same cgroup: one process that
     // starts, finds the unit, symbolizes, runs the member analysis and exits.
     let line = event.raw.first().expect("the kernel's line").clone();
-    let mut command = std::process::Command::new("/usr/bin/time");
-    command.args([
-        "-f",
-        "maxrss_kib=%M",
-        env!("CARGO_BIN_EXE_crashwatch-agent"),
-    ]);
-    command.args([
-        "explain",
-        "--json",
-        "--binary",
-        binary.to_str().unwrap(),
-        &line,
-    ]);
-    let output = in_cgroup(command, &cgroup).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "explain failed: {stderr}");
-    let explained: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (explained, max_rss) = explain_in_cgroup(&cgroup, &binary, &line, None);
     assert_eq!(
         explained["frames"][0]["function"], "read_null_offset",
         "{explained}"
@@ -253,13 +270,6 @@ fn a_binary_with_more_than_500_mib_of_dwarf_is_symbolized_cold_inside_a_64_mib_c
         "{explained}"
     );
     assert_eq!(explained["access"]["member"], "next", "{explained}");
-    let max_rss: u64 = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("maxrss_kib="))
-        .expect("GNU time's figure")
-        .trim()
-        .parse()
-        .unwrap();
     assert!(max_rss * 1024 <= 64 * MIB, "peak RSS {max_rss} KiB");
     assert_eq!(
         cgroup.oom_kills(),
@@ -275,26 +285,8 @@ fn a_binary_with_more_than_500_mib_of_dwarf_is_symbolized_cold_inside_a_64_mib_c
     );
 
     // The same cold explain through the index the agent built: the same answer.
-    let mut command = std::process::Command::new("/usr/bin/time");
-    command.args([
-        "-f",
-        "maxrss_kib=%M",
-        env!("CARGO_BIN_EXE_crashwatch-agent"),
-    ]);
-    command.args(["explain", "--json", "--binary", binary.to_str().unwrap()]);
-    command.arg("--symbol-index-dir").arg(&indexes).arg(&line);
-    let output = in_cgroup(command, &cgroup).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "explain failed: {stderr}");
-    let through_index: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (through_index, indexed_rss) = explain_in_cgroup(&cgroup, &binary, &line, Some(&indexes));
     assert_eq!(through_index, explained, "the same event through the index");
-    let indexed_rss: u64 = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("maxrss_kib="))
-        .expect("GNU time's figure")
-        .trim()
-        .parse()
-        .unwrap();
     assert!(indexed_rss * 1024 <= 64 * MIB, "peak RSS {indexed_rss} KiB");
     assert_eq!(
         cgroup.oom_kills(),

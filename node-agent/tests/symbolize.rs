@@ -286,18 +286,10 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
             }
             let lookups_before = symbolizer.lookups();
             let mismatches = compare_with_oracle(&build, &symbolizer, &addresses, &expected);
-            assert!(
-                mismatches.is_empty(),
-                "{} (index: {indexed}): {} of {} addresses differ:\n{}",
-                build.name,
-                mismatches.len(),
+            assert_no_mismatches(
+                &format!("{} (index: {indexed})", build.name),
+                &mismatches,
                 addresses.len(),
-                mismatches
-                    .iter()
-                    .take(10)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n")
             );
             if indexed {
                 symbolizer.wait_for_indexes();
@@ -311,18 +303,10 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
                 let before = restarted.lookups();
                 let mismatches = compare_with_oracle(&build, &restarted, &addresses, &expected);
                 let after = restarted.lookups();
-                assert!(
-                    mismatches.is_empty(),
-                    "{} through its index: {} of {} addresses differ:\n{}",
-                    build.name,
-                    mismatches.len(),
+                assert_no_mismatches(
+                    &format!("{} through its index", build.name),
+                    &mismatches,
                     addresses.len(),
-                    mismatches
-                        .iter()
-                        .take(10)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join("\n")
                 );
                 assert_eq!(
                     (
@@ -348,6 +332,16 @@ fn every_instruction_of_every_build_symbolizes_like_llvm_symbolizer() {
             }
         }
     }
+}
+
+/// Fails with the first ten of `mismatches`, if there are any, out of `total` addresses.
+fn assert_no_mismatches(what: &str, mismatches: &[String], total: usize) {
+    assert!(
+        mismatches.is_empty(),
+        "{what}: {} of {total} addresses differ:\n{}",
+        mismatches.len(),
+        mismatches[..mismatches.len().min(10)].join("\n")
+    );
 }
 
 /// Our frames for each address against llvm-symbolizer's: the differences.

@@ -673,9 +673,7 @@ impl DebugInfo {
             extent.read(unit, &attribute)?;
             self.take_name(unit, &attribute, &mut name)?;
         }
-        let mut holds = false;
-        extent.for_each(unit, |begin, end| holds |= begin <= probe && probe < end)?;
-        if !holds {
+        if !extent.holds(unit, probe)? {
             return Err(IndexedError::NotASubprogram);
         }
         let mut calls = Vec::new();
@@ -726,9 +724,7 @@ impl DebugInfo {
                             _ => {}
                         }
                     }
-                    let mut holds = false;
-                    extent.for_each(unit, |begin, end| holds |= begin <= probe && probe < end)?;
-                    if holds {
+                    if extent.holds(unit, probe)? {
                         calls.push(call);
                         holding = depth;
                     } else {

@@ -184,6 +184,13 @@ impl Extent {
         Ok(())
     }
 
+    /// Whether one of its ranges holds `probe`.
+    pub fn holds(&self, unit: gimli::UnitRef<'_, Reader>, probe: u64) -> gimli::Result<bool> {
+        let mut holds = false;
+        self.for_each(unit, |begin, end| holds |= begin <= probe && probe < end)?;
+        Ok(holds)
+    }
+
     /// Calls `f` with each non-empty range.
     pub fn for_each(
         &self,

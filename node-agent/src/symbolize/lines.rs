@@ -261,12 +261,7 @@ fn add_sized(address: u64, by: u64, size: u8) -> gimli::Result<u64> {
     let sum = address
         .checked_add(by)
         .ok_or(gimli::Error::AddressOverflow)?;
-    let mask = if size >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (8 * u32::from(size))) - 1
-    };
-    if sum & !mask != 0 {
+    if sum & !address_mask(size) != 0 {
         return Err(gimli::Error::AddressOverflow);
     }
     Ok(sum)
@@ -274,12 +269,16 @@ fn add_sized(address: u64, by: u64, size: u8) -> gimli::Result<u64> {
 
 /// The lowest address gimli treats as a tombstone: -2 in the address size.
 fn min_tombstone(size: u8) -> u64 {
-    let mask = if size >= 8 {
+    (-2i64 as u64) & address_mask(size)
+}
+
+/// The bits an address of `size` bytes has.
+fn address_mask(size: u8) -> u64 {
+    if size >= 8 {
         u64::MAX
     } else {
         (1u64 << (8 * u32::from(size))) - 1
-    };
-    (-2i64 as u64) & mask
+    }
 }
 
 /// Every sequence of the program, as addr2line groups its rows: a sequence starts at its
