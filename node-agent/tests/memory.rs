@@ -135,7 +135,6 @@ fn dwarf_bytes(binary: &Path) -> u64 {
         .sum()
 }
 
-/// `command` with its process moved into `cgroup` before it runs the program.
 /// A cold `crashwatch-agent explain --json` of `line` inside `cgroup`, through the symbol
 /// indexes in `indexes` when given: the event, and the peak RSS in KiB (GNU time).
 fn explain_in_cgroup(
@@ -155,7 +154,8 @@ fn explain_in_cgroup(
         command.arg("--symbol-index-dir").arg(indexes);
     }
     command.arg(line);
-    let output = in_cgroup(command, cgroup).output().unwrap();
+    cgroup.enter_on_exec(&mut command);
+    let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "explain failed: {stderr}");
     let event = serde_json::from_slice(&output.stdout).unwrap();
@@ -167,35 +167,6 @@ fn explain_in_cgroup(
         .parse()
         .unwrap();
     (event, max_rss)
-}
-
-fn in_cgroup(mut command: std::process::Command, cgroup: &MemoryCgroup) -> std::process::Command {
-    use std::os::unix::process::CommandExt;
-    let procs = std::ffi::CString::new(
-        cgroup
-            .path
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .unwrap();
-    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
-    // (open, write, close) on memory prepared before the fork.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command
 }
 
 #[test]

@@ -409,32 +409,7 @@ impl Agent {
             command.env("KUBECONFIG", kubeconfig);
         }
         if let Some(cgroup) = cgroup {
-            use std::os::unix::process::CommandExt;
-            let procs = std::ffi::CString::new(
-                cgroup
-                    .path
-                    .join("cgroup.procs")
-                    .into_os_string()
-                    .into_encoded_bytes(),
-            )
-            .unwrap();
-            // SAFETY: between fork and exec the closure calls only async-signal-safe
-            // functions (open, write, close) on memory prepared before the fork.
-            unsafe {
-                command.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // "0": the writing process itself.
-                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                    if written != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            cgroup.enter_on_exec(&mut command);
         }
         let mut child = command
             .args(["run", "--state-dir"])
@@ -762,6 +737,36 @@ pub fn require_memory_cgroup() -> bool {
 }
 
 impl MemoryCgroup {
+    /// Makes `command`'s process join this cgroup before it executes, so that everything it
+    /// allocates is charged here.
+    pub fn enter_on_exec(&self, command: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(
+            self.path
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: between fork and exec the closure calls only async-signal-safe
+        // functions (open, write, close) on memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// Creates `/sys/fs/cgroup/memory/NAME` (unique per test process) limited to `limit` bytes.
     pub fn create(name: &str, limit: u64) -> MemoryCgroup {
         let path = Path::new("/sys/fs/cgroup/memory")
